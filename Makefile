@@ -1,0 +1,56 @@
+# Every target is a thin alias for a Python entry point; CONFIG picks the experiment, ARGS adds overrides:
+#   make tokenizer CONFIG=configs/roberta-base.yaml ARGS="--tokenizer.vocab_size=8000"
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/tiny.yaml
+ARGS   ?=
+# The torch wheel to install first. The default is the CPU build that lies on this project's machines;
+# on a GPU machine pass e.g. TORCH="torch==2.13.0" with your platform's index, or TORCH=torch.
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup tokenizer data pretrain resume export bench bench-data bench-train test lint clean help
+
+help:
+	@echo "make pretrain | test | setup | tokenizer | data | resume | export | bench | lint   (CONFIG=... ARGS=...)"
+
+setup: $(VENV)/.installed
+
+# Re-run only when the project's dependencies change; a second `make setup` does nothing.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+tokenizer: setup
+	$(PY) -m data_prep tokenizer --config $(CONFIG) $(ARGS)
+
+data: setup
+	$(PY) -m data_prep data --config $(CONFIG) $(ARGS)
+
+pretrain: setup
+	$(PY) -m pretrain fit --config $(CONFIG) $(ARGS)
+
+resume: setup
+	$(PY) -m pretrain resume --config $(CONFIG) $(ARGS)
+
+export: setup
+	$(PY) -m pretrain export --config $(CONFIG) $(if $(CKPT),--ckpt $(CKPT)) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+bench-data: setup
+	$(PY) bench/bench_data.py $(ARGS)
+
+bench-train: setup
+	$(PY) bench/bench_train.py $(ARGS)
+
+bench: bench-data bench-train
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

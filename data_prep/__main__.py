@@ -1,0 +1,40 @@
+"""`python -m data_prep {tokenizer,data} --config FILE [--section.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, describe_config, load_config
+from .corpus import CorpusError
+from .tokenizer import TokenizerError, train_tokenizer
+
+USER_ERRORS = (ConfigError, CorpusError, TokenizerError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Corpus -> byte-level BPE tokenizer -> packed shards.",
+        epilog="Config keys (override any with --section.key=value):\n" + describe_config(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=["tokenizer"], help="what to build")
+    parser.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.command == "tokenizer":
+            train_tokenizer(cfg, force=args.force)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

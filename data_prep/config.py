@@ -1,0 +1,380 @@
+"""One experiment, one YAML file: typed, documented config dataclasses, loading, validation and dotted overrides.
+
+The config lives in `data_prep` (not `pretrain`) because both halves of the pipeline read it and `data_prep`
+must never import `pretrain`. It imports no torch, so it stays cheap to load and serializes to YAML and into
+checkpoints as plain data.
+
+Every field carries its documentation in `field(metadata={"help": ...})`; `--help` and the README are made
+from the same text, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem with the user's config: the message names the key or file and the fix, on one line."""
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best at the call sites
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+Packing = Literal["full_sentences", "doc_sentences", "segment_pair", "sentence_pair"]
+
+
+@dataclass
+class CorpusConfig:
+    train: list[str] = _f(
+        ["builtin:python-docs"],
+        "Training text: files, globs, directories (.txt, .jsonl, .parquet, optionally .gz), "
+        "hf:NAME[/CONFIG][:SPLIT] for a `datasets` dataset (a local save_to_disk directory works too), "
+        "or builtin:python-docs, the embedded default corpus.",
+    )
+    valid: list[str] = _f([], "Validation text, same forms as train; empty: a seeded document-level split of train.")
+    valid_fraction: float = _f(0.005, "Share of train documents held out for validation when `valid` is empty.")
+    text_field: str = _f("text", "The text column of .jsonl, .parquet and `datasets` sources.")
+    max_line_bytes: int = _f(
+        1_000_000, "Longer lines are cut into pieces of at most this many bytes, so memory stays bounded."
+    )
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ConfigError("corpus.train is empty: name at least one file, glob, directory or hf: dataset")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"corpus.valid_fraction={self.valid_fraction} must be in [0, 1)")
+        if self.max_line_bytes < 1024:
+            raise ConfigError(f"corpus.max_line_bytes={self.max_line_bytes} must be at least 1024")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = _f(50265, "Vocabulary size including the 5 special tokens (RoBERTa: 50265).")
+    min_frequency: int = _f(2, "A merge must occur at least this often in the training text.")
+
+    def __post_init__(self) -> None:
+        # 256 byte symbols + 5 specials is the smallest byte-level vocabulary that can encode anything.
+        if self.vocab_size < 261:
+            raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be at least 261 (256 bytes + 5 specials)")
+        if self.min_frequency < 1:
+            raise ConfigError(f"tokenizer.min_frequency={self.min_frequency} must be at least 1")
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = _f(512, "Tokens per block, <s> and </s> included (RoBERTa: 512).")
+    packing: Packing = _f(
+        "full_sentences",
+        "full_sentences (RoBERTa) | doc_sentences | segment_pair (BERT, NSP) | sentence_pair (NSP).",
+    )
+    num_proc: int = _f(0, "Worker processes for tokenizing; 0: all cores.")
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 8:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be at least 8")
+        if self.num_proc < 0:
+            raise ConfigError(f"data.num_proc={self.num_proc} must be 0 (all cores) or positive")
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = _f(768, "Width of the encoder (base: 768, large: 1024).")
+    num_layers: int = _f(12, "Transformer layers (base: 12, large: 24).")
+    num_heads: int = _f(12, "Attention heads; must divide hidden_size.")
+    intermediate_size: int = _f(3072, "Feed-forward width (4x hidden in the paper).")
+    dropout: float = _f(0.1, "Dropout on embeddings, attention output and feed-forward output.")
+    attention_dropout: float = _f(0.1, "Dropout on attention probabilities.")
+    init_from: str | None = _f(None, "A Hugging Face RoBERTa directory to continue pretraining from.")
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}"
+            )
+        for key in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
+
+
+@dataclass
+class MaskingConfig:
+    probability: float = _f(0.15, "Share of the non-special tokens of each sequence chosen for prediction.")
+    mask_fraction: float = _f(0.8, "Of the chosen tokens: replaced by <mask>.")
+    random_fraction: float = _f(0.1, "Of the chosen tokens: replaced by a random non-special token; the rest stay.")
+    dynamic: bool = _f(True, "True: a new mask every epoch (RoBERTa). False: BERT's static masking.")
+    static_copies: int = _f(10, "Static masking: fixed mask patterns per sequence, served in turn (BERT: 10).")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.probability < 1.0:
+            raise ConfigError(f"masking.probability={self.probability} must be in (0, 1)")
+        if self.mask_fraction < 0 or self.random_fraction < 0 or self.mask_fraction + self.random_fraction > 1:
+            raise ConfigError(
+                f"masking.mask_fraction={self.mask_fraction} + masking.random_fraction={self.random_fraction} "
+                "must be non-negative and sum to at most 1"
+            )
+        if self.static_copies < 1:
+            raise ConfigError(f"masking.static_copies={self.static_copies} must be at least 1")
+
+
+@dataclass
+class OptimConfig:
+    peak_lr: float = _f(6.0e-4, "Learning rate at the end of warmup (base: 6e-4, large: 4e-4).")
+    betas: list[float] = _f([0.9, 0.98], "Adam betas (RoBERTa: 0.9, 0.98; BERT: 0.9, 0.999).")
+    eps: float = _f(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).")
+    weight_decay: float = _f(0.01, "Decoupled weight decay, not applied to biases and LayerNorm.")
+    warmup_steps: int = _f(24000, "Linear warmup steps, then linear decay to zero at trainer.max_steps.")
+    grad_clip: float = _f(0.0, "Gradient-norm clipping; 0: off, as in the paper.")
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        if self.peak_lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.peak_lr and optim.eps must be positive, weight_decay and grad_clip >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclass
+class BatchConfig:
+    global_size: int = _f(8192, "Sequences per optimizer step, over all devices and accumulation (RoBERTa: 8K).")
+    micro_size: int = _f(32, "Sequences per forward pass per device; accumulation is derived.")
+
+    def __post_init__(self) -> None:
+        if self.micro_size < 1 or self.global_size < 1:
+            raise ConfigError("batch.global_size and batch.micro_size must be positive")
+        if self.global_size % self.micro_size:
+            raise ConfigError(
+                f"batch.global_size={self.global_size} is not a multiple of batch.micro_size={self.micro_size}"
+            )
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = _f(500_000, "Optimizer steps; the learning rate reaches zero here.")
+    precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true.")
+    accelerator: str = _f("auto", "Lightning accelerator: auto, cpu, gpu.")
+    devices: int | str = _f("auto", "Devices per node: an int, or auto.")
+    num_nodes: int = _f(1, "Nodes (multi-node through torchrun or SLURM).")
+    strategy: str = _f("auto", "Lightning strategy: auto, ddp, fsdp, ...")
+    val_check_interval: int = _f(2000, "Validate every this many optimizer steps.")
+    limit_val_batches: int = _f(50, "Validation micro-batches per validation run; 0: all.")
+    log_every_n_steps: int = _f(10, "Log training metrics every this many optimizer steps.")
+    compile: bool = _f(False, "torch.compile the model.")
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(f"trainer.max_steps={self.max_steps} must be at least 1")
+        if isinstance(self.devices, str) and self.devices != "auto":
+            raise ConfigError(f"trainer.devices={self.devices!r} must be an integer or 'auto'")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = _f(1000, "Save a checkpoint every this many optimizer steps (and at the end).")
+    keep_last: int = _f(3, "Keep this many newest step checkpoints.")
+    export_hf: bool = _f(False, "Also export a Hugging Face directory beside each checkpoint.")
+
+
+@dataclass
+class LoggerConfig:
+    wandb: dict[str, Any] | None = _f(
+        None, "wandb.init arguments, e.g. {project: roberta, mode: offline}; null: no wandb. CSV is always written."
+    )
+
+
+@dataclass
+class ExperimentConfig:
+    run_dir: str = _f("runs/tiny", "Everything this experiment writes goes under here.")
+    seed: int = _f(0, "Fixes data split and order, masking and initialisation.")
+    corpus: CorpusConfig = _f(None, "Where the text comes from.")
+    tokenizer: TokenizerConfig = _f(None, "Byte-level BPE training.")
+    data: DataConfig = _f(None, "Tokenizing and packing into shards.")
+    model: ModelConfig = _f(None, "The RoBERTa encoder.")
+    masking: MaskingConfig = _f(None, "Dynamic (or static) MLM masking.")
+    optim: OptimConfig = _f(None, "AdamW and the learning-rate schedule.")
+    batch: BatchConfig = _f(None, "Global and micro batch sizes.")
+    trainer: TrainerConfig = _f(None, "Handed to pytorch_lightning.Trainer.")
+    checkpoint: CheckpointConfig = _f(None, "Checkpoint frequency and retention.")
+    logger: LoggerConfig = _f(None, "Metrics logging.")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Sections whose dataclass is instantiated with defaults when the YAML omits them.
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(ExperimentConfig)
+    return {k: v for k, v in hints.items() if dataclasses.is_dataclass(v)}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints accepted for floats). Raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]  # a single path is a one-element list
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "6e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise AssertionError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {', '.join(prefix + u for u in unknown)} (known in {prefix.rstrip('.') or 'top level'}: "
+            f"{', '.join(names)})"
+        )
+    kwargs = {}
+    for name in names:
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data.get(name) or {}, key + ".")
+        elif name in data:
+            kwargs[name] = _coerce(key, data[name], tp)
+    return cls(**kwargs)
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """`--optim.peak_lr=1e-3` -> (["optim", "peak_lr"], 0.001). Values are read as YAML."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like --section.key=value")
+    key, _, raw = arg[2:].partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for arg in overrides:
+        path, value = parse_override(arg)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {arg!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file (or only defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return _build(ExperimentConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config saved with `to_dict` (checkpoints, logs)."""
+    return _build(ExperimentConfig, data, "")
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_config() -> str:
+    """Every key with its type, default and documentation, for --help and the README."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"{prefix}{f.name}:  # {f.metadata['help']}")
+                walk(tp, prefix + f.name + ".")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r}): {f.metadata['help']}")
+
+    walk(ExperimentConfig, "")
+    return "\n".join(lines)

@@ -1,0 +1,400 @@
+"""Stream documents (lists of sentences) from text files, JSON lines, Parquet, `datasets` and the embedded corpus.
+
+A *document* is a list of non-empty lines; each line is one *sentence* (the unit FULL-SENTENCES packing keeps
+whole). Sources:
+
+- `.txt` (documents separated by blank lines), `.jsonl` and `.parquet` (one document per record, the
+  `text_field` split into lines), each optionally gzip-compressed (`.gz`);
+- directories (searched recursively) and globs of those files, in sorted order;
+- `hf:NAME[/CONFIG][:SPLIT]`: a `datasets` dataset, streamed from the hub, or a `save_to_disk` directory;
+- `builtin:python-docs`: the embedded default corpus (see `default_corpus.py`).
+
+Memory stays constant whatever the corpus size: files are read line by line, lines longer than
+`max_line_bytes` are cut into pieces, Parquet is read in record batches and hub datasets are streamed.
+Invalid UTF-8 is replaced (U+FFFD) and counted, NUL bytes are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from .config import CorpusConfig
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+Split = Literal["train", "valid"]
+
+
+class CorpusError(ValueError):
+    """A problem with the corpus: the message names the file or source at fault."""
+
+
+@dataclass
+class CorpusStats:
+    """What a pass over the corpus saw; filled in while documents are yielded."""
+
+    documents: int = 0
+    sentences: int = 0
+    bytes: int = 0
+    replaced_bytes: int = 0  # invalid UTF-8 bytes, each run replaced by U+FFFD
+    nul_bytes: int = 0  # NUL bytes dropped
+    split_lines: int = 0  # lines longer than max_line_bytes, cut into pieces
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding: never fatal, always counted
+
+
+def decode_line(raw: bytes, stats: CorpusStats) -> str:
+    """UTF-8 decode with U+FFFD for invalid bytes (same result as errors="replace"), counting what was replaced."""
+    if b"\x00" in raw:
+        stats.nul_bytes += raw.count(b"\x00")
+        raw = raw.replace(b"\x00", b"")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    parts, pos = [], 0
+    while True:
+        try:
+            parts.append(raw[pos:].decode("utf-8"))
+            return "".join(parts)
+        except UnicodeDecodeError as e:
+            parts.append(raw[pos : pos + e.start].decode("utf-8") + "\ufffd")
+            stats.replaced_bytes += e.end - e.start
+            pos += e.end
+
+
+def _clean_text(text: str, stats: CorpusStats) -> str:
+    if "\x00" in text:
+        stats.nul_bytes += text.count("\x00")
+        text = text.replace("\x00", "")
+    return text
+
+
+def _read_lines(f: BinaryIO, max_bytes: int, stats: CorpusStats) -> Iterator[tuple[bytes, bool]]:
+    """(line, complete) without the newline; a line longer than `max_bytes` comes out in pieces cut at UTF-8
+    boundaries, all but the last with complete=False."""
+    carry = b""
+    in_long_line = False
+    while True:
+        chunk = f.readline(max_bytes - len(carry))
+        if not chunk:
+            if carry:
+                yield carry, True
+            return
+        chunk = carry + chunk
+        carry = b""
+        if chunk.endswith(b"\n"):
+            in_long_line = False
+            yield chunk.rstrip(b"\r\n"), True
+            continue
+        if len(chunk) < max_bytes:  # the file ends without a newline
+            yield chunk, True
+            continue
+        # A piece of an overlong line: back off to a character boundary so no character is split.
+        if not in_long_line:
+            stats.split_lines += 1
+            in_long_line = True
+        cut = len(chunk)
+        i = cut - 1
+        while i >= max(0, cut - 3) and (chunk[i] & 0xC0) == 0x80:  # continuation bytes
+            i -= 1
+        if i >= 0 and chunk[i] >= 0xC0:  # lead byte: is its character complete?
+            need = 2 if chunk[i] < 0xE0 else 3 if chunk[i] < 0xF0 else 4
+            if cut - i < need:
+                cut = i
+        carry = chunk[cut:]
+        yield chunk[:cut], False
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _base_suffix(path: Path) -> str:
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers, one per format; each yields documents and updates stats.bytes / decoding counters.
+
+
+def _text_to_document(text: str, max_bytes: int, stats: CorpusStats) -> list[str]:
+    doc = []
+    for line in _clean_text(text, stats).splitlines():
+        line = line.rstrip()
+        if not line.strip():
+            continue
+        if len(line) * 4 > max_bytes and len(line.encode("utf-8")) > max_bytes:
+            stats.split_lines += 1
+            raw = line.encode("utf-8")
+            for piece, _ in _read_lines(io.BytesIO(raw), max_bytes, CorpusStats()):
+                doc.append(piece.decode("utf-8"))
+        else:
+            doc.append(line)
+    return doc
+
+
+def _read_txt(path: Path, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
+    with _open_binary(path) as f:
+        doc: list[str] = []
+        for raw, complete in _read_lines(f, max_bytes, stats):
+            stats.bytes += len(raw) + complete
+            line = decode_line(raw, stats)
+            if complete:  # trailing whitespace of a line goes; inside an overlong line nothing is dropped
+                line = line.rstrip()
+            if line.strip():
+                doc.append(line)
+            elif doc:
+                yield doc
+                doc = []
+        if doc:
+            yield doc
+
+
+def _read_jsonl(path: Path, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            stats.bytes += len(raw)
+            try:
+                record = json.loads(decode_line(raw, stats))
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            text = _field(record, text_field, f"{path}:{lineno}")
+            doc = _text_to_document(text, max_bytes, stats)
+            if doc:
+                yield doc
+
+
+def _field(record: Any, text_field: str, where: str) -> str:
+    if not isinstance(record, dict) or text_field not in record:
+        keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise CorpusError(f"{where}: no field {text_field!r} (has: {keys}); set corpus.text_field")
+    text = record[text_field]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise CorpusError(f"{where}: field {text_field!r} is {type(text).__name__}, not text")
+    return text
+
+
+def _read_parquet(path: Path, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(gzip.open(path, "rb") if path.suffix == ".gz" else path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise CorpusError(
+            f"{path}: no column {text_field!r} (has: {', '.join(pf.schema_arrow.names)}); set corpus.text_field"
+        )
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if not text:
+                continue
+            stats.bytes += len(text.encode("utf-8"))
+            doc = _text_to_document(text, max_bytes, stats)
+            if doc:
+                yield doc
+
+
+def _read_datasets(spec: str, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
+    """`hf:NAME[/CONFIG][:SPLIT]`; NAME may be a local `save_to_disk` directory."""
+    import datasets
+
+    body = spec[len("hf:") :]
+    name, _, split = body.partition(":")
+    split = split or "train"
+    if Path(name).is_dir():
+        try:
+            ds = datasets.load_from_disk(name)
+        except Exception as e:
+            raise CorpusError(f"{spec}: not a `datasets` directory ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise CorpusError(f"{spec}: no split {split!r} (has: {', '.join(ds)})")
+            ds = ds[split]
+        records: Iterable[dict[str, Any]] = ds.to_iterable_dataset()
+        columns = ds.column_names
+    else:
+        # NAME/CONFIG as in `load_dataset(NAME, CONFIG)`; a hub name with an owner is owner/name/config.
+        parts = name.split("/")
+        path, config = ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else (parts[0], "/".join(parts[1:]))
+        try:
+            ds = datasets.load_dataset(path, config or None, split=split, streaming=True)
+        except Exception as e:
+            raise CorpusError(f"{spec}: cannot load from the hub ({type(e).__name__}: {e})") from None
+        records = ds
+        columns = list(ds.column_names or [])
+    if columns and text_field not in columns:
+        raise CorpusError(f"{spec}: no column {text_field!r} (has: {', '.join(columns)}); set corpus.text_field")
+    for i, record in enumerate(records):
+        text = _field(record, text_field, f"{spec} record {i}")
+        stats.bytes += len(text.encode("utf-8"))
+        doc = _text_to_document(text, max_bytes, stats)
+        if doc:
+            yield doc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Source resolution
+
+
+def resolve_sources(specs: list[str], key: str = "corpus.train") -> list[str]:
+    """Expand globs and directories into a sorted list of files; hf:/builtin: specs pass through."""
+    out: list[str] = []
+    for spec in specs:
+        if spec.startswith(("hf:", "builtin:")):
+            if spec.startswith("builtin:") and spec != "builtin:python-docs":
+                raise CorpusError(f"{key}: unknown built-in corpus {spec!r} (known: builtin:python-docs)")
+            out.append(spec)
+            continue
+        p = Path(os.path.expanduser(spec))
+        if p.is_dir():
+            files = sorted(
+                str(f) for f in p.rglob("*") if f.is_file() and _base_suffix(f) in TEXT_SUFFIXES
+            )
+            if not files:
+                raise CorpusError(f"{key}: directory {spec} holds no .txt, .jsonl or .parquet files")
+            out.extend(files)
+        elif any(c in spec for c in "*?["):
+            files = sorted(f for f in glob.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
+            if not files:
+                raise CorpusError(f"{key}: no file matches {spec}")
+            out.extend(files)
+        elif p.is_file():
+            if _base_suffix(p) not in TEXT_SUFFIXES:
+                raise CorpusError(f"{key}: {spec} is not a .txt, .jsonl or .parquet file (optionally .gz)")
+            out.append(str(p))
+        else:
+            raise CorpusError(f"{key}: {spec} does not exist")
+    return out
+
+
+def read_source(source: str, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
+    """Documents of one resolved source."""
+    if source.startswith("hf:"):
+        yield from _read_datasets(source, text_field, max_bytes, stats)
+        return
+    if source == "builtin:python-docs":
+        from .default_corpus import python_docs_path
+
+        source = str(python_docs_path())
+    path = Path(source)
+    suffix = _base_suffix(path)
+    try:
+        if suffix == ".txt":
+            yield from _read_txt(path, max_bytes, stats)
+        elif suffix in (".jsonl", ".json"):
+            yield from _read_jsonl(path, text_field, max_bytes, stats)
+        else:
+            yield from _read_parquet(path, text_field, max_bytes, stats)
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise CorpusError(f"{path}: corrupt gzip file ({e})") from None
+
+
+def fingerprint(sources: list[str]) -> str:
+    """A cheap content address of resolved sources: path, size and modification time of each file."""
+    h = hashlib.sha256()
+    for source in sources:
+        h.update(source.encode())
+        if source == "builtin:python-docs":
+            from .default_corpus import python_docs_path
+
+            source = str(python_docs_path())
+        if not source.startswith("hf:"):
+            st = Path(source).stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        elif Path(source[3:].partition(":")[0]).is_dir():
+            for f in sorted(Path(source[3:].partition(":")[0]).rglob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The split-aware corpus
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finalizer: a counter-based hash, so the split of document i depends on (seed, i) only."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def held_out(seed: int, doc_index: int, fraction: float) -> bool:
+    return _mix64(_mix64(seed) ^ doc_index) < fraction * 2.0**64
+
+
+class Corpus:
+    """Train and valid documents of an experiment's corpus section.
+
+    With no `valid` sources, document i of `train` goes to valid when hash(seed, i) < valid_fraction: a
+    seeded, streaming, document-level split that never holds the corpus in memory.
+    """
+
+    def __init__(self, cfg: CorpusConfig, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+        self.train_sources = resolve_sources(cfg.train, "corpus.train")
+        self.valid_sources = resolve_sources(cfg.valid, "corpus.valid") if cfg.valid else []
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(fingerprint(self.train_sources).encode())
+        h.update(fingerprint(self.valid_sources).encode())
+        h.update(json.dumps([self.seed, self.cfg.valid_fraction, self.cfg.text_field, self.cfg.max_line_bytes]).encode())
+        return h.hexdigest()
+
+    def documents(self, split: Split, stats: CorpusStats | None = None) -> Iterator[list[str]]:
+        stats = stats if stats is not None else CorpusStats()
+        if split == "valid" and self.valid_sources:
+            yield from self._count(self._stream(self.valid_sources, stats), stats, "corpus.valid")
+            return
+        if self.valid_sources or self.cfg.valid_fraction == 0:
+            if split == "valid":
+                return
+            yield from self._count(self._stream(self.train_sources, stats), stats, "corpus.train")
+            return
+        want_valid = split == "valid"
+        selected = (
+            doc
+            for i, doc in enumerate(self._stream(self.train_sources, stats))
+            if held_out(self.seed, i, self.cfg.valid_fraction) == want_valid
+        )
+        yield from self._count(selected, stats, "corpus.train" if split == "train" else None)
+
+    def _stream(self, sources: list[str], stats: CorpusStats) -> Iterator[list[str]]:
+        for source in sources:
+            yield from read_source(source, self.cfg.text_field, self.cfg.max_line_bytes, stats)
+
+    @staticmethod
+    def _count(docs: Iterator[list[str]], stats: CorpusStats, key: str | None) -> Iterator[list[str]]:
+        n = 0
+        for doc in docs:
+            n += 1
+            stats.documents += 1
+            stats.sentences += len(doc)
+            yield doc
+        if n == 0 and key is not None:
+            raise CorpusError(f"{key}: the corpus holds no text (empty files, or only blank lines and NUL bytes)")

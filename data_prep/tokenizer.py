@@ -1,0 +1,244 @@
+"""Train RoBERTa's byte-level BPE tokenizer from the streaming corpus reader and save it in Hugging Face's layout.
+
+Special tokens have fixed ids, as in RoBERTa: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3 and `<mask>` the last id.
+Byte-level BPE has 256 byte symbols in its alphabet, so no text ever maps to `<unk>` and every string decodes
+back exactly. The post-processor wraps inputs as `<s> A </s>` and `<s> A </s></s> B </s>`.
+
+Written to `run_dir/tokenizer/`: `tokenizer.json` (the `tokenizers` pipeline), `vocab.json` + `merges.txt` (the
+BPE model, what the Python `RobertaTokenizer` reads), `tokenizer_config.json` and `special_tokens_map.json`
+(what `transformers.AutoTokenizer` reads), and `quality.json` (the report below, plus the fingerprint of the
+corpus and settings it was trained from, used to skip retraining).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from .config import ExperimentConfig
+from .corpus import Corpus, CorpusStats
+
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3; <mask> is added last
+MASK = "<mask>"
+FORMAT_VERSION = 1
+FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class TokenizerError(ValueError):
+    """A missing or unusable tokenizer directory."""
+
+
+def tokenizer_dir(cfg: ExperimentConfig) -> Path:
+    return cfg.run_path / "tokenizer"
+
+
+def special_ids(tok: Tokenizer) -> dict[str, int]:
+    ids = {name: tok.token_to_id(t) for name, t in zip(("bos", "pad", "eos", "unk"), SPECIALS, strict=True)}
+    ids["mask"] = tok.token_to_id(MASK)
+    return ids
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        raise TokenizerError(f"{path} does not exist: run `make tokenizer` first")
+    tok = Tokenizer.from_file(str(path))
+    ids = special_ids(tok)
+    if ids["bos"] != 0 or ids["pad"] != 1 or ids["eos"] != 2 or ids["unk"] != 3 or ids["mask"] is None:
+        raise TokenizerError(f"{path}: special tokens are not RoBERTa's (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>)")
+    return tok
+
+
+def build_untrained() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def finalize(tok: Tokenizer) -> Tokenizer:
+    """Add `<mask>` as the last id and RoBERTa's post-processor."""
+    tok.add_special_tokens([AddedToken(MASK, lstrip=True, rstrip=False, normalized=False, special=True)])
+    # positional: the second argument is named `cls` in some `tokenizers` releases and `cls_token` in others
+    tok.post_processor = processors.RobertaProcessing(
+        ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), True, False
+    )
+    return tok
+
+
+def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"vocab_size": cfg.tokenizer.vocab_size, "min_frequency": cfg.tokenizer.min_frequency,
+            "tokenizers": tokenizers.__version__, "format": FORMAT_VERSION}
+
+
+def _batches(docs: Iterator[list[str]], stats: CorpusStats, bar: Any, size: int = 4096) -> Iterator[list[str]]:
+    """Lines in batches, so the Rust trainer parallelises over them; the progress bar follows bytes read."""
+    batch: list[str] = []
+    seen = 0
+    for doc in docs:
+        batch.extend(doc)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+            bar.update(stats.bytes - seen)
+            seen = stats.bytes
+    if batch:
+        yield batch
+    bar.update(stats.bytes - seen)
+
+
+def train_tokenizer(cfg: ExperimentConfig, force: bool = False, log=print) -> Path:
+    """Train (or reuse) the experiment's tokenizer; returns its directory."""
+    from tqdm import tqdm
+
+    out = tokenizer_dir(cfg)
+    corpus = Corpus(cfg.corpus, cfg.seed)
+    fingerprint = {"corpus": corpus.fingerprint(), **_settings(cfg)}
+    report_path = out / "quality.json"
+    if not force and report_path.is_file() and all((out / f).is_file() for f in FILES):
+        if json.loads(report_path.read_text()).get("fingerprint") == fingerprint:
+            log(f"tokenizer: {out} is up to date for this corpus and these settings "
+                "(delete it or pass --force to rebuild)")
+            return out
+
+    # 1) train on the train split only, streaming, so the validation numbers below are honest
+    start = time.perf_counter()
+    tok = build_untrained()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.tokenizer.vocab_size - 1,  # <mask> is added after training, as the last id
+        min_frequency=cfg.tokenizer.min_frequency,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    stats = CorpusStats()
+    total = _known_size(corpus.train_sources)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer: reading train", mininterval=1.0,
+              disable=None) as bar:
+        tok.train_from_iterator(_batches(corpus.documents("train", stats), stats, bar), trainer=trainer)
+    finalize(tok)
+    train_seconds = time.perf_counter() - start
+
+    # 2) measure on the validation split
+    quality = evaluate(tok, corpus.documents("valid"))
+    report = {
+        "vocab_size": tok.get_vocab_size(),
+        **quality,
+        "train_seconds": round(train_seconds, 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "train_documents": stats.documents,
+        "train_bytes": stats.bytes,
+        "replaced_bytes": stats.replaced_bytes,
+        "nul_bytes": stats.nul_bytes,
+        "fingerprint": fingerprint,
+    }
+    if tok.get_vocab_size() < cfg.tokenizer.vocab_size:
+        log(f"tokenizer: the corpus supports only {tok.get_vocab_size()} tokens of the requested "
+            f"{cfg.tokenizer.vocab_size} at min_frequency={cfg.tokenizer.min_frequency}; <mask> is id "
+            f"{tok.token_to_id(MASK)}")
+
+    # 3) write into a fresh directory and swap it in, so a crash never leaves a half-written tokenizer
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tok, tmp, model_max_length=cfg.data.seq_len)
+    (tmp / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    if out.exists():
+        old = out.with_name(out.name + f".old{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    log(format_report(report, out))
+    return out
+
+
+def save(tok: Tokenizer, directory: Path, model_max_length: int) -> None:
+    """Write the five files `transformers` needs to load this as a RoBERTa tokenizer offline."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    tok.model.save(str(directory))  # vocab.json, merges.txt
+    mask = {"content": MASK, "lstrip": True, "rstrip": False, "normalized": False, "single_word": False,
+            "special": True}
+    special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
+                   "pad_token": "<pad>", "cls_token": "<s>", "mask_token": mask}
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
+                                       "single_word": False, "special": True} for t in SPECIALS}
+    added[str(tok.token_to_id(MASK))] = mask
+    config = {
+        "tokenizer_class": "RobertaTokenizer",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": added,
+        **special_map,
+        "mask_token": MASK,  # a plain string here; its lstrip lives in tokenizer.json and added_tokens_decoder
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+
+
+def evaluate(tok: Tokenizer, docs: Iterator[list[str]], max_bytes: int = 4_000_000) -> dict[str, Any]:
+    """Bytes per token, tokens per word and the share of text that decodes back exactly (up to `max_bytes`)."""
+    n_bytes = n_tokens = n_words = exact_bytes = 0
+    lines: list[str] = []
+    for doc in docs:
+        lines.extend(doc)
+        if sum(map(len, lines)) >= max_bytes:
+            break
+    for start in range(0, len(lines), 1024):
+        batch = lines[start : start + 1024]
+        encs = tok.encode_batch(batch, add_special_tokens=False)
+        decoded = tok.decode_batch([e.ids for e in encs], skip_special_tokens=False)
+        for line, enc, back in zip(batch, encs, decoded, strict=True):
+            size = len(line.encode("utf-8"))
+            n_bytes += size
+            n_tokens += len(enc.ids)
+            n_words += len(line.split())
+            exact_bytes += size if back == line else 0
+    return {
+        "valid_bytes": n_bytes,
+        "bytes_per_token": round(n_bytes / max(n_tokens, 1), 3),
+        "tokens_per_word": round(n_tokens / max(n_words, 1), 3),
+        "exact_roundtrip": round(exact_bytes / max(n_bytes, 1), 6) if n_bytes else None,
+    }
+
+
+def format_report(report: dict[str, Any], directory: Path) -> str:
+    exact = report["exact_roundtrip"]
+    return (
+        f"tokenizer: wrote {directory}\n"
+        f"  vocab size        {report['vocab_size']}\n"
+        f"  bytes per token   {report['bytes_per_token']} (validation text, {report['valid_bytes']:,} bytes)\n"
+        f"  tokens per word   {report['tokens_per_word']}\n"
+        f"  exact round trip  {'n/a (no validation text)' if exact is None else f'{exact:.4%}'}\n"
+        f"  training time     {report['train_seconds']} s on {report['train_bytes']:,} bytes\n"
+        f"  peak memory       {report['peak_rss_mb']} MB (process RSS)"
+    )
+
+
+def _known_size(sources: list[str]) -> int | None:
+    total = 0
+    for s in sources:
+        if s.startswith(("hf:", "builtin:")) or s.endswith(".gz") or s.endswith(".parquet"):
+            return None  # compressed or remote: the byte count of the text is not known up front
+        total += Path(s).stat().st_size
+    return total
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
