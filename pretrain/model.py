@@ -1,0 +1,415 @@
+"""RoBERTa for masked-language modelling, in plain torch, parameter for parameter the same as `transformers`.
+
+The architecture is `RobertaForMaskedLM` (Liu et al. 2019, arXiv 1907.11692; BERT, Devlin et al. 2018,
+arXiv 1810.04805): post-LayerNorm encoder layers, learned absolute positions that start at `pad_token_id + 1`
+(fairseq's `make_positions`), one token type, exact (erf) GELU, LayerNorm eps 1e-5, and an LM head
+(dense, GELU, LayerNorm, decoder tied to the word embeddings plus its own bias). Because every tensor has the
+same shape and meaning as in `transformers`, export is the name map `HF_NAME_MAP` at the bottom of this file.
+
+What differs from `transformers` is speed, not maths:
+- attention is `torch.nn.functional.scaled_dot_product_attention` (fused kernels);
+- the LM head runs only on the masked positions when `masked_positions` is given (sparse prediction, as
+  fairseq): with a 50K vocabulary the head is a large share of a small or base model's compute;
+- `attention_segments` packs several short blocks into one row with block-diagonal attention and positions
+  that restart per segment, so each block computes exactly what it would alone.
+
+Reading order: config, embeddings, attention, layer, encoder, LM head, NSP head, the model, the HF name map.
+Shapes: B batch, T sequence length, C hidden size, H heads, D head size, N masked tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RobertaConfig:
+    """The architecture, and only the architecture: no data, optimisation, hardware or precision here.
+
+    `vocab_size` and `pad_token_id` come from the tokenizer's metadata and `max_position_embeddings` from the
+    data's block length (`seq_len + pad_token_id + 1`), so none of them is repeated in an experiment's YAML.
+    Defaults are roberta-base (Table 9 of the paper).
+    """
+
+    # --- vocabulary and positions (from the tokenizer and the data) ---
+    vocab_size: int = 50265
+    """Tokens in the vocabulary, specials included (RoBERTa's byte-level BPE: 50265)."""
+    max_position_embeddings: int = 514
+    """Rows of the position table: the longest sequence plus `pad_token_id + 1`, since positions start after
+    the pad id (roberta-base: 512 + 2 = 514)."""
+    pad_token_id: int = 1
+    """Id of <pad>: its embedding rows get no gradient, and position numbering starts after it (fairseq)."""
+
+    # --- size ---
+    hidden_size: int = 768
+    """Width of the residual stream C (base 768, large 1024)."""
+    num_layers: int = 12
+    """Encoder layers (base 12, large 24)."""
+    num_heads: int = 12
+    """Attention heads; must divide `hidden_size` (base 12, large 16)."""
+    intermediate_size: int = 3072
+    """Width of the feed-forward layer, 4x hidden in the paper (base 3072, large 4096)."""
+
+    # --- regularisation and numerics ---
+    dropout: float = 0.1
+    """Dropout on the embeddings and on each sublayer's output before the residual sum (paper: 0.1)."""
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities (paper: 0.1)."""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon; RoBERTa uses fairseq's 1e-5, not BERT's 1e-12."""
+    initializer_range: float = 0.02
+    """Std of the normal init of every weight matrix and embedding, as BERT and `transformers`."""
+
+    # --- objectives ---
+    nsp: bool = False
+    """Add BERT's next-sentence-prediction head (pooler + 2-way classifier) for the SEGMENT-PAIR and
+    SENTENCE-PAIR ablations. Not part of `RobertaForMaskedLM`, so export leaves it out."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
+            problems.append(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            problems.append(
+                f"pad_token_id={self.pad_token_id} must be a token id below vocab_size={self.vocab_size}"
+            )
+        if self.max_position_embeddings < self.pad_token_id + 2:
+            problems.append(
+                f"max_position_embeddings={self.max_position_embeddings} leaves no room: it must be "
+                f"at least pad_token_id + 2 = {self.pad_token_id + 2} (set it to seq_len + pad_token_id + 1)"
+            )
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.layer_norm_eps <= 0 or self.initializer_range <= 0:
+            problems.append("layer_norm_eps and initializer_range must be positive")
+        if problems:
+            raise ValueError("RobertaConfig: " + "; ".join(problems))
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence the position table covers."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+    def hf_config_kwargs(self) -> dict:
+        """Keyword arguments for `transformers.RobertaConfig` describing the same network."""
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": self.dropout,
+            "attention_probs_dropout_prob": self.attention_dropout,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": 1,
+            "layer_norm_eps": self.layer_norm_eps,
+            "initializer_range": self.initializer_range,
+            "pad_token_id": self.pad_token_id,
+        }
+
+
+def position_ids(
+    input_ids: torch.Tensor, pad_token_id: int, segments: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Positions as `transformers` numbers them: real tokens count up from `pad_token_id + 1`, pads get
+    `pad_token_id`, so padding never changes a real token's position. With `segments`, numbering restarts at
+    the first token of each contiguous run of equal segment ids, so a packed block sees the positions it would
+    see alone."""
+    real = input_ids.ne(pad_token_id).long()  # (B, T)
+    count = real.cumsum(dim=1)  # (B, T) real tokens up to and including t
+    if segments is not None:
+        start = torch.ones_like(real, dtype=torch.bool)
+        start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        # Real tokens before each segment's first token; `count - real` never decreases along T, so a running
+        # max carries the latest segment start forward.
+        before = torch.where(start, count - real, torch.zeros_like(count)).cummax(dim=1).values
+        count = count - before
+    return count * real + pad_token_id
+
+
+class Embeddings(nn.Module):
+    """Word + position + token-type (one type) embeddings, LayerNorm, dropout."""
+
+    def __init__(self, cfg: RobertaConfig) -> None:
+        super().__init__()
+        self.pad_token_id = cfg.pad_token_id
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(
+            cfg.max_position_embeddings, cfg.hidden_size, padding_idx=cfg.pad_token_id
+        )
+        # RoBERTa has one token type; its row is kept because `transformers` has it and adds it everywhere.
+        self.token_type = nn.Embedding(1, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        pos = position_ids(input_ids, self.pad_token_id, segments)  # (B, T)
+        x = self.word(input_ids) + self.token_type.weight[0] + self.position(pos)  # (B, T, C)
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention`; separate q, k, v projections so that
+    each maps to one `transformers` tensor."""
+
+    def __init__(self, cfg: RobertaConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.attention_dropout = cfg.attention_dropout
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D = self.num_heads, C // self.num_heads
+        q, k, v = (
+            p(x).view(B, T, H, D).transpose(1, 2) for p in (self.query, self.key, self.value)
+        )  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0
+        )  # (B, H, T, D)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class Layer(nn.Module):
+    """Post-LN encoder layer: x = LN(x + drop(attn(x))); x = LN(x + drop(W2 gelu(W1 x)))."""
+
+    def __init__(self, cfg: RobertaConfig) -> None:
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask)))  # (B, T, C)
+        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))  # (B, T, C)
+
+
+def attention_bias(
+    attention_mask: torch.Tensor | None, segments: torch.Tensor | None, T: int, device: torch.device
+) -> torch.Tensor | None:
+    """The boolean mask `scaled_dot_product_attention` takes (True: may attend), or None for full attention.
+
+    Padding only: (B, 1, 1, T), every query sees every real key (as `transformers`). With segments:
+    (B, 1, T, T), a query sees the real keys of its own segment, and always itself, so that no row is empty:
+    some kernels give NaN for an empty row, and 0 * NaN in the next layer's value sum would reach real tokens.
+    """
+    if segments is None:
+        if attention_mask is None:
+            return None
+        return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    allowed = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)
+    return allowed[:, None]  # (B, 1, T, T)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: RobertaConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class LMHead(nn.Module):
+    """dense, GELU, LayerNorm, then the decoder: the word embedding matrix (tied) plus a bias of its own."""
+
+    def __init__(self, cfg: RobertaConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)  # weight tied by RobertaForMLM
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(F.gelu(self.dense(h))))  # (..., V)
+
+
+class NSPHead(nn.Module):
+    """BERT's pooler (dense + tanh on the <s> token) and a 2-way is-next classifier."""
+
+    def __init__(self, cfg: RobertaConfig) -> None:
+        super().__init__()
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.classifier = nn.Linear(cfg.hidden_size, 2)
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.pooler(hidden[:, 0]))  # (B, C)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(hidden))  # (B, 2)
+
+
+class RobertaForMLM(nn.Module):
+    """`encode` gives hidden states, `mlm_logits` and `nsp_logits` the heads, `forward` encode + MLM head."""
+
+    def __init__(self, cfg: RobertaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.lm_head = LMHead(cfg)
+        self.nsp_head = NSPHead(cfg) if cfg.nsp else None
+        self.apply(self._init_weights)
+        # Tie after init, so the decoder's Linear init cannot undo the zeroed pad row of the embedding.
+        self.lm_head.decoder.weight = self.embeddings.word.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # As `transformers` `_init_weights`: normal(0, std) weights, zero biases and pad rows, LayerNorm 1/0.
+        std = self.cfg.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        attention_segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, C).
+
+        input_ids: (B, T) token ids, padded with `pad_token_id`; positions are counted over non-pad tokens.
+        attention_mask: (B, T), nonzero for real tokens; None when nothing is padded. An all-ones mask is
+            dropped (one host sync), so that the flash kernel, which takes no mask, can run.
+        attention_segments: (B, T) ints; a token attends only to tokens with the same id, and positions
+            restart at each change of id. Each segment must be one contiguous run (rows may reuse ids).
+        """
+        B, T = input_ids.shape
+        assert T <= self.cfg.max_seq_len, f"sequence length {T} > max_seq_len {self.cfg.max_seq_len}"
+        if attention_mask is not None and attention_segments is None and bool(attention_mask.all()):
+            attention_mask = None
+        mask = attention_bias(attention_mask, attention_segments, T, input_ids.device)
+        x = self.embeddings(input_ids, attention_segments)  # (B, T, C)
+        return self.encoder(x, mask)  # (B, T, C)
+
+    def mlm_logits(self, hidden: torch.Tensor, masked_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """LM-head logits: dense (B, T, V) without `masked_positions`; (N, V) with it, N the number of masked
+        tokens, given as indices into the flattened B*T positions (in that order) or as a (B, T) bool mask
+        (row-major order, the same as its sorted flat indices)."""
+        if masked_positions is None:
+            return self.lm_head(hidden)  # (B, T, V)
+        if masked_positions.dtype == torch.bool:
+            return self.lm_head(hidden[masked_positions])  # (N, V)
+        return self.lm_head(hidden.flatten(0, 1).index_select(0, masked_positions))  # (N, V)
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled <s> state (B, C), the input of the NSP classifier."""
+        assert self.nsp_head is not None, "pooled() needs RobertaConfig(nsp=True)"
+        return self.nsp_head.pool(hidden)
+
+    def nsp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Is-next logits (B, 2) from the <s> token."""
+        assert self.nsp_head is not None, "nsp_logits() needs RobertaConfig(nsp=True)"
+        return self.nsp_head(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
+        attention_segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MLM logits: (B, T, V) like `transformers`, or (N, V) at `masked_positions` only."""
+        hidden = self.encode(input_ids, attention_mask, attention_segments)
+        return self.mlm_logits(hidden, masked_positions)
+
+
+# Project parameter name -> `transformers` RobertaForMaskedLM state-dict name; `{}` is the layer index.
+# Every HF key appears exactly once. Two rows name tied tensors: the decoder weight is the word embedding, and
+# HF keeps its head bias under two names (`lm_head.bias` is `lm_head.decoder.bias`). The NSP head has no
+# HF name.
+HF_NAME_MAP: list[tuple[str, str]] = [
+    ("embeddings.word.weight", "roberta.embeddings.word_embeddings.weight"),
+    ("embeddings.position.weight", "roberta.embeddings.position_embeddings.weight"),
+    ("embeddings.token_type.weight", "roberta.embeddings.token_type_embeddings.weight"),
+    ("embeddings.norm.weight", "roberta.embeddings.LayerNorm.weight"),
+    ("embeddings.norm.bias", "roberta.embeddings.LayerNorm.bias"),
+    ("encoder.layers.{}.attn.query.weight", "roberta.encoder.layer.{}.attention.self.query.weight"),
+    ("encoder.layers.{}.attn.query.bias", "roberta.encoder.layer.{}.attention.self.query.bias"),
+    ("encoder.layers.{}.attn.key.weight", "roberta.encoder.layer.{}.attention.self.key.weight"),
+    ("encoder.layers.{}.attn.key.bias", "roberta.encoder.layer.{}.attention.self.key.bias"),
+    ("encoder.layers.{}.attn.value.weight", "roberta.encoder.layer.{}.attention.self.value.weight"),
+    ("encoder.layers.{}.attn.value.bias", "roberta.encoder.layer.{}.attention.self.value.bias"),
+    ("encoder.layers.{}.attn.out.weight", "roberta.encoder.layer.{}.attention.output.dense.weight"),
+    ("encoder.layers.{}.attn.out.bias", "roberta.encoder.layer.{}.attention.output.dense.bias"),
+    ("encoder.layers.{}.attn_norm.weight", "roberta.encoder.layer.{}.attention.output.LayerNorm.weight"),
+    ("encoder.layers.{}.attn_norm.bias", "roberta.encoder.layer.{}.attention.output.LayerNorm.bias"),
+    ("encoder.layers.{}.ffn_in.weight", "roberta.encoder.layer.{}.intermediate.dense.weight"),
+    ("encoder.layers.{}.ffn_in.bias", "roberta.encoder.layer.{}.intermediate.dense.bias"),
+    ("encoder.layers.{}.ffn_out.weight", "roberta.encoder.layer.{}.output.dense.weight"),
+    ("encoder.layers.{}.ffn_out.bias", "roberta.encoder.layer.{}.output.dense.bias"),
+    ("encoder.layers.{}.ffn_norm.weight", "roberta.encoder.layer.{}.output.LayerNorm.weight"),
+    ("encoder.layers.{}.ffn_norm.bias", "roberta.encoder.layer.{}.output.LayerNorm.bias"),
+    ("lm_head.dense.weight", "lm_head.dense.weight"),
+    ("lm_head.dense.bias", "lm_head.dense.bias"),
+    ("lm_head.norm.weight", "lm_head.layer_norm.weight"),
+    ("lm_head.norm.bias", "lm_head.layer_norm.bias"),
+    ("lm_head.decoder.weight", "lm_head.decoder.weight"),  # tied: embeddings.word.weight
+    ("lm_head.decoder.bias", "lm_head.decoder.bias"),
+    ("lm_head.decoder.bias", "lm_head.bias"),  # tied in HF
+]
+
+
+def hf_name_map(num_layers: int) -> list[tuple[str, str]]:
+    """`HF_NAME_MAP` with the `{}` templates expanded for layers 0 .. num_layers - 1."""
+    rows = []
+    for ours, theirs in HF_NAME_MAP:
+        if "{}" in ours:
+            rows += [(ours.format(i), theirs.format(i)) for i in range(num_layers)]
+        else:
+            rows.append((ours, theirs))
+    return rows
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """This model's state dict -> `RobertaForMaskedLM`'s (loads with strict=True), without the NSP head."""
+    return {theirs: state_dict[ours] for ours, theirs in hf_name_map(num_layers)}
+
+
+def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """`RobertaForMaskedLM`'s state dict -> this model's. A tied name that a saved file left out is filled
+    from its twin; a name missing from both raises, naming it."""
+    ours_to_theirs: dict[str, list[str]] = {}
+    for ours, theirs in hf_name_map(num_layers):
+        ours_to_theirs.setdefault(ours, []).append(theirs)
+    ours_to_theirs["lm_head.decoder.weight"].append("roberta.embeddings.word_embeddings.weight")
+    out, missing = {}, []
+    for ours, candidates in ours_to_theirs.items():
+        found = [name for name in candidates if name in hf_state_dict]
+        if found:
+            out[ours] = hf_state_dict[found[0]]
+        else:
+            missing.append(f"{ours} (HF: {' or '.join(candidates)})")
+    if missing:
+        raise KeyError(f"the Hugging Face state dict lacks {len(missing)} tensors: {', '.join(missing)}")
+    return out
