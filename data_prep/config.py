@@ -78,12 +78,20 @@ class DataConfig:
         "full_sentences (RoBERTa) | doc_sentences | segment_pair (BERT, NSP) | sentence_pair (NSP).",
     )
     num_proc: int = _f(0, "Worker processes for tokenizing; 0: all cores.")
+    shard_index: int = _f(0, "Which slice of the corpus this run prepares: documents i with i % num_shards == "
+                          "shard_index (one machine per slice; the slices are read together, unmerged).")
+    num_shards: int = _f(1, "Slices the corpus is prepared in, e.g. one per machine; 1: all at once.")
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
             raise ConfigError(f"data.seq_len={self.seq_len} must be at least 8")
         if self.num_proc < 0:
             raise ConfigError(f"data.num_proc={self.num_proc} must be 0 (all cores) or positive")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(
+                f"data.shard_index={self.shard_index} must be in [0, data.num_shards={self.num_shards}) "
+                "and data.num_shards at least 1"
+            )
 
 
 @dataclass
@@ -148,8 +156,11 @@ class OptimConfig:
 class BatchConfig:
     global_size: int = _f(8192, "Sequences per optimizer step, over all devices and accumulation (RoBERTa: 8K).")
     micro_size: int = _f(32, "Sequences per forward pass per device; accumulation is derived.")
+    num_workers: int = _f(2, "DataLoader worker processes per device that mask and collate ahead of the step.")
 
     def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"batch.num_workers={self.num_workers} must be >= 0")
         if self.micro_size < 1 or self.global_size < 1:
             raise ConfigError("batch.global_size and batch.micro_size must be positive")
         if self.global_size % self.micro_size:

@@ -1,0 +1,191 @@
+"""The LightningModule: MLM loss on the masked positions only (plus NSP for BERT's pair inputs), AdamW with
+RoBERTa's settings, linear warmup then linear decay to zero, and the metrics a pretraining run is judged by.
+
+Optimisation (Liu et al. 2019, section 3.1 and Table 9): AdamW with betas (0.9, 0.98), eps 1e-6, decoupled
+weight decay 0.01 on every weight matrix and embedding but not on biases and LayerNorm (as BERT and
+`transformers`); the learning rate rises linearly from 0 to `peak_lr` over `warmup_steps`, then falls linearly
+to 0 at `max_steps`; gradient clipping is off unless `optim.grad_clip > 0` (Lightning clips).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from data_prep.config import ExperimentConfig, config_from_dict
+
+from .checkpoint import check_compatible
+from .model import RobertaConfig, RobertaForMLM
+
+PAIR_PACKINGS = ("segment_pair", "sentence_pair")
+
+
+def model_config(cfg: ExperimentConfig, meta: dict[str, Any]) -> RobertaConfig:
+    """The architecture: sizes from the experiment, vocabulary and ids from the shards' metadata."""
+    m = cfg.model
+    return RobertaConfig(
+        vocab_size=meta["vocab_size"],
+        max_position_embeddings=meta["seq_len"] + meta["special_ids"]["pad"] + 1,
+        pad_token_id=meta["special_ids"]["pad"],
+        hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        intermediate_size=m.intermediate_size, dropout=m.dropout, attention_dropout=m.attention_dropout,
+        nsp=meta["packing"] in PAIR_PACKINGS,
+    )
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int) -> float:
+    """Multiplier of the peak rate at optimizer step `step` (the rate used for the update that makes step+1)."""
+    # 1) linear warmup from 0 to 1 over warmup_steps
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    # 2) linear decay from 1 to 0 at max_steps
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay on matrices and embeddings; none on biases and LayerNorm parameters (all 1-d tensors here)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class MLMModule(pl.LightningModule):
+    def __init__(self, config: dict[str, Any], meta: dict[str, Any]):
+        """`config` is the experiment as a plain dict (so checkpoints carry it); `meta` the shards' meta.json."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = config_from_dict(config)
+        self.meta = meta
+        self.model = RobertaForMLM(model_config(self.cfg, meta))
+        self.mask_id = meta["special_ids"]["mask"]
+        self._tokens_since = 0
+        self._t_last: float | None = None
+        self._restored_rng: dict[str, Any] | None = None
+
+    # --- exact resume: the random state travels with the checkpoint ----------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout draws from torch's global generator; the data order and masks need no state (see data.py).
+        # Plain types only, so Lightning's weights_only loading accepts the checkpoint.
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("config", {})
+        check_compatible(saved, self.cfg, Path(self.trainer.ckpt_path) if self._trainer else Path("checkpoint"))
+        self._restored_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        # Applied here, not in on_load_checkpoint: nothing between here and the first step draws from it.
+        rng, self._restored_rng = self._restored_rng, None
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # --- loss --------------------------------------------------------------------------------------------
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hidden = self.model.encode(batch["input_ids"], batch["attention_mask"])  # (B, T, C)
+        logits = self.model.mlm_logits(hidden, batch["masked_positions"])  # (N, V): sparse prediction
+        targets = batch["masked_targets"]
+        out = {"mlm_loss": F.cross_entropy(logits.float(), targets), "n_masked": targets.numel()}
+        with torch.no_grad():
+            out["mlm_acc"] = (logits.argmax(-1) == targets).float().mean()
+        out["loss"] = out["mlm_loss"]
+        if self.model.nsp_head is not None and "nsp_labels" in batch:
+            nsp_logits = self.model.nsp_logits(hidden)  # (B, 2)
+            out["nsp_loss"] = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"])
+            out["nsp_acc"] = (nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean()
+            out["loss"] = out["loss"] + out["nsp_loss"]
+        return out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self._losses(batch)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(
+                f"loss is {out['loss'].item()} at step {self.global_step}: stopping; the last good checkpoint "
+                "is kept (lower optim.peak_lr, raise optim.warmup_steps or set optim.grad_clip)"
+            )
+        n = out["n_masked"]
+        self._tokens_since += int(batch["attention_mask"].sum())
+        log = {"train/loss": out["mlm_loss"], "train/loss_bits": out["mlm_loss"] / math.log(2),
+               "train/mlm_acc": out["mlm_acc"]}
+        if "nsp_loss" in out:
+            log.update({"train/nsp_loss": out["nsp_loss"], "train/nsp_acc": out["nsp_acc"]})
+        log.update(self._mask_stats(batch))
+        self.log_dict(log, prog_bar=False, batch_size=n)
+        self.log("loss", out["mlm_loss"], prog_bar=True, logger=False, batch_size=n)
+        return out["loss"]
+
+    @torch.no_grad()
+    def _mask_stats(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The realised mask rate and 80/10/10 split, so a misconfigured collator shows in the logs."""
+        pos, targets = batch["masked_positions"], batch["masked_targets"]
+        seen = batch["input_ids"].flatten()[pos]
+        n = max(1, targets.numel())
+        real = batch["attention_mask"].sum() - 2 * batch["input_ids"].shape[0]  # <s> and </s> of each row
+        as_mask = (seen == self.mask_id).sum()
+        kept = (seen == targets).sum()
+        return {"mask/rate": targets.numel() / real.clamp(min=1), "mask/mask": as_mask / n,
+                "mask/random": (n - as_mask - kept) / n, "mask/kept": kept / n}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self._losses(batch)
+        n = out["n_masked"]
+        self.log("val/loss", out["mlm_loss"], batch_size=n, sync_dist=True, prog_bar=True)
+        self.log("val/mlm_acc", out["mlm_acc"], batch_size=n, sync_dist=True)
+        if "nsp_loss" in out:
+            self.log("val/nsp_loss", out["nsp_loss"], batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", torch.exp(loss), sync_dist=False)
+
+    # --- optimisation ------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay), lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps,
+            fused=False,  # the default foreach path is bitwise reproducible on CPU; fused is CUDA-only anyway
+        )
+        warmup, total = o.warmup_steps, self.cfg.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.global_step % max(1, self.cfg.trainer.log_every_n_steps):
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.log("train/grad_norm", norm)
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # tokens/s over optimizer steps (all micro-batches of a step), times the ranks
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return
+        now = time.perf_counter()
+        if self._t_last is not None and now > self._t_last:
+            self.log("train/tokens_per_s", self._tokens_since * self.trainer.world_size / (now - self._t_last))
+        self._t_last, self._tokens_since = now, 0

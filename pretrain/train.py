@@ -1,0 +1,157 @@
+"""Build the Lightning Trainer for an experiment and run it: fresh, or from the run's last checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+from data_prep.config import ExperimentConfig, dump_config
+
+from .checkpoint import AtomicCheckpointIO, PreemptionCheckpoint, resumable_checkpoint
+from .data import ShardDataModule, batch_geometry
+from .module import MLMModule
+
+
+class NothingToResume(FileNotFoundError):
+    """`make resume` on a run without checkpoints."""
+
+
+def checkpoint_dir(cfg: ExperimentConfig) -> Path:
+    return cfg.run_path / "checkpoints"
+
+
+def last_checkpoint(cfg: ExperimentConfig, log=print) -> tuple[Path, int] | None:
+    """(path, step) of the newest readable checkpoint of the run, or None."""
+    directory = checkpoint_dir(cfg)
+    return resumable_checkpoint(directory, log) if directory.is_dir() else None
+
+
+def world_size(cfg: ExperimentConfig) -> int:
+    """Devices x nodes, resolving `devices: auto` the way Lightning does."""
+    t = cfg.trainer
+    if isinstance(t.devices, int):
+        devices = t.devices
+    elif t.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        devices = torch.cuda.device_count()
+    else:
+        devices = 1
+    return devices * t.num_nodes
+
+
+def make_loggers(cfg: ExperimentConfig, resume_step: int | None = None) -> list[Logger]:
+    loggers: list[Logger] = [_csv_logger(cfg, resume_step)]
+    if cfg.logger.wandb is not None:
+        from pytorch_lightning.loggers import WandbLogger
+
+        kwargs = {"mode": "offline", **cfg.logger.wandb}  # offline unless the user asks for online
+        if kwargs["mode"] == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
+            kwargs["mode"] = "offline"  # never block on a login prompt
+        loggers.append(WandbLogger(save_dir=str(cfg.run_path / "logs"), config=cfg.to_dict(), **kwargs))
+    return loggers
+
+
+def _csv_logger(cfg: ExperimentConfig, resume_step: int | None) -> CSVLogger:
+    """`logs/metrics.csv`, keeping on resume the rows logged before the checkpoint's step (Lightning's CSV
+    logger would delete the file, and rows after that step are about to be logged again)."""
+    path = cfg.run_path / "logs" / "metrics.csv"
+    kept: list[dict[str, str]] = []
+    if resume_step is not None and path.is_file():
+        with open(path, newline="") as f:
+            kept = [row for row in csv.DictReader(f) if row.get("step") and int(row["step"]) < resume_step]
+    logger = CSVLogger(save_dir=str(cfg.run_path), name="logs", version="")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*exists and is not empty")  # handled here
+        writer = logger.experiment  # creating it removes the old file
+    for row in kept:
+        writer.log_metrics({k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"},
+                           int(row["step"]))
+    return logger
+
+
+def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = None, resume_step: int | None = None,
+                 **overrides: Any) -> pl.Trainer:
+    t = cfg.trainer
+    accumulation = batch_geometry(cfg.batch.global_size, cfg.batch.micro_size, world_size(cfg))
+    checkpoints = ModelCheckpoint(
+        dirpath=checkpoint_dir(cfg), filename="step-{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
+        save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
+    )
+    kwargs: dict[str, Any] = dict(
+        max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=t.strategy, accumulate_grad_batches=accumulation,
+        # Lightning counts validation intervals in micro-batches; the config counts optimizer steps.
+        val_check_interval=t.val_check_interval * accumulation, check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every_n_steps, gradient_clip_val=cfg.optim.grad_clip or None,
+        use_distributed_sampler=False,  # our samplers split the data by rank themselves (see data.py)
+        num_sanity_val_steps=0, default_root_dir=str(cfg.run_path), logger=make_loggers(cfg, resume_step),
+        callbacks=[checkpoints, PreemptionCheckpoint(checkpoint_dir(cfg) / "last.ckpt"), *(callbacks or [])],
+        plugins=[AtomicCheckpointIO()], enable_model_summary=True,
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, callbacks: list[pl.Callback] | None = None,
+        **trainer_overrides: Any) -> pl.Trainer:
+    """Train. resume=None: continue from last.ckpt when there is one; True: require it; False: start fresh."""
+    found = last_checkpoint(cfg) if resume is not False else None
+    if resume and found is None:
+        raise NothingToResume(f"{checkpoint_dir(cfg)}/last.ckpt does not exist: nothing to resume (run `make pretrain`)")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = ShardDataModule(cfg, meta_path)
+    module = MLMModule(cfg.to_dict(), datamodule.meta)
+    if cfg.trainer.compile:
+        module.model = torch.compile(module.model)
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    (cfg.run_path / "logs").mkdir(exist_ok=True)
+    (cfg.run_path / "logs" / "config.yaml").write_text(dump_config(cfg))
+    ckpt, step = found if found else (None, None)
+    trainer = make_trainer(cfg, callbacks, resume_step=step, **trainer_overrides)
+    with warnings.catch_warnings():
+        # expected when resuming into the same run_dir; the checkpoint callback keeps what it should
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning vs torch 2.13
+        # Lightning cannot see it, but our sampler resumes mid-epoch exactly, by arithmetic (data.py)
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    return trainer
+
+
+def plot_losses(metrics_csv: Path, out_png: Path) -> Path | None:
+    """Training and validation loss against step, from Lightning's CSV log."""
+    if not metrics_csv.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, valid = [], []
+    with open(metrics_csv) as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss"):
+                train.append((int(row["step"]), float(row["train/loss"])))
+            if row.get("val/loss"):
+                valid.append((int(row["step"]), float(row["val/loss"])))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train MLM loss", alpha=0.7)
+    if valid:
+        ax.plot(*zip(*valid, strict=True), "o-", label="validation MLM loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,102 @@
+"""The learning-rate schedule, the optimizer's parameter groups and the step-indexed samplers."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.config import ConfigError
+from pretrain.data import StepSampler, ValidSampler, batch_geometry, epoch_permutation
+from pretrain.model import RobertaConfig, RobertaForMLM
+from pretrain.module import lr_lambda, param_groups
+
+
+def test_lr_schedule_warmup_then_linear_decay_to_zero() -> None:
+    warmup, total = 10, 110
+    lrs = [lr_lambda(s, warmup, total) for s in range(total + 1)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[4] == pytest.approx(0.5)
+    assert lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.5)
+    assert lrs[109] == pytest.approx(0.01) and lrs[110] == 0.0
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:10]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert lr_lambda(5, 0, 10) == pytest.approx(0.5)  # no warmup
+
+
+def test_lr_reaches_the_optimizer_through_lambda_lr() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, 4, 12))
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert seen[-1] == pytest.approx(1e-3 / 8)
+
+
+def test_no_weight_decay_on_biases_and_layernorm() -> None:
+    model = RobertaForMLM(RobertaConfig(vocab_size=50, max_position_embeddings=18, hidden_size=16, num_layers=1,
+                                        num_heads=2, intermediate_size=32))
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith(".weight") for p in decay["params"])
+    assert "embeddings.word.weight" in {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert all(n.endswith(".bias") or "norm" in n for n in no_decay_names)
+    assert "encoder.layers.0.attn_norm.weight" in no_decay_names and "lm_head.decoder.bias" in no_decay_names
+
+
+def test_epoch_permutations_are_seeded_and_differ() -> None:
+    a = epoch_permutation(0, 0, 100)
+    assert sorted(a) == list(range(100))
+    assert np.array_equal(a, epoch_permutation(0, 0, 100))
+    assert not np.array_equal(a, epoch_permutation(0, 1, 100))
+    assert not np.array_equal(a, epoch_permutation(1, 0, 100))
+
+
+def _steps(sampler: StepSampler, micro: int, accumulation: int) -> list[list[tuple[int, int]]]:
+    items = list(sampler)
+    per_step = micro * accumulation
+    return [items[i : i + per_step] for i in range(0, len(items), per_step)]
+
+
+def test_every_step_sees_the_same_sequences_whatever_the_device_count() -> None:
+    n, G, m, steps = 37, 16, 4, 9  # 9 steps x 16 = 144 positions: several epochs of 37 blocks
+    one = _steps(StepSampler(n, 3, G, m, 1, 0, 0, steps), m, 4)
+    ranks = [_steps(StepSampler(n, 3, G, m, 2, r, 0, steps), m, 2) for r in range(2)]
+    assert len(one) == steps
+    for s in range(steps):
+        assert sorted(one[s]) == sorted(ranks[0][s] + ranks[1][s])
+        assert not set(ranks[0][s]) & set(ranks[1][s])
+    # epochs: each block exactly once per epoch, in a new order each epoch
+    flat = [x for step in one for x in step]
+    for e in range(3):
+        assert sorted(i for ep, i in flat if ep == e) == list(range(n))
+
+
+def test_resuming_at_a_step_continues_the_same_stream() -> None:
+    full = list(StepSampler(50, 0, 8, 4, 1, 0, 0, 20))
+    for k in (1, 7, 13, 19):
+        resumed = StepSampler(50, 0, 8, 4, 1, 0, k, 20)
+        assert len(resumed) == 20 * 8  # Lightning counts batches from the run's start
+        assert list(resumed) == full[k * 8 :]
+    # a late start is pure arithmetic: the millionth step costs what the first does
+    late = StepSampler(50, 0, 8, 4, 1, 0, 10**6, 10**6 + 1)
+    assert len(list(late)) == 8
+
+
+def test_valid_sampler_splits_by_rank_with_the_fixed_epoch() -> None:
+    assert list(ValidSampler(10, 1, 0, None)) == [(0, i) for i in range(10)]
+    assert list(ValidSampler(10, 2, 1, 6)) == [(0, 1), (0, 3), (0, 5)]
+
+
+def test_batch_geometry() -> None:
+    assert batch_geometry(8192, 32, 8) == 32
+    with pytest.raises(ConfigError, match="batch.global_size=64 is not a multiple of batch.micro_size=32 x 3"):
+        batch_geometry(64, 32, 3)

@@ -1,0 +1,171 @@
+"""End-to-end training on CPU: the loss falls, resume is exact, preemption and bad checkpoints lose nothing."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.config import ConfigError, ExperimentConfig, load_config
+from data_prep.prepare import prepare_data
+from pretrain.checkpoint import AtomicCheckpointIO
+from pretrain.train import NothingToResume, fit
+
+from .conftest import make_documents, write_txt
+
+FAST = [
+    "--tokenizer.vocab_size=300",
+    "--data.seq_len=32",
+    "--model.hidden_size=32",
+    "--model.num_layers=2",
+    "--model.num_heads=2",
+    "--model.intermediate_size=64",
+    "--optim.peak_lr=3e-3",
+    "--optim.warmup_steps=4",
+    "--batch.global_size=8",
+    "--batch.micro_size=4",
+    "--batch.num_workers=0",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.max_steps=20",
+    "--trainer.val_check_interval=10",
+    "--trainer.limit_val_batches=4",
+    "--trainer.log_every_n_steps=1",
+    "--checkpoint.every_n_steps=5",
+    "--checkpoint.keep_last=2",
+]
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_txt(tmp_path_factory.mktemp("corpus") / "c.txt", make_documents(400, seed=3))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> tuple[Path, Path]:
+    """Tokenizer and shards built once; each run copies the tokenizer into its own run_dir via prepare_data."""
+    run = tmp_path_factory.mktemp("prep")
+    cfg = config(run, corpus_file)
+    return run, prepare_data(cfg, log=lambda *_: None)
+
+
+def config(run_dir: Path, corpus: Path, *extra: str) -> ExperimentConfig:
+    return load_config(None, [f"--run_dir={run_dir}", f"--corpus.train={corpus}", "--corpus.valid_fraction=0.1",
+                              *FAST, *extra])
+
+
+def final_weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.lightning_module.model.state_dict().items()}
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_twenty_steps_and_the_loss_falls(shards, corpus_file: Path) -> None:
+    run, meta = shards
+    cfg = config(run, corpus_file)
+    trainer = fit(cfg, meta, resume=False, **QUIET)
+    assert trainer.global_step == 20
+    curve = losses(run)
+    assert len(curve) == 20
+    first, last = sum(curve[s] for s in range(3)) / 3, sum(curve[s] for s in range(17, 20)) / 3
+    assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    with open(run / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(val) == 2 and val[1] < val[0]
+    rates = [float(r["mask/rate"]) for r in rows if r.get("mask/rate")]
+    assert all(0.12 < r < 0.18 for r in rates)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step-0000015.ckpt", "step-0000020.ckpt"]  # keep_last=2
+
+
+def test_resume_is_bitwise_exact(shards, corpus_file: Path, tmp_path: Path) -> None:
+    _, meta = shards
+    full = fit(config(tmp_path / "full", corpus_file), meta, resume=False, **QUIET)
+    expected, expected_losses = final_weights(full), losses(tmp_path / "full")
+    for k in (5, 10, 15):
+        run = tmp_path / f"stop{k}"
+        fit(config(run, corpus_file, f"--trainer.max_steps=20"), meta, resume=False, max_steps=k, **QUIET)
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        resumed = fit(config(run, corpus_file), meta, resume=True, **QUIET)
+        assert resumed.global_step == 20
+        got = final_weights(resumed)
+        for name, tensor in expected.items():
+            assert torch.equal(got[name], tensor), f"stopped at {k}: {name} differs after resume"
+        assert {s: v for s, v in losses(run).items() if s >= k} == {
+            s: v for s, v in expected_losses.items() if s >= k}
+
+
+def test_resume_without_checkpoint_is_a_clear_error(shards, corpus_file: Path, tmp_path: Path) -> None:
+    _, meta = shards
+    with pytest.raises(NothingToResume, match="last.ckpt does not exist: nothing to resume"):
+        fit(config(tmp_path / "none", corpus_file), meta, resume=True, **QUIET)
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous(shards, corpus_file: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    _, meta = shards
+    run = tmp_path / "trunc"
+    fit(config(run, corpus_file), meta, resume=False, max_steps=10, **QUIET)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    trainer = fit(config(run, corpus_file), meta, resume=True, **QUIET)
+    assert trainer.global_step == 20
+    out = capsys.readouterr().out
+    assert f"checkpoint {last} is unreadable" in out and "trying the previous one" in out
+
+
+def test_checkpoint_from_another_model_is_refused(shards, corpus_file: Path, tmp_path: Path) -> None:
+    _, meta = shards
+    run = tmp_path / "mismatch"
+    fit(config(run, corpus_file), meta, resume=False, max_steps=5, **QUIET)
+    with pytest.raises(ConfigError, match=r"different configuration: model.hidden_size \(checkpoint 32, config 64\)"):
+        fit(config(run, corpus_file, "--model.hidden_size=64"), meta, resume=True, **QUIET)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    good = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file is left behind"
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(shards, corpus_file: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from pretrain.module import MLMModule
+
+    _, meta = shards
+    run = tmp_path / "nan"
+    original = MLMModule._losses
+
+    def diverging(self, batch):
+        out = original(self, batch)
+        if self.training and self.global_step >= 7:
+            out["loss"] = out["mlm_loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MLMModule, "_losses", diverging)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 7: stopping; the last good checkpoint is kept"):
+        fit(config(run, corpus_file), meta, resume=False, **QUIET)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step-0000005.ckpt"]
+    monkeypatch.setattr(MLMModule, "_losses", original)
+    assert fit(config(run, corpus_file), meta, resume=True, **QUIET).global_step == 20
