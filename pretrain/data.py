@@ -160,5 +160,6 @@ class ShardDataModule(pl.LightningDataModule):
         if self.valid is None or self.valid.num_blocks == 0:
             return []
         world, rank = self._world()
-        limit = self.cfg.trainer.limit_val_batches * self.cfg.batch.micro_size * world
+        # the same blocks whatever the device count: the first limit_val_batches x micro_size, split over ranks
+        limit = self.cfg.trainer.limit_val_batches * self.cfg.batch.micro_size
         return self._loader(BlockDataset(self.valid), ValidSampler(self.valid.num_blocks, world, rank, limit))

@@ -148,18 +148,31 @@ class MLMModule(pl.LightningModule):
         return {"mask/rate": targets.numel() / real.clamp(min=1), "mask/mask": as_mask / n,
                 "mask/random": (n - as_mask - kept) / n, "mask/kept": kept / n}
 
+    def on_validation_epoch_start(self) -> None:
+        # sums, not means: reduced over ranks at the end, so the result is the exact token-weighted mean over the
+        # whole validation set, the same on one device or many
+        self._val_sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self._losses(batch)
-        n = out["n_masked"]
-        self.log("val/loss", out["mlm_loss"], batch_size=n, sync_dist=True, prog_bar=True)
-        self.log("val/mlm_acc", out["mlm_acc"], batch_size=n, sync_dist=True)
-        if "nsp_loss" in out:
-            self.log("val/nsp_loss", out["nsp_loss"], batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        n, b = out["n_masked"], batch["input_ids"].shape[0]
+        self._val_sums += torch.stack([
+            out["mlm_loss"].double() * n, out["mlm_acc"].double() * n, torch.tensor(float(n), device=self.device),
+            out["nsp_loss"].double() * b if "nsp_loss" in out else torch.zeros((), device=self.device),
+            torch.tensor(float(b), device=self.device),
+        ]).to(self._val_sums)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("val/loss")
-        if loss is not None:
-            self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum") if self.trainer.world_size > 1 \
+            else self._val_sums
+        loss_sum, acc_sum, n, nsp_sum, b = sums.tolist()
+        if n == 0:
+            return
+        loss = loss_sum / n
+        self.log_dict({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/mlm_acc": acc_sum / n},
+                      prog_bar=False, rank_zero_only=True)
+        if self.model.nsp_head is not None and b:
+            self.log("val/nsp_loss", nsp_sum / b, rank_zero_only=True)
 
     # --- optimisation ------------------------------------------------------------------------------------
 

@@ -1,0 +1,118 @@
+"""Real processes: SIGTERM saves and stops cleanly, SIGKILL loses only the steps after the last checkpoint,
+and either way `resume` ends with the weights of a run that never stopped. Also: two DDP ranks on CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .test_train import QUIET, config, corpus_file, shards  # noqa: F401 - fixtures
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 60
+
+
+def cli(command: str, run: Path, corpus: Path, *extra: str) -> list[str]:
+    from .test_train import FAST
+
+    args = [a for a in FAST if not a.startswith("--trainer.max_steps")]
+    return [sys.executable, "-m", "pretrain", command, f"--run_dir={run}", f"--corpus.train={corpus}",
+            "--corpus.valid_fraction=0.1", *args, f"--trainer.max_steps={STEPS}", *extra]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def reference(shards, corpus_file: Path, tmp_path_factory) -> dict[str, torch.Tensor]:  # noqa: F811
+    """Final weights of a run that never stopped."""
+    from pretrain.train import fit
+
+    _, meta = shards
+    run = tmp_path_factory.mktemp("reference")
+    fit(config(run, corpus_file, f"--trainer.max_steps={STEPS}"), meta, resume=False, **QUIET)
+    return weights(run / "checkpoints" / "last.ckpt")
+
+
+def start_and_wait_for(run: Path, corpus: Path, checkpoint: str) -> subprocess.Popen:
+    proc = subprocess.Popen(cli("fit", run, corpus), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / checkpoint).exists():
+        assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    return proc
+
+
+def assert_same(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert reference.keys() == got.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, got[name]), f"{name} differs from the uninterrupted run"
+
+
+def test_sigterm_saves_stops_and_resumes_exactly(corpus_file: Path, tmp_path: Path, reference) -> None:  # noqa: F811
+    run = tmp_path / "term"
+    proc = start_and_wait_for(run, corpus_file, "step-0000010.ckpt")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "preempted (signal 15): saved" in out and "`make resume` continues exactly from here" in out
+    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 10 <= stopped_at < STEPS
+    resumed = subprocess.run(cli("resume", run, corpus_file), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"done: {STEPS} steps" in resumed.stdout
+    assert_same(reference, weights(run / "checkpoints" / "last.ckpt"))
+
+
+def test_sigkill_then_resume_ends_equal(corpus_file: Path, tmp_path: Path, reference) -> None:  # noqa: F811
+    run = tmp_path / "kill"
+    proc = start_and_wait_for(run, corpus_file, "step-0000015.ckpt")
+    proc.kill()
+    proc.communicate(timeout=60)
+    resumed = subprocess.run(cli("resume", run, corpus_file), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same(reference, weights(run / "checkpoints" / "last.ckpt"))
+
+
+def test_resume_cli_without_checkpoint_fails_clearly(corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    proc = subprocess.run(cli("resume", tmp_path / "empty", corpus_file), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("last.ckpt does not exist: nothing to resume (run `make pretrain`)")
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_cpu_ranks_train_like_one_device(shards, corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    """DDP (gloo) with 2 ranks x 1 micro-batch = 1 device x 2 accumulated micro-batches: same data, same masks.
+    Dropout is off, since each rank draws its own dropout masks."""
+    import csv
+
+    from pretrain.train import fit
+
+    _, meta = shards
+    no_dropout = ("--model.dropout=0", "--model.attention_dropout=0", "--trainer.max_steps=10")
+    one = fit(config(tmp_path / "one", corpus_file, *no_dropout), meta, resume=False, **QUIET)
+    expected = {k: v.detach() for k, v in one.lightning_module.model.state_dict().items()}
+    run = tmp_path / "two"
+    proc = subprocess.run(cli("fit", run, corpus_file, *no_dropout, "--trainer.devices=2", "--trainer.strategy=ddp"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {k[len("model."):]: v for k, v in weights(run / "checkpoints" / "last.ckpt").items()}
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+    def val_losses(r: Path) -> list[float]:
+        with open(r / "logs" / "metrics.csv") as f:
+            return [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+
+    assert val_losses(run) == pytest.approx(val_losses(tmp_path / "one"), abs=1e-4)
