@@ -7,9 +7,10 @@ import sys
 
 from .config import ConfigError, describe_config, load_config
 from .corpus import CorpusError
+from .shards import ShardError
 from .tokenizer import TokenizerError, train_tokenizer
 
-USER_ERRORS = (ConfigError, CorpusError, TokenizerError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CorpusError, TokenizerError, ShardError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Config keys (override any with --section.key=value):\n" + describe_config(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["tokenizer"], help="what to build")
+    parser.add_argument("command", choices=["tokenizer", "data"], help="what to build")
     parser.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
     args, overrides = parser.parse_known_args(argv)
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.command == "tokenizer":
             train_tokenizer(cfg, force=args.force)
+        elif args.command == "data":
+            from .prepare import prepare_data
+
+            prepare_data(cfg, force=args.force)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

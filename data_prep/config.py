@@ -61,6 +61,12 @@ class CorpusConfig:
 class TokenizerConfig:
     vocab_size: int = _f(50265, "Vocabulary size including the 5 special tokens (RoBERTa: 50265).")
     min_frequency: int = _f(2, "A merge must occur at least this often in the training text.")
+    extend_from: str | None = _f(
+        None,
+        "With model.init_from: a tokenizer directory (e.g. one trained on the domain corpus) whose new tokens are "
+        "appended to init_from's vocabulary; old ids are kept, each new embedding row starts as the mean of its "
+        "pieces' rows.",
+    )
 
     def __post_init__(self) -> None:
         # 256 byte symbols + 5 specials is the smallest byte-level vocabulary that can encode anything.
@@ -102,7 +108,11 @@ class ModelConfig:
     intermediate_size: int = _f(3072, "Feed-forward width (4x hidden in the paper).")
     dropout: float = _f(0.1, "Dropout on embeddings, attention output and feed-forward output.")
     attention_dropout: float = _f(0.1, "Dropout on attention probabilities.")
-    init_from: str | None = _f(None, "A Hugging Face RoBERTa directory to continue pretraining from.")
+    init_from: str | None = _f(
+        None,
+        "A Hugging Face RoBERTa directory to continue pretraining from: its weights and tokenizer replace the "
+        "initialisation and the tokenizer step; its sizes must equal the ones above.",
+    )
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -217,6 +227,13 @@ class ExperimentConfig:
     trainer: TrainerConfig = _f(None, "Handed to pytorch_lightning.Trainer.")
     checkpoint: CheckpointConfig = _f(None, "Checkpoint frequency and retention.")
     logger: LoggerConfig = _f(None, "Metrics logging.")
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is not None and self.tokenizer.extend_from and not (self.model and self.model.init_from):
+            raise ConfigError(
+                "tokenizer.extend_from needs model.init_from: new tokens are appended to a pretrained model's "
+                "vocabulary (set model.init_from, or drop tokenizer.extend_from)"
+            )
 
     @property
     def run_path(self) -> Path:

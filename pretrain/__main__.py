@@ -1,7 +1,8 @@
-"""`python -m pretrain {fit,resume} --config FILE [--section.key=value ...]`.
+"""`python -m pretrain {fit,resume,export} --config FILE [--section.key=value ...]`.
 
 `fit` runs the missing prerequisites first (tokenizer, shards), then trains, continuing from the run's last
-checkpoint when there is one; `resume` insists on a checkpoint.
+checkpoint when there is one; `resume` insists on a checkpoint; `export [--ckpt PATH] [--out DIR]` writes a
+checkpoint (default: the newest) as a Hugging Face directory (default: run_dir/hf) and proves its parity.
 """
 
 from __future__ import annotations
@@ -20,22 +21,32 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Config keys (override any with --section.key=value):\n" + describe_config(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["fit", "resume"])
+    parser.add_argument("command", choices=["fit", "resume", "export"])
     parser.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
+    parser.add_argument("--ckpt", default=None, help="export: the checkpoint (default: the run's newest)")
+    parser.add_argument("--out", default=None, help="export: the output directory (default: run_dir/hf)")
     args, overrides = parser.parse_known_args(argv)
 
     from data_prep.prepare import prepare_data
+    from data_prep.tokenizer import train_tokenizer
 
+    from .export import ExportError, check_init_from, export
     from .train import NothingToResume, fit, plot_losses
 
     try:
         cfg = load_config(args.config, overrides)
+        if args.command == "export":
+            export(cfg, args.ckpt, args.out)
+            return 0
+        if cfg.model.init_from:
+            check_init_from(cfg)  # one clear line before any data work
+            train_tokenizer(cfg)  # init_from's tokenizer (extended), or "up to date"
         if args.command == "resume" and not (cfg.run_path / "checkpoints" / "last.ckpt").is_file():
             raise NothingToResume(f"{cfg.run_path}/checkpoints/last.ckpt does not exist: nothing to resume "
                                   "(run `make pretrain`)")
         meta = prepare_data(cfg)
         trainer = fit(cfg, meta, resume=args.command == "resume" or None)
-    except (*USER_ERRORS, NothingToResume, FloatingPointError) as e:
+    except (*USER_ERRORS, NothingToResume, FloatingPointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

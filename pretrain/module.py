@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -68,6 +67,10 @@ class MLMModule(pl.LightningModule):
         self.cfg = config_from_dict(config)
         self.meta = meta
         self.model = RobertaForMLM(model_config(self.cfg, meta))
+        if self.cfg.model.init_from:  # continued pretraining; a resumed run's checkpoint then replaces these
+            from .export import init_from_hf
+
+            init_from_hf(self.model, self.cfg)
         self.mask_id = meta["special_ids"]["mask"]
         self._tokens_since = 0
         self._t_last: float | None = None

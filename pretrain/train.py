@@ -17,6 +17,7 @@ from data_prep.config import ExperimentConfig, dump_config
 
 from .checkpoint import AtomicCheckpointIO, PreemptionCheckpoint, resumable_checkpoint
 from .data import ShardDataModule, batch_geometry
+from .export import HFExportCallback
 from .module import MLMModule
 
 
@@ -80,11 +81,12 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
                  **overrides: Any) -> pl.Trainer:
     t = cfg.trainer
     accumulation = batch_geometry(cfg.batch.global_size, cfg.batch.micro_size, world_size(cfg))
-    checkpoints = ModelCheckpoint(
+    saving = [] if overrides.get("enable_checkpointing") is False else [ModelCheckpoint(
         dirpath=checkpoint_dir(cfg), filename="step-{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
         save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
-    )
+    ), PreemptionCheckpoint(checkpoint_dir(cfg) / "last.ckpt")]
+    exporting = [HFExportCallback(cfg)] if saving and cfg.checkpoint.export_hf else []  # run_dir/hf per save
     kwargs: dict[str, Any] = dict(
         max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, accumulate_grad_batches=accumulation,
@@ -93,7 +95,7 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=cfg.optim.grad_clip or None,
         use_distributed_sampler=False,  # our samplers split the data by rank themselves (see data.py)
         num_sanity_val_steps=0, default_root_dir=str(cfg.run_path), logger=make_loggers(cfg, resume_step),
-        callbacks=[checkpoints, PreemptionCheckpoint(checkpoint_dir(cfg) / "last.ckpt"), *(callbacks or [])],
+        callbacks=[*saving, *exporting, *(callbacks or [])],
         plugins=[AtomicCheckpointIO()], enable_model_summary=True,
     )
     kwargs.update(overrides)

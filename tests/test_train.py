@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -95,7 +91,7 @@ def test_resume_is_bitwise_exact(shards, corpus_file: Path, tmp_path: Path) -> N
     expected, expected_losses = final_weights(full), losses(tmp_path / "full")
     for k in (5, 10, 15):
         run = tmp_path / f"stop{k}"
-        fit(config(run, corpus_file, f"--trainer.max_steps=20"), meta, resume=False, max_steps=k, **QUIET)
+        fit(config(run, corpus_file, "--trainer.max_steps=20"), meta, resume=False, max_steps=k, **QUIET)
         assert (run / "checkpoints" / "last.ckpt").is_file()
         resumed = fit(config(run, corpus_file), meta, resume=True, **QUIET)
         assert resumed.global_step == 20

@@ -1,0 +1,190 @@
+"""Data preparation throughput: this project's tokenize + pack against Hugging Face's `run_mlm.py` recipe.
+
+    python bench/bench_data.py [--corpus ../shared/corpus/kernel_docs.txt] [--seq_len 512] [--num_proc 0]
+
+Both sides turn the same raw text file into blocks of `seq_len` tokens with the same tokenizer on the same cores:
+- ours: `data_prep.prepare.build_split` (streaming reader, worker processes, packer, shard writer), FULL-SENTENCES;
+- run_mlm.py: `datasets.load_dataset("text")`, `map(tokenize_function, batched=True, num_proc=N)` with the fast
+  tokenizer from `AutoTokenizer.from_pretrained(run_dir/tokenizer)`, then `map(group_texts, num_proc=N)`, with a
+  fresh `datasets` cache, as the script does on a first run.
+Each side runs in its own subprocess, so each peak memory is its own: the peak of the sum of the resident sets of
+the side's process tree (workers included), sampled every 50 ms. Prints MB/s of raw text for both and their
+ratio; writes the figures as JSON under bench/results/. The tokenizer is trained first if the run_dir has none
+(not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(args: argparse.Namespace):
+    from data_prep.config import load_config
+
+    return load_config(None, [f"--run_dir={args.run_dir}", f"--corpus.train={args.corpus}",
+                              "--corpus.valid_fraction=0", f"--tokenizer.vocab_size={args.vocab_size}",
+                              f"--data.seq_len={args.seq_len}", f"--data.num_proc={args.num_proc}"])
+
+
+def side_ours(args: argparse.Namespace) -> dict:
+    from data_prep.corpus import Corpus
+    from data_prep.prepare import build_split, num_workers
+    from data_prep.shards import token_dtype
+    from data_prep.tokenizer import load_tokenizer, special_ids, tokenizer_dir
+
+    cfg = config(args)
+    start = time.perf_counter()
+    tok = load_tokenizer(tokenizer_dir(cfg))
+    with tempfile.TemporaryDirectory() as out:
+        record = build_split(cfg, Corpus(cfg.corpus, cfg.seed), "train", tokenizer_dir(cfg) / "tokenizer.json",
+                             Path(out), "train", token_dtype(tok.get_vocab_size()), special_ids(tok),
+                             log=lambda _: None)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "blocks": record["num_blocks"], "tokens": record["num_tokens"],
+            "padding_fraction": record["padding_fraction"], "dropped_tokens": 0,
+            "workers": num_workers(cfg.data.num_proc)}
+
+
+def side_hf(args: argparse.Namespace) -> dict:
+    from itertools import chain
+
+    from data_prep.prepare import num_workers
+
+    cfg = config(args)
+    workers = num_workers(cfg.data.num_proc)
+    L = args.seq_len
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["HF_DATASETS_CACHE"] = cache
+        start = time.perf_counter()
+        import datasets
+        from transformers import AutoTokenizer
+
+        datasets.disable_progress_bars()
+        tokenizer = AutoTokenizer.from_pretrained(str(cfg.run_path / "tokenizer"))
+        raw = datasets.load_dataset("text", data_files={"train": str(args.corpus)}, cache_dir=cache)
+
+        # run_mlm.py, line_by_line=False
+        def tokenize_function(examples):
+            return tokenizer(examples["text"], return_special_tokens_mask=True)
+
+        tokenized = raw.map(tokenize_function, batched=True, num_proc=workers, remove_columns=["text"])
+
+        def group_texts(examples):
+            concatenated = {k: list(chain(*examples[k])) for k in examples}
+            total = len(concatenated[next(iter(examples))])
+            total = (total // L) * L
+            return {k: [t[i : i + L] for i in range(0, total, L)] for k, t in concatenated.items()}
+
+        grouped = tokenized.map(group_texts, batched=True, num_proc=workers)
+        seconds = time.perf_counter() - start
+        stream = sum(len(x) for x in tokenized["train"]["input_ids"])
+        blocks = len(grouped["train"])
+    return {"seconds": seconds, "blocks": blocks, "tokens": blocks * L, "padding_fraction": 0.0,
+            "dropped_tokens": stream - blocks * L, "workers": workers}
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+    return total / 2**20
+
+
+def run_side(side: str, argv: list[str]) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--_side", side, *argv], stdout=subprocess.PIPE,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    peak = [0.0]
+    if os.path.isdir("/proc"):
+        def sample() -> None:
+            while proc.poll() is None:
+                peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+                time.sleep(0.05)
+
+        threading.Thread(target=sample, daemon=True).start()
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"bench_data: the {side} side failed (exit {proc.returncode})")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["peak_rss_mb"] = round(peak[0], 1) if peak[0] else None
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=str(ROOT.parent / "shared/corpus/kernel_docs.txt"), help="raw text file")
+    p.add_argument("--run_dir", default=str(ROOT / "runs/bench-data"), help="where the tokenizer lives")
+    p.add_argument("--vocab_size", type=int, default=50265)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--num_proc", type=int, default=0, help="processes for both sides; 0: all cores")
+    p.add_argument("--repeat", type=int, default=1, help="runs per side; the fastest counts")
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    p.add_argument("--_side", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.corpus = str(Path(args.corpus).resolve())
+    if args._side:
+        print(json.dumps((side_ours if args._side == "ours" else side_hf)(args)))
+        return
+
+    from data_prep.tokenizer import tokenizer_dir, train_tokenizer
+
+    cfg = config(args)
+    if not (tokenizer_dir(cfg) / "tokenizer.json").is_file():
+        train_tokenizer(cfg)
+    argv = [f"--corpus={args.corpus}", f"--run_dir={args.run_dir}", f"--vocab_size={args.vocab_size}",
+            f"--seq_len={args.seq_len}", f"--num_proc={args.num_proc}"]
+    mb = Path(args.corpus).stat().st_size / 1e6
+    results = {}
+    for side in ("ours", "hf"):
+        runs = [run_side(side, argv) for _ in range(args.repeat)]
+        best = min(runs, key=lambda r: r["seconds"])
+        best["mb_per_s"] = round(mb / best["seconds"], 3)
+        best["all_seconds"] = [round(r["seconds"], 3) for r in runs]
+        results[side] = best
+    ratio = results["ours"]["mb_per_s"] / results["hf"]["mb_per_s"]
+    report = {"corpus": args.corpus, "corpus_mb": round(mb, 2), "seq_len": args.seq_len,
+              "workers": results["ours"]["workers"], "cpus": os.cpu_count(), "machine": platform.platform(),
+              "python": platform.python_version(), "ours": results["ours"], "run_mlm": results["hf"],
+              "ratio": round(ratio, 3), "target_ratio": 2.0}
+    print(f"data prep, {mb:.1f} MB of text, seq_len {args.seq_len}, {report['workers']} worker(s):")
+    for name, key in (("ours (full_sentences)", "ours"), ("run_mlm.py (group_texts)", "hf")):
+        r = results[key]
+        print(f"  {name:26} {r['mb_per_s']:7.2f} MB/s  {r['seconds']:7.2f} s  {r['blocks']:>9,} blocks  "
+              f"padding {r['padding_fraction']:.2%}  dropped {r['dropped_tokens']:,} tokens  "
+              f"peak {r['peak_rss_mb']} MB")
+    print(f"  ratio {ratio:.2f}x (target >= 2x)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"data-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"  wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Tokenize documents and pack them into blocks: RoBERTa's FULL-SENTENCES and DOC-SENTENCES, BERT's SEGMENT-PAIR
+and SENTENCE-PAIR (RoBERTa paper, arXiv 1907.11692, section 4.2).
+
+The token stream of the corpus
+    A document is a list of lines (`corpus.py`); each line is one *sentence*, the unit packing keeps whole.
+    Sentence 0 of a document is encoded as the line, sentence j > 0 as "\\n" + line, without special tokens and
+    with special-token text in the corpus (a literal "<mask>") encoded as ordinary text. So the tokens of a
+    document's sentences, back to back, decode to "\\n".join(lines) exactly (byte-level BPE is lossless) and the
+    model sees line structure (code, lists, tables) for the price of about one token per line - the price
+    fairseq pays for its per-line `</s>`. The *token stream of the corpus* is the concatenation of the
+    sentences' tokens, document after document. FULL-SENTENCES blocks with their special tokens removed are
+    exactly this stream, cut into pieces: nothing dropped, nothing repeated, no remainder thrown away.
+
+Block layouts (n = seq_len; the room for sentence tokens is n - 2):
+    full_sentences  `<s> s1 s2 ... </s>`: sentences taken contiguously; crossing into the next document adds one
+                    `</s>` between the documents: `<s> ... last of d1 </s> first of d2 ... </s>`. A sentence
+                    longer than the room left starts a new block; one longer than a whole block fills as many
+                    blocks as it needs and its remainder starts the next block.
+    doc_sentences   the same, but a document boundary always ends the block (blocks near a document end are
+                    short; batch them by tokens).
+    segment_pair    BERT: `<s> A </s></s> B </s>`, A and B spans of whole sentences, together at most n - 4
+                    tokens; B is the true continuation (NSP label 0) or, half of the time, a span from another
+                    document (label 1), as in BERT's `create_pretraining_data.py` (unused sentences go back).
+                    BERT's 10% of shorter targets is left out. Other documents are drawn from a bounded reservoir
+                    of recent documents, so packing streams (holding one document at a time); overlong pairs are
+                    truncated, as in BERT.
+    sentence_pair   the same with single sentences as A and B.
+
+NSP labels follow Hugging Face's `BertForPreTraining`: 0 = B follows A, 1 = B is random.
+
+Encoding runs in `num_proc` worker processes over batches of whole sentences (measured on 2 cores: a process
+pool is about 20% faster than `encode_batch`'s own thread pool, since the ids leave the tokenizer as Python
+lists); packing is a single pass over sentence lengths plus one vectorised `np.insert` per batch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .config import Packing
+
+PAIR_PACKINGS = ("segment_pair", "sentence_pair")
+IS_NEXT, NOT_NEXT = 0, 1  # Hugging Face's next_sentence_label convention
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+@dataclass
+class Encoded:
+    """A batch of sentences, encoded: `tokens` back to back, `lengths` per sentence, `first` marks the first
+    sentence of a document (a document may continue from the previous batch: then its batch starts False)."""
+
+    tokens: np.ndarray  # (T,) uint16 or uint32
+    lengths: np.ndarray  # (S,) int64
+    first: np.ndarray  # (S,) bool
+
+
+def load_encoder(tokenizer_json: str | Path) -> Tokenizer:
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.encode_special_tokens = True  # "<mask>" in the corpus is text, never the special token
+    return tok
+
+
+def encode_sentences(tok: Tokenizer, lines: list[str], first: list[bool], dtype: np.dtype) -> Encoded:
+    texts = [line if f else "\n" + line for line, f in zip(lines, first, strict=True)]
+    ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    tokens = np.fromiter(chain.from_iterable(ids), dtype, int(lengths.sum()))
+    return Encoded(tokens, lengths, np.asarray(first, dtype=bool))
+
+
+def sentence_batches(docs: Iterable[list[str]], size: int) -> Iterator[tuple[list[str], list[bool]]]:
+    """(lines, first-of-document flags) in batches of about `size` sentences; a long document is cut between
+    sentences, so a batch never holds more than `size` lines."""
+    lines: list[str] = []
+    first: list[bool] = []
+    for doc in docs:
+        for start in range(0, len(doc), size):
+            part = doc[start : start + size]
+            lines.extend(part)
+            first.append(start == 0)
+            first.extend([False] * (len(part) - 1))
+            if len(lines) >= size:
+                yield lines, first
+                lines, first = [], []
+    if lines:
+        yield lines, first
+
+
+_worker: tuple[Tokenizer, np.dtype] | None = None
+
+
+def _init_worker(tokenizer_json: str, dtype: str) -> None:
+    global _worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+    _worker = (load_encoder(tokenizer_json), np.dtype(dtype))
+
+
+def _encode_in_worker(batch: tuple[list[str], list[bool]]) -> Encoded:
+    assert _worker is not None, "worker not initialised"
+    return encode_sentences(_worker[0], *batch, dtype=_worker[1])
+
+
+def encode_stream(
+    tokenizer_json: str | Path, docs: Iterable[list[str]], dtype: np.dtype, num_proc: int = 1,
+    batch_sentences: int = 4096,
+) -> Iterator[Encoded]:
+    """Encoded batches of `docs`, in order. num_proc > 1 uses that many worker processes with at most two
+    batches each in flight, so memory stays flat however long the stream (`Pool.imap` would read ahead
+    without bound); num_proc = 1 encodes here, with the tokenizer's own threads."""
+    batches = sentence_batches(docs, batch_sentences)
+    if num_proc <= 1:
+        tok = load_encoder(tokenizer_json)
+        for lines, first in batches:
+            yield encode_sentences(tok, lines, first, dtype)
+        return
+    # spawn, not fork: the parent may hold tokenizer threads, and forking a threaded process is unsafe
+    with mp.get_context("spawn").Pool(num_proc, _init_worker, (str(tokenizer_json), np.dtype(dtype).str)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing
+
+
+@dataclass
+class Blocks:
+    """Complete blocks, back to back: `tokens` (special tokens included), `lengths` per block; pair modes add
+    `nsp` (uint8 labels) and `b_start` (the position of B's first token in its block)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray  # (B,) int64
+    nsp: np.ndarray | None = None  # (B,) uint8
+    b_start: np.ndarray | None = None  # (B,) int32
+
+
+@dataclass
+class PackStats:
+    stream_tokens: int = 0  # tokens of the corpus stream seen
+    packed_tokens: int = 0  # of those, placed in blocks (all of them, except for BERT's pair truncation)
+    num_blocks: int = 0
+    block_tokens: int = 0  # tokens in blocks, special tokens included
+
+    def padding_fraction(self, seq_len: int) -> float:
+        return 1.0 - self.block_tokens / (self.num_blocks * seq_len) if self.num_blocks else 0.0
+
+
+class Packer:
+    """Streaming packer: `add` each `Encoded` batch in corpus order and get back the blocks it completed;
+    `finish` returns the last, partly filled block. The result does not depend on how the stream is batched."""
+
+    def __init__(self, seq_len: int, packing: Packing, bos: int, eos: int, dtype: np.dtype, seed: int = 0,
+                 reservoir_docs: int = 1000, reservoir_tokens: int = 1 << 21):
+        assert seq_len >= 8, f"seq_len={seq_len} leaves no room for text"
+        self.seq_len, self.packing, self.bos, self.eos = seq_len, packing, bos, eos
+        self.dtype = np.dtype(dtype)
+        self.stats = PackStats()
+        # full/doc sentences: the open block's sentence tokens and where inside them a </s> goes
+        self._tail = np.zeros(0, self.dtype)
+        self._tail_seps: list[int] = []
+        # pair modes: the document being collected, recent other documents, the RNG
+        self._doc: list[np.ndarray] = []
+        self._reservoir: deque[list[np.ndarray]] = deque()
+        self._reservoir_size = 0
+        self._reservoir_docs, self._reservoir_tokens = reservoir_docs, reservoir_tokens
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, enc: Encoded) -> Blocks:
+        self.stats.stream_tokens += len(enc.tokens)
+        if self.packing in PAIR_PACKINGS:
+            return self._add_pairs(enc)
+        return self._add_sentences(enc)
+
+    def finish(self) -> Blocks:
+        if self.packing in PAIR_PACKINGS:
+            blocks = self._pairs_of_document() if self._doc else []
+            self._doc = []
+            return self._pair_blocks(blocks)
+        if not len(self._tail):
+            return self._sentence_blocks(np.zeros(0, self.dtype), [0], [])
+        flat, seps = self._tail, self._tail_seps
+        self._tail, self._tail_seps = np.zeros(0, self.dtype), []
+        return self._sentence_blocks(flat, [0, len(flat)], seps)
+
+    # -- FULL-SENTENCES and DOC-SENTENCES --------------------------------------------------------------------
+
+    def _add_sentences(self, enc: Encoded) -> Blocks:
+        cap = self.seq_len - 2  # <s> and </s>
+        cross = self.packing == "full_sentences"
+        flat = np.concatenate([self._tail, enc.tokens]) if len(self._tail) else enc.tokens
+        pos = len(self._tail)  # where the next sentence starts in `flat`
+        fill = pos + len(self._tail_seps)  # room used in the open block (its </s> separators included)
+        cuts = [0]  # block boundaries in `flat`
+        seps = list(self._tail_seps)  # positions in `flat` that get a </s> before them
+        for n, first in zip(enc.lengths.tolist(), enc.first.tolist(), strict=True):
+            if first and fill:  # a new document while a block is open
+                if cross and fill + 1 + n <= cap:
+                    seps.append(pos)
+                    fill += 1 + n
+                    pos += n
+                    continue
+                cuts.append(pos)
+                fill = 0
+            if fill + n <= cap:
+                fill += n
+                pos += n
+                continue
+            if fill:  # does not fit in the room left: a new block
+                cuts.append(pos)
+            while n > cap:  # longer than a block: whole blocks of it, the remainder opens the next
+                pos += cap
+                n -= cap
+                cuts.append(pos)
+            fill = n
+            pos += n
+        end = cuts[-1]
+        done = [s for s in seps if s < end]
+        self._tail = flat[end:].copy()  # a copy, so the batch's array can be freed
+        self._tail_seps = [s - end for s in seps if s >= end]
+        return self._sentence_blocks(flat[:end], cuts, done)
+
+    def _sentence_blocks(self, flat: np.ndarray, cuts: list[int], seps: list[int]) -> Blocks:
+        bounds = np.asarray(cuts, dtype=np.int64)
+        k = len(bounds) - 1
+        sep = np.asarray(seps, dtype=np.int64)
+        # np.insert keeps the given order among equal indices: a block's </s> goes before the next block's <s>
+        where = np.concatenate([bounds[1:], sep, bounds[:-1]])
+        what = np.concatenate([np.full(k + len(sep), self.eos), np.full(k, self.bos)]).astype(self.dtype)
+        tokens = np.insert(flat, where, what)
+        lengths = np.diff(bounds) + 2 + np.bincount(np.searchsorted(bounds, sep, "right") - 1, minlength=k)[:k]
+        self._count(len(flat), lengths)
+        return Blocks(tokens, lengths)
+
+    def _count(self, packed: int, lengths: np.ndarray) -> None:
+        self.stats.packed_tokens += packed
+        self.stats.num_blocks += len(lengths)
+        self.stats.block_tokens += int(lengths.sum())
+        assert not len(lengths) or lengths.max() <= self.seq_len, f"a block longer than {self.seq_len}"
+
+    # -- SEGMENT-PAIR and SENTENCE-PAIR (BERT, for the NSP ablation) -----------------------------------------
+
+    def _add_pairs(self, enc: Encoded) -> Blocks:
+        sentences = np.split(enc.tokens, np.cumsum(enc.lengths)[:-1]) if len(enc.lengths) else []
+        blocks: list[tuple[np.ndarray, np.ndarray, int]] = []
+        for sentence, first in zip(sentences, enc.first.tolist(), strict=True):
+            if first and self._doc:
+                blocks.extend(self._pairs_of_document())
+                self._doc = []
+            self._doc.append(sentence)
+        return self._pair_blocks(blocks)
+
+    def _pairs_of_document(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """BERT's `create_instances_from_document`, then the document joins the reservoir of negatives."""
+        doc, rng, cap = self._doc, self._rng, self.seq_len - 4  # <s> A </s></s> B </s>
+        out = []
+        if self.packing == "sentence_pair":
+            i = 0
+            while i < len(doc):
+                if i + 1 < len(doc) and (rng.random() < 0.5 or not self._reservoir):
+                    out.append((doc[i], doc[i + 1], IS_NEXT))
+                    i += 2
+                else:
+                    out.append(self._negative(doc[i], 1))
+                    i += 1
+        else:
+            chunk: list[np.ndarray] = []
+            size, i = 0, 0
+            while i < len(doc):
+                chunk.append(doc[i])
+                size += len(doc[i])
+                if i == len(doc) - 1 or size >= cap:
+                    a_end = int(rng.integers(1, len(chunk))) if len(chunk) > 1 else 1
+                    a = np.concatenate(chunk[:a_end])
+                    if len(chunk) == 1 or (rng.random() < 0.5 and self._reservoir):
+                        out.append(self._negative(a, max(cap - len(a), 1)))
+                        i -= len(chunk) - a_end  # BERT puts the unused sentences back
+                    else:
+                        out.append((a, np.concatenate(chunk[a_end:]), IS_NEXT))
+                    chunk, size = [], 0
+                i += 1
+        self._remember(doc)
+        return [self._truncate(a, b, label) for a, b, label in out]
+
+    def _negative(self, a: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """A with sentences of a recent other document (at least `want` tokens, if it has them) as B."""
+        if not self._reservoir:  # the stream's first document: no other one yet, so A's own halves
+            half = (len(a) + 1) // 2
+            return a[:half], a[half:], IS_NEXT
+        other = self._reservoir[int(self._rng.integers(len(self._reservoir)))]
+        j = int(self._rng.integers(len(other)))
+        taken, size = [], 0
+        while j < len(other) and size < want:
+            taken.append(other[j])
+            size += len(other[j])
+            j += 1
+        return a, np.concatenate(taken), NOT_NEXT
+
+    def _remember(self, doc: list[np.ndarray]) -> None:
+        self._reservoir.append([s.copy() for s in doc])  # copies: do not keep whole batches alive
+        self._reservoir_size += sum(map(len, doc))
+        while len(self._reservoir) > self._reservoir_docs or (
+            len(self._reservoir) > 1 and self._reservoir_size > self._reservoir_tokens
+        ):
+            self._reservoir_size -= sum(map(len, self._reservoir.popleft()))
+
+    def _truncate(self, a: np.ndarray, b: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """BERT's `truncate_seq_pair`: shorten the longer segment until the pair fits, each from a random end."""
+        cap = self.seq_len - 4
+        na, nb = len(a), len(b)
+        if na + nb > cap:
+            short = min(na, nb)
+            keep_short = short if short <= cap // 2 else cap // 2
+            keep_long = cap - keep_short
+            na, nb = (keep_long, keep_short) if na >= nb else (keep_short, keep_long)
+            a = a[len(a) - na :] if self._rng.random() < 0.5 else a[:na]
+            b = b[len(b) - nb :] if self._rng.random() < 0.5 else b[:nb]
+        return a, b, label
+
+    def _pair_blocks(self, pairs: list[tuple[np.ndarray, np.ndarray, int]]) -> Blocks:
+        bos, eos = np.array([self.bos], self.dtype), np.array([self.eos], self.dtype)
+        parts = []
+        for a, b, _ in pairs:
+            parts += [bos, a, eos, eos, b, eos]
+        tokens = np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+        len_a = np.array([len(a) for a, _, _ in pairs], np.int64)
+        lengths = len_a + np.array([len(b) for _, b, _ in pairs], np.int64) + 4
+        self._count(int(lengths.sum()) - 4 * len(pairs), lengths)
+        return Blocks(tokens.astype(self.dtype, copy=False), lengths,
+                      nsp=np.array([label for _, _, label in pairs], np.uint8), b_start=(len_a + 3).astype(np.int32))
+
+
+def pack_documents(docs: list[list[list[int]]], seq_len: int, packing: Packing, bos: int = 0, eos: int = 2,
+                   seed: int = 0) -> Blocks:
+    """Pack pre-tokenized documents (lists of sentences of ids) in one go: for tests and small experiments."""
+    lines = [s for d in docs for s in d]
+    enc = Encoded(np.fromiter(chain.from_iterable(lines), np.uint32),
+                  np.array([len(s) for s in lines], np.int64),
+                  np.array([j == 0 for d in docs for j in range(len(d))], bool))
+    packer = Packer(seq_len, packing, bos, eos, np.uint32, seed)
+    first, last = packer.add(enc), packer.finish()
+    nsp = None if first.nsp is None else np.concatenate([first.nsp, last.nsp])
+    b_start = None if first.b_start is None else np.concatenate([first.b_start, last.b_start])
+    return Blocks(np.concatenate([first.tokens, last.tokens]), np.concatenate([first.lengths, last.lengths]),
+                  nsp, b_start)
+
+
+def split_blocks(blocks: Blocks) -> list[list[int]]:
+    """The blocks as lists of ids (tests, debugging)."""
+    ends = np.cumsum(blocks.lengths)
+    return [blocks.tokens[e - n : e].tolist() for n, e in zip(blocks.lengths.tolist(), ends.tolist(), strict=True)]

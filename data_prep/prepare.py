@@ -1,0 +1,236 @@
+"""`make data`: the corpus, tokenized and packed into shards under `run_dir/data/<hash>/` (format: `shards.py`).
+
+The directory is named by a hash of everything the shards depend on: the corpus (`Corpus.fingerprint()`), the
+tokenizer (sha256 of tokenizer.json), the packing settings and the format. A rerun with the same inputs reuses
+it and says so; any change makes a new directory, so shards never silently mismatch a config.
+
+Steps, one split after the other (train, then valid):
+    1) the tokenizer: trained first when `run_dir/tokenizer` has none (an existing one is used as it is);
+    2) documents stream from the corpus, in `data.num_proc` encoding workers, through the packer, into a
+       `ShardWriter` (temporary names, renamed when complete);
+    3) the split's record, then `meta.json`, are written atomically. A rerun after a crash finds the splits
+       whose record and files agree and redoes only the others.
+
+With `data.num_shards` = N, run it N times (e.g. on N machines) with `data.shard_index` = 0 .. N-1 over the
+same run_dir (a shared file system) or copy the slices' files together afterwards: each slice writes its own
+files and `meta-0000k-of-0000N.json`, and the last to finish writes `meta.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .config import ExperimentConfig
+from .corpus import Corpus, CorpusStats
+from .pack import PAIR_PACKINGS, Packer, encode_stream
+from .shards import (
+    FORMAT,
+    META,
+    ShardWriter,
+    combine_parts,
+    load_record,
+    meta_name,
+    stem,
+    token_dtype,
+    write_json_atomic,
+)
+from .tokenizer import _known_size, load_tokenizer, special_ids, tokenizer_dir, train_tokenizer
+from .tokenizer import _settings as _tokenizer_settings
+
+# How a sentence becomes tokens (see pack.py); part of the hash, so a change can never mix two conventions.
+SENTENCE_ENCODING = "line; '\\n'+line after the first of a document; no specials; special text as text"
+SPLITS = ("train", "valid")
+
+
+def settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the shards depend on besides corpus and tokenizer. Not num_proc or shard_index: the shards of a
+    slice do not depend on the number of workers, and all slices of a corpus share one directory."""
+    d = cfg.data
+    return {"format": FORMAT, "sentence_encoding": SENTENCE_ENCODING, "seq_len": d.seq_len,
+            "packing": d.packing, "num_shards": d.num_shards, "seed": cfg.seed}
+
+
+def data_dir(cfg: ExperimentConfig, corpus_fingerprint: str, tokenizer_sha256: str) -> Path:
+    key = json.dumps({"corpus": corpus_fingerprint, "tokenizer": tokenizer_sha256, **settings(cfg)},
+                     sort_keys=True)
+    return cfg.run_path / "data" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def num_workers(num_proc: int) -> int:
+    if num_proc:
+        return num_proc
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare_data(cfg: ExperimentConfig, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Build (or reuse) the experiment's shards; returns the path of their meta.json (of this slice's
+    `meta-k-of-N.json` while other slices are missing)."""
+    # 1) tokenizer and the content address
+    tok_dir = tokenizer_dir(cfg)
+    corpus = Corpus(cfg.corpus, cfg.seed)
+    fingerprint = corpus.fingerprint()
+    if not (tok_dir / "tokenizer.json").is_file():
+        train_tokenizer(cfg, log=log)
+    elif _tokenizer_is_stale(tok_dir, cfg, fingerprint):
+        log(f"data: warning: {tok_dir} was trained on another corpus or with other tokenizer settings; using it "
+            "as it is (`make tokenizer ARGS=--force` retrains it)")
+    tok = load_tokenizer(tok_dir)
+    tok_sha = sha256_file(tok_dir / "tokenizer.json")
+    out = data_dir(cfg, fingerprint, tok_sha)
+    d = cfg.data
+    part_path = out / meta_name(d.shard_index, d.num_shards)
+    names = {split: stem(split, d.shard_index, d.num_shards) for split in SPLITS}
+
+    if not force and part_path.is_file() and all(load_record(out, n) for n in names.values()):
+        log(f"data: {out} is up to date for this corpus, tokenizer and packing settings "
+            "(delete it or pass --force to rebuild)")
+        return _finish_slices(out, part_path, d.num_shards, log)
+
+    # 2) each split that is not complete yet
+    vocab_size = tok.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    ids = special_ids(tok)
+    records = {}
+    for split in SPLITS:
+        record = None if force else load_record(out, names[split])
+        if record is not None:
+            log(f"data: {split}: reusing the complete {out / names[split]}.* from an earlier run")
+        else:
+            record = build_split(cfg, corpus, split, tok_dir / "tokenizer.json", out, names[split], dtype,
+                                 ids, log)
+        records[split] = record
+
+    # 3) metadata, last and atomically
+    meta = {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "seq_len": d.seq_len,
+        "packing": d.packing,
+        "special_ids": ids,
+        "tokenizer_sha256": tok_sha,
+        "corpus_fingerprint": fingerprint,
+        "sentence_encoding": SENTENCE_ENCODING,
+        "settings": settings(cfg),
+        "shard_index": d.shard_index,
+        "num_shards": d.num_shards,
+        "splits": records,
+    }
+    write_json_atomic(part_path, meta)
+    log(format_report(meta, out))
+    return _finish_slices(out, part_path, d.num_shards, log)
+
+
+def _tokenizer_is_stale(tok_dir: Path, cfg: ExperimentConfig, corpus_fingerprint: str) -> bool:
+    try:
+        trained_for = json.loads((tok_dir / "quality.json").read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return False  # not trained here (e.g. copied from a Hugging Face model): nothing to compare
+    return trained_for != {"corpus": corpus_fingerprint, **_tokenizer_settings(cfg)}
+
+
+def _finish_slices(out: Path, part_path: Path, num_shards: int, log: Callable[[str], None]) -> Path:
+    """With slices: write meta.json once every slice is there."""
+    if num_shards == 1:
+        return part_path
+    meta = combine_parts(out)
+    if meta is None:
+        done = len(list(out.glob(f"meta-*-of-{num_shards:05d}.json")))
+        log(f"data: {done} of {num_shards} slices are done; the last one to finish writes {out / META}")
+        return part_path
+    write_json_atomic(out / META, meta)
+    log(f"data: all {num_shards} slices are done: {out / META}")
+    return out / META
+
+
+def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_json: Path, out: Path,
+                name: str, dtype: Any, ids: dict[str, int], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Tokenize, pack and write one split of this slice; returns its record (also written as `{name}.json`)."""
+    from tqdm import tqdm
+
+    d = cfg.data
+    stats = CorpusStats()
+    counts = {"documents": 0, "sentences": 0}
+    docs = _slice(corpus.documents(split, stats), d.shard_index, d.num_shards, counts)  # type: ignore[arg-type]
+    packer = Packer(d.seq_len, d.packing, ids["bos"], ids["eos"], dtype,
+                    seed=hash_seed(cfg.seed, d.shard_index, SPLITS.index(split)))
+    sources = corpus.valid_sources if split == "valid" and corpus.valid_sources else corpus.train_sources
+    start = time.perf_counter()
+    with ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(
+        total=_known_size(sources), unit="B", unit_scale=True, desc=f"data: {split}", mininterval=1.0,
+        disable=None,
+    ) as bar:
+        for enc in encode_stream(tokenizer_json, docs, dtype, num_workers(d.num_proc)):
+            blocks = packer.add(enc)
+            writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
+            bar.update(stats.bytes - bar.n)
+        blocks = packer.finish()
+        writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
+        bar.update(stats.bytes - bar.n)
+        s = packer.stats
+        if d.packing not in PAIR_PACKINGS:
+            assert s.packed_tokens == s.stream_tokens, f"{split}: packing lost tokens ({s})"
+        seconds = time.perf_counter() - start
+        return writer.commit({
+            **counts,
+            "replaced_bytes": stats.replaced_bytes,
+            "nul_bytes": stats.nul_bytes,
+            "bytes_read": stats.bytes,
+            "stream_tokens": s.stream_tokens,
+            "packed_tokens": s.packed_tokens,
+            "padding_fraction": round(s.padding_fraction(d.seq_len), 6),
+            "seconds": round(seconds, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        })
+
+
+def _slice(docs: Iterable[list[str]], index: int, n: int, counts: dict[str, int]) -> Iterator[list[str]]:
+    for i, doc in enumerate(docs):
+        if i % n == index:
+            counts["documents"] += 1
+            counts["sentences"] += len(doc)
+            yield doc
+
+
+def hash_seed(*values: int) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(values).encode()).digest()[:8], "little")
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    rss = resource.getrusage(who).ru_maxrss
+    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
+
+
+def format_report(meta: dict[str, Any], out: Path) -> str:
+    lines = [f"data: wrote {out} ({meta['packing']}, seq_len {meta['seq_len']}, {meta['dtype']})",
+             f"  {'split':6} {'documents':>10} {'sentences':>11} {'blocks':>10} {'tokens':>13} {'padding':>8} "
+             f"{'MB read':>8} {'seconds':>8} {'MB/s':>6}"]
+    for split, r in meta["splits"].items():
+        mb = r["bytes_read"] / 1e6
+        lines.append(f"  {split:6} {r['documents']:>10,} {r['sentences']:>11,} {r['num_blocks']:>10,} "
+                     f"{r['num_tokens']:>13,} {r['padding_fraction']:>8.2%} {mb:>8.1f} {r['seconds']:>8.1f} "
+                     f"{mb / max(r['seconds'], 1e-9):>6.1f}")
+        if r["packed_tokens"] != r["stream_tokens"]:
+            lost = r["stream_tokens"] - r["packed_tokens"]
+            lines.append(f"         BERT's pair truncation dropped {lost:,} of {r['stream_tokens']:,} tokens")
+    lines.append(f"  peak memory  {peak_rss_mb():.0f} MB (this process), {peak_rss_mb(children=True):.0f} MB "
+                 "(largest worker)")
+    lines.append(f"  read with    data_prep.shards.open_split('{out / META}', 'train')")
+    return "\n".join(lines)

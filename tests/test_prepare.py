@@ -1,0 +1,174 @@
+"""`make data` end to end on a tiny corpus: layout, losslessness, reuse, crash recovery, slices, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import shards
+from data_prep.__main__ import main
+from data_prep.config import load_config
+from data_prep.corpus import Corpus
+from data_prep.prepare import prepare_data
+from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from tests.conftest import make_documents, write_txt
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A corpus and a tokenizer trained on it once; each test copies the tokenizer into its own run_dir."""
+    tmp = tmp_path_factory.mktemp("prepare")
+    corpus = write_txt(tmp / "corpus.txt", make_documents(300, seed=3))
+    cfg = load_config(None, [f"--run_dir={tmp / 'run'}", f"--corpus.train={corpus}", "--tokenizer.vocab_size=400"])
+    return corpus, train_tokenizer(cfg, log=lambda _: None)
+
+
+def make_cfg(tmp_path: Path, trained, *overrides: str):
+    corpus, tok_dir = trained
+    run = tmp_path / "run"
+    if not (run / "tokenizer").exists():
+        shutil.copytree(tok_dir, run / "tokenizer")
+    return load_config(None, [f"--run_dir={run}", f"--corpus.train={corpus}", "--corpus.valid_fraction=0.1",
+                              "--tokenizer.vocab_size=400", "--data.seq_len=32", "--data.num_proc=1", *overrides])
+
+
+def quiet(lines: list[str]):
+    return lines.append
+
+
+def test_meta_json_and_files_numpy_reads_back(tmp_path, trained):
+    cfg = make_cfg(tmp_path, trained)
+    meta_path = prepare_data(cfg, log=quiet([]))
+    assert meta_path.name == "meta.json" and meta_path.parent.parent == cfg.run_path / "data"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == 1 and meta["dtype"] == "uint16" and meta["vocab_size"] == 400
+    assert meta["seq_len"] == 32 and meta["packing"] == "full_sentences"
+    assert meta["special_ids"] == {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 399}
+    assert len(meta["tokenizer_sha256"]) == 64 and meta["corpus_fingerprint"]
+    tok = load_tokenizer(cfg.run_path / "tokenizer")
+    corpus = Corpus(cfg.corpus, cfg.seed)
+    for split in ("train", "valid"):
+        r = meta["splits"][split]
+        docs = list(corpus.documents(split))
+        assert r["documents"] == len(docs) > 0 and r["sentences"] == sum(map(len, docs))
+        assert r["replaced_bytes"] == 0 and 0 <= r["padding_fraction"] < 0.3  # short toy blocks
+        tokens = np.fromfile(meta_path.parent / r["tokens"], dtype=meta["dtype"])
+        offsets = np.fromfile(meta_path.parent / r["offsets"], dtype=np.int64)
+        assert len(tokens) == r["num_tokens"] == offsets[-1] and len(offsets) == r["num_blocks"] + 1
+        lengths = np.diff(offsets)
+        assert lengths.max() <= 32 and r["padding_fraction"] == pytest.approx(1 - len(tokens) / (32 * len(lengths)),
+                                                                             abs=1e-6)
+        # lossless: the blocks without their special tokens decode to the corpus text
+        body = tokens[(tokens != 0) & (tokens != 2)].tolist()
+        assert tok.decode(body) == "".join("\n".join(d) for d in docs)
+
+
+def test_rerun_reuses_and_says_how_to_rebuild(tmp_path, trained):
+    cfg = make_cfg(tmp_path, trained)
+    first = prepare_data(cfg, log=quiet([]))
+    stamp = first.stat().st_mtime_ns
+    said: list[str] = []
+    assert prepare_data(cfg, log=said.append) == first
+    assert first.stat().st_mtime_ns == stamp
+    assert any("up to date" in s and "--force" in s for s in said)
+    said.clear()
+    prepare_data(cfg, force=True, log=said.append)
+    assert any("wrote" in s for s in said)
+
+
+def test_changed_settings_make_a_new_directory(tmp_path, trained):
+    base = prepare_data(make_cfg(tmp_path, trained), log=quiet([])).parent
+    longer = prepare_data(make_cfg(tmp_path, trained, "--data.seq_len=64"), log=quiet([])).parent
+    docs = prepare_data(make_cfg(tmp_path, trained, "--data.packing=doc_sentences"), log=quiet([])).parent
+    same = prepare_data(make_cfg(tmp_path, trained, "--data.num_proc=2"), log=quiet([])).parent  # not a setting
+    assert len({base, longer, docs}) == 3 and same == base
+    assert json.loads((docs / "meta.json").read_text())["packing"] == "doc_sentences"
+
+
+def test_more_workers_give_the_same_bytes(tmp_path, trained):
+    one = prepare_data(make_cfg(tmp_path / "a", trained), log=quiet([])).parent
+    two = prepare_data(make_cfg(tmp_path / "b", trained, "--data.num_proc=2"), log=quiet([])).parent
+    for name in ("train.tokens.bin", "train.offsets.bin", "valid.tokens.bin"):
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+
+
+def test_a_crash_leaves_no_trusted_partial_split_and_the_rerun_redoes_only_that(tmp_path, trained, monkeypatch):
+    cfg = make_cfg(tmp_path, trained)
+    real_write = shards.ShardWriter.write
+
+    def dying_write(self, *args, **kwargs):
+        if self.name == "valid":
+            raise KeyboardInterrupt  # as if killed while writing the valid split
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg, log=quiet([]))
+    (out,) = (cfg.run_path / "data").iterdir()
+    assert not (out / "meta.json").exists() and not (out / "valid.tokens.bin").exists()
+    assert shards.load_record(out, "train") is not None and not list(out.glob("*.tmp*"))
+    train_bytes = (out / "train.tokens.bin").stat().st_mtime_ns
+    (out / "valid.tokens.bin.tmp999").write_bytes(b"junk")  # a temporary that a kill -9 would leave
+
+    monkeypatch.setattr(shards.ShardWriter, "write", real_write)
+    said: list[str] = []
+    meta_path = prepare_data(cfg, log=said.append)
+    assert any("train: reusing" in s for s in said)
+    assert (out / "train.tokens.bin").stat().st_mtime_ns == train_bytes
+    assert shards.open_split(meta_path, "valid").num_blocks > 0 and not list(out.glob("*.tmp*"))
+
+
+def test_slices_prepared_apart_are_read_together(tmp_path, trained):
+    whole = json.loads(prepare_data(make_cfg(tmp_path, trained), log=quiet([])).read_text())
+    said: list[str] = []
+    part = prepare_data(make_cfg(tmp_path, trained, "--data.num_shards=2", "--data.shard_index=1"), log=said.append)
+    assert part.name == "meta-00001-of-00002.json" and not (part.parent / "meta.json").exists()
+    assert any("1 of 2 slices" in s for s in said)
+    meta_path = prepare_data(make_cfg(tmp_path, trained, "--data.num_shards=2", "--data.shard_index=0"),
+                             log=quiet([]))
+    assert meta_path.name == "meta.json" and meta_path.parent == part.parent
+    meta = json.loads(meta_path.read_text())
+    for split in ("train", "valid"):
+        assert meta["splits"][split]["documents"] == whole["splits"][split]["documents"]
+        assert meta["splits"][split]["stream_tokens"] == whole["splits"][split]["stream_tokens"]
+        assert [p["tokens"] for p in meta["splits"][split]["parts"]] == [
+            f"{split}-00000-of-00002.tokens.bin", f"{split}-00001-of-00002.tokens.bin"]
+        reader = shards.open_split(meta_path, split)
+        assert reader.num_blocks == meta["splits"][split]["num_blocks"]
+        assert reader.block(reader.num_blocks - 1)[-1] == 2
+
+
+def test_segment_pair_shards_carry_balanced_nsp_labels(tmp_path, trained):
+    meta_path = prepare_data(make_cfg(tmp_path, trained, "--data.packing=segment_pair", "--data.seq_len=64",
+                                      "--corpus.valid_fraction=0"), log=quiet([]))
+    split = shards.open_split(meta_path, "train")
+    assert 0.3 < split.nsp_labels.mean() < 0.7 and split.num_blocks > 50
+    b = split.b_start(0)
+    block = split.block(0).tolist()
+    assert block[0] == 0 and block[b - 2 : b] == [2, 2] and block[-1] == 2
+    assert shards.open_split(meta_path, "valid").num_blocks == 0  # no validation text: an empty split
+
+
+def test_cli_builds_data_and_reports_bad_settings(tmp_path, trained, capsys):
+    corpus, _ = trained
+    args = ["data", f"--run_dir={tmp_path / 'cli'}", f"--corpus.train={corpus}", "--tokenizer.vocab_size=300",
+            "--data.seq_len=16", "--data.num_proc=1"]
+    assert main(args) == 0  # trains the missing tokenizer first
+    assert "data: wrote" in capsys.readouterr().out
+    assert main([*args, "--data.num_shards=2", "--data.shard_index=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "data.shard_index=2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_existing_tokenizer_is_kept_with_a_warning_when_stale(tmp_path, trained):
+    # the shared tokenizer was trained with another valid_fraction, so for another corpus split
+    cfg = make_cfg(tmp_path, trained)
+    sha = (cfg.run_path / "tokenizer" / "tokenizer.json").read_bytes()
+    said: list[str] = []
+    prepare_data(cfg, log=said.append)
+    assert any("warning" in s and "--force" in s for s in said)
+    assert (cfg.run_path / "tokenizer" / "tokenizer.json").read_bytes() == sha
