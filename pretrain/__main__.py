@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.model.init_from:
             check_init_from(cfg)  # one clear line before any data work
             train_tokenizer(cfg)  # init_from's tokenizer (extended), or "up to date"
-        if args.command == "resume" and not (cfg.run_path / "checkpoints" / "last.ckpt").is_file():
+        if args.command == "resume" and not any((cfg.run_path / "checkpoints").glob("*.ckpt")):
             raise NothingToResume(f"{cfg.run_path}/checkpoints/last.ckpt does not exist: nothing to resume "
                                   "(run `make pretrain`)")
         meta = prepare_data(cfg)

@@ -100,3 +100,41 @@ def test_batch_geometry() -> None:
     assert batch_geometry(8192, 32, 8) == 32
     with pytest.raises(ConfigError, match="batch.global_size=64 is not a multiple of batch.micro_size=32 x 3"):
         batch_geometry(64, 32, 3)
+
+
+def test_sparse_loss_equals_the_dense_loss_of_transformers_and_its_gradients() -> None:
+    """The module's loss (LM head on masked positions only) = RobertaForMaskedLM's dense loss with -100 labels."""
+    import transformers
+
+    from data_prep.config import load_config
+    from pretrain.masking import MaskingCollator
+    from pretrain.model import to_hf_state_dict
+    from pretrain.module import MLMModule
+
+    cfg = load_config(None, ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2",
+                             "--model.intermediate_size=64", "--model.dropout=0", "--model.attention_dropout=0"])
+    meta = {"vocab_size": 120, "seq_len": 24, "packing": "full_sentences",
+            "special_ids": {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 119}}
+    torch.manual_seed(0)
+    module = MLMModule(cfg.to_dict(), meta)
+    collate = MaskingCollator(mask_token_id=119, pad_token_id=1, special_ids=(0, 1, 2, 3, 119), vocab_size=120)
+    gen = torch.Generator().manual_seed(1)
+    items = [{"input_ids": [0, *torch.randint(4, 119, (n,), generator=gen).tolist(), 2], "index": i, "epoch": 0}
+             for i, n in enumerate((22, 15, 9, 22))]
+    batch = collate(items)
+    loss = module._losses(batch)["mlm_loss"]
+    loss.backward()
+
+    hf = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**module.model.cfg.hf_config_kwargs()))
+    hf.load_state_dict(to_hf_state_dict(module.model.state_dict(), 2))
+    hf.eval()
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels.view(-1)[batch["masked_positions"]] = batch["masked_targets"]
+    dense = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    dense.backward()
+    torch.testing.assert_close(loss, dense, rtol=1e-5, atol=1e-6)
+    ours = dict(module.model.named_parameters())
+    torch.testing.assert_close(ours["embeddings.word.weight"].grad,
+                               hf.roberta.embeddings.word_embeddings.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours["encoder.layers.0.attn.query.weight"].grad,
+                               hf.roberta.encoder.layer[0].attention.self.query.weight.grad, rtol=1e-4, atol=1e-6)
