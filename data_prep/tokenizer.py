@@ -112,12 +112,10 @@ def train_tokenizer(cfg: ExperimentConfig, force: bool = False, log=print) -> Pa
     out = tokenizer_dir(cfg)
     corpus = Corpus(cfg.corpus, cfg.seed)
     fingerprint = {"corpus": corpus.fingerprint(), **_settings(cfg)}
-    report_path = out / "quality.json"
-    if not force and report_path.is_file() and all((out / f).is_file() for f in FILES):
-        if json.loads(report_path.read_text()).get("fingerprint") == fingerprint:
-            log(f"tokenizer: {out} is up to date for this corpus and these settings "
-                "(delete it or pass --force to rebuild)")
-            return out
+    if not force and _up_to_date(out, "fingerprint", fingerprint):
+        log(f"tokenizer: {out} is up to date for this corpus and these settings "
+            "(delete it or pass --force to rebuild)")
+        return out
 
     # 1) train on the train split only, streaming, so the validation numbers below are honest
     start = time.perf_counter()
@@ -221,12 +219,10 @@ def tokenizer_from_hf(cfg: ExperimentConfig, force: bool = False, log=print) -> 
     domain = Path(cfg.tokenizer.extend_from) / "tokenizer.json" if cfg.tokenizer.extend_from else None
     fingerprint = {"init_from": _sha256(source), "extend_from": _sha256(domain) if domain else None,
                    "tokenizers": tokenizers.__version__, "format": FORMAT_VERSION}
-    report_path = out / "quality.json"
-    if not force and report_path.is_file() and all((out / f).is_file() for f in FILES):
-        if json.loads(report_path.read_text()).get("source_fingerprint") == fingerprint:
-            log(f"tokenizer: {out} is up to date with model.init_from={cfg.model.init_from} "
-                "(delete it or pass --force to rebuild)")
-            return out
+    if not force and _up_to_date(out, "source_fingerprint", fingerprint):
+        log(f"tokenizer: {out} is up to date with model.init_from={cfg.model.init_from} "
+            "(delete it or pass --force to rebuild)")
+        return out
     tok = load_tokenizer(source.parent)
     if not isinstance(tok.model, models.BPE):
         raise TokenizerError(f"{source}: a {type(tok.model).__name__} model, not RoBERTa's byte-level BPE")
@@ -277,6 +273,14 @@ def extend(old: Tokenizer, domain: Tokenizer) -> tuple[Tokenizer, list[str]]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _up_to_date(out: Path, key: str, fingerprint: dict[str, Any]) -> bool:
+    """All files present and quality.json records `fingerprint` under `key`."""
+    report = out / "quality.json"
+    if not report.is_file() or not all((out / f).is_file() for f in FILES):
+        return False
+    return json.loads(report.read_text()).get(key) == fingerprint
 
 
 def save(tok: Tokenizer, directory: Path, model_max_length: int) -> None:

@@ -1,8 +1,10 @@
-"""`python -m pretrain {fit,resume,export} --config FILE [--section.key=value ...]`.
+"""`python -m pretrain {fit,resume,export,finetune} --config FILE [--section.key=value ...]`.
 
 `fit` runs the missing prerequisites first (tokenizer, shards), then trains, continuing from the run's last
 checkpoint when there is one; `resume` insists on a checkpoint; `export [--ckpt PATH] [--out DIR]` writes a
-checkpoint (default: the newest) as a Hugging Face directory (default: run_dir/hf) and proves its parity.
+checkpoint (default: the newest) as a Hugging Face directory (default: run_dir/hf) and proves its parity;
+`finetune --task configs/tasks/NAME.yaml [--finetune.key=value --task.key=value]` fine-tunes the export on a
+labelled task and reports its validation metrics (pretrain/finetune.py).
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Config keys (override any with --section.key=value):\n" + describe_config(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["fit", "resume", "export"])
+    parser.add_argument("command", choices=["fit", "resume", "export", "finetune"])
     parser.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
     parser.add_argument("--ckpt", default=None, help="export: the checkpoint (default: the run's newest)")
     parser.add_argument("--out", default=None, help="export: the output directory (default: run_dir/hf)")
+    parser.add_argument("--task", default=None, help="finetune: the task YAML (configs/tasks/NAME.yaml); "
+                        "--finetune.key=value and --task.key=value override it")
     args, overrides = parser.parse_known_args(argv)
+    if args.command == "finetune":
+        return _finetune(args, overrides)
 
     from data_prep.prepare import prepare_data
     from data_prep.tokenizer import train_tokenizer
@@ -61,6 +67,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  logs        {logs / 'metrics.csv'}")
         if png:
             print(f"  loss curve  {png}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .export import ExportError
+    from .finetune import FinetuneError, finetune, load_task
+
+    task_overrides = [o for o in overrides if o.startswith(("--finetune.", "--task."))]
+    try:
+        if args.task is None:
+            raise FinetuneError("finetune needs --task configs/tasks/NAME.yaml (make finetune TASK=...)")
+        cfg = load_config(args.config, [o for o in overrides if o not in task_overrides])
+        finetune(cfg, load_task(args.task, task_overrides))
+    except (*USER_ERRORS, FinetuneError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
