@@ -165,3 +165,14 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(shards, corpus_f
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step-0000005.ckpt"]
     monkeypatch.setattr(MLMModule, "_losses", original)
     assert fit(config(run, corpus_file), meta, resume=True, **QUIET).global_step == 20
+
+
+def test_bf16_mixed_precision_trains(shards, corpus_file: Path, tmp_path: Path) -> None:
+    """The GPU default precision runs too (here through CPU autocast); the loss stays finite and falls."""
+    _, meta = shards
+    run = tmp_path / "bf16"
+    trainer = fit(config(run, corpus_file, "--trainer.precision=bf16-mixed"), meta, resume=False, **QUIET)
+    assert trainer.global_step == 20
+    curve = losses(run)
+    assert all(v == v for v in curve.values())
+    assert curve[19] < curve[0]
