@@ -88,7 +88,8 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
     ), PreemptionCheckpoint(checkpoint_dir(cfg) / "last.ckpt")]
     exporting = [HFExportCallback(cfg)] if saving and cfg.checkpoint.export_hf else []  # run_dir/hf per save
     kwargs: dict[str, Any] = dict(
-        max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
+        # One Lightning epoch is the whole run: the sampler's stream already spans the data epochs (data.py).
+        max_steps=t.max_steps, max_epochs=1, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, accumulate_grad_batches=accumulation,
         # Lightning counts validation intervals in micro-batches; the config counts optimizer steps.
         val_check_interval=t.val_check_interval * accumulation, check_val_every_n_epoch=None,
