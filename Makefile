@@ -9,10 +9,10 @@ ARGS   ?=
 # on a GPU machine pass e.g. TORCH="torch==2.13.0" with your platform's index, or TORCH=torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup tokenizer data pretrain resume export finetune bench bench-data bench-train test lint clean help
+.PHONY: setup tokenizer data pretrain resume export finetune ablation bench bench-data bench-train test lint clean help
 
 help:
-	@echo "make pretrain | test | setup | tokenizer | data | resume | export | finetune | bench | lint   (CONFIG=... ARGS=...)"
+	@echo "make pretrain | test | setup | tokenizer | data | resume | export | finetune | ablation | bench | lint   (CONFIG=... ARGS=...)"
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ export: setup
 # TASK: a task YAML, e.g. configs/tasks/kernel_topics.yaml; ARGS="--finetune.seeds=5 --finetune.from_scratch=true"
 finetune: setup
 	$(PY) -m pretrain finetune --config $(CONFIG) --task $(TASK) $(ARGS)
+
+# CONFIG: an ablation file, e.g. configs/ablation-tiny.yaml; ARGS="--ablation.seeds=3"
+ablation: setup
+	$(PY) -m pretrain ablation --config $(if $(filter configs/tiny.yaml,$(CONFIG)),configs/ablation-tiny.yaml,$(CONFIG)) $(ARGS)
 
 bench-data: setup
 	$(PY) bench/bench_data.py $(ARGS)

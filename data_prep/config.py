@@ -87,10 +87,24 @@ class DataConfig:
     shard_index: int = _f(0, "Which slice of the corpus this run prepares: documents i with i % num_shards == "
                           "shard_index (one machine per slice; the slices are read together, unmerged).")
     num_shards: int = _f(1, "Slices the corpus is prepared in, e.g. one per machine; 1: all at once.")
+    short_seq_len: int = _f(
+        0,
+        "BERT's length schedule: the first short_fraction of trainer.max_steps train on blocks of this many "
+        "tokens (BERT: 128), the rest on seq_len blocks, from shards prepared at both lengths; 0: off (RoBERTa).",
+    )
+    short_fraction: float = _f(
+        0.9, "Share of trainer.max_steps trained at short_seq_len when it is set (BERT: 0.9, then 10% at 512)."
+    )
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
             raise ConfigError(f"data.seq_len={self.seq_len} must be at least 8")
+        if self.short_seq_len and not 8 <= self.short_seq_len < self.seq_len:
+            raise ConfigError(
+                f"data.short_seq_len={self.short_seq_len} must be 0 (off) or in [8, data.seq_len={self.seq_len})"
+            )
+        if not 0.0 < self.short_fraction < 1.0:
+            raise ConfigError(f"data.short_fraction={self.short_fraction} must be in (0, 1)")
         if self.num_proc < 0:
             raise ConfigError(f"data.num_proc={self.num_proc} must be 0 (all cores) or positive")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -217,6 +231,9 @@ class LoggerConfig:
 class ExperimentConfig:
     run_dir: str = _f("runs/tiny", "Everything this experiment writes goes under here.")
     seed: int = _f(0, "Fixes data split and order, masking and initialisation.")
+    data_seed: int | None = _f(None, "Fixes only the corpus split, tokenizer and shards (pair sampling); null: seed. "
+                                     "Runs that differ in seed but share data_seed share tokenizer and shards "
+                                     "(the ablation runner's seeds).")
     corpus: CorpusConfig = _f(None, "Where the text comes from.")
     tokenizer: TokenizerConfig = _f(None, "Byte-level BPE training.")
     data: DataConfig = _f(None, "Tokenizing and packing into shards.")
@@ -227,6 +244,11 @@ class ExperimentConfig:
     trainer: TrainerConfig = _f(None, "Handed to pytorch_lightning.Trainer.")
     checkpoint: CheckpointConfig = _f(None, "Checkpoint frequency and retention.")
     logger: LoggerConfig = _f(None, "Metrics logging.")
+
+    @property
+    def prep_seed(self) -> int:
+        """The seed of everything before training: corpus split, tokenizer, packing."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
         if self.tokenizer is not None and self.tokenizer.extend_from and not (self.model and self.model.init_from):

@@ -11,6 +11,13 @@ Steps, one split after the other (train, then valid):
     3) the split's record, then `meta.json`, are written atomically. A rerun after a crash finds the splits
        whose record and files agree and redoes only the others.
 
+With `data.short_seq_len` set (BERT's length schedule), the same corpus is first prepared at that length too,
+with the same tokenizer and packing: the short shards get their own hashed directory (reused like any other), and
+the long shards' meta.json points to it as `"short": {"seq_len": 128, "meta": "../<hash>/meta.json"}` (relative
+to meta.json's directory). The long directory does not depend on short_seq_len, so a RoBERTa run and a BERT run
+of one packing share it; its `short` entry names the short shards of the last prepare that asked for them, and
+the trainer checks that it matches the config.
+
 With `data.num_shards` = N, run it N times (e.g. on N machines) with `data.shard_index` = 0 .. N-1 over the
 same run_dir (a shared file system) or copy the slices' files together afterwards: each slice writes its own
 files and `meta-0000k-of-0000N.json`, and the last to finish writes `meta.json`.
@@ -18,6 +25,7 @@ files and `meta-0000k-of-0000N.json`, and the last to finish writes `meta.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -55,7 +63,7 @@ def settings(cfg: ExperimentConfig) -> dict[str, Any]:
     slice do not depend on the number of workers, and all slices of a corpus share one directory."""
     d = cfg.data
     return {"format": FORMAT, "sentence_encoding": SENTENCE_ENCODING, "seq_len": d.seq_len,
-            "packing": d.packing, "num_shards": d.num_shards, "seed": cfg.seed}
+            "packing": d.packing, "num_shards": d.num_shards, "seed": cfg.prep_seed}
 
 
 def data_dir(cfg: ExperimentConfig, corpus_fingerprint: str, tokenizer_sha256: str) -> Path:
@@ -81,9 +89,12 @@ def num_workers(num_proc: int) -> int:
 def prepare_data(cfg: ExperimentConfig, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Build (or reuse) the experiment's shards; returns the path of their meta.json (of this slice's
     `meta-k-of-N.json` while other slices are missing)."""
+    # 0) BERT's short phase first: its shards are then complete whenever the long ones' meta.json exists
+    if cfg.data.short_seq_len:
+        short_meta = prepare_data(short_config(cfg), force=force, log=log).parent / META
     # 1) tokenizer and the content address
     tok_dir = tokenizer_dir(cfg)
-    corpus = Corpus(cfg.corpus, cfg.seed)
+    corpus = Corpus(cfg.corpus, cfg.prep_seed)
     fingerprint = corpus.fingerprint()
     if not (tok_dir / "tokenizer.json").is_file():
         train_tokenizer(cfg, log=log)
@@ -96,10 +107,13 @@ def prepare_data(cfg: ExperimentConfig, force: bool = False, log: Callable[[str]
     d = cfg.data
     part_path = out / meta_name(d.shard_index, d.num_shards)
     names = {split: stem(split, d.shard_index, d.num_shards) for split in SPLITS}
+    # where the short shards are, relative to this directory, so a run_dir can move
+    short = {"seq_len": d.short_seq_len, "meta": os.path.relpath(short_meta, out)} if d.short_seq_len else None
 
     if not force and part_path.is_file() and all(load_record(out, n) for n in names.values()):
         log(f"data: {out} is up to date for this corpus, tokenizer and packing settings "
             "(delete it or pass --force to rebuild)")
+        _link_short(part_path, short)
         return _finish_slices(out, part_path, d.num_shards, log)
 
     # 2) each split that is not complete yet
@@ -131,10 +145,24 @@ def prepare_data(cfg: ExperimentConfig, force: bool = False, log: Callable[[str]
         "shard_index": d.shard_index,
         "num_shards": d.num_shards,
         "splits": records,
+        **({"short": short} if short else {}),
     }
     write_json_atomic(part_path, meta)
     log(format_report(meta, out))
     return _finish_slices(out, part_path, d.num_shards, log)
+
+
+def short_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The experiment as its short phase sees it: everything equal but the block length."""
+    d = cfg.data
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, seq_len=d.short_seq_len, short_seq_len=0))
+
+
+def _link_short(part_path: Path, short: dict[str, Any] | None) -> None:
+    """Point reused shards at this config's short shards (a run without the schedule leaves the entry alone)."""
+    meta = json.loads(part_path.read_text())
+    if short and meta.get("short") != short:
+        write_json_atomic(part_path, {**meta, "short": short})
 
 
 def _tokenizer_is_stale(tok_dir: Path, cfg: ExperimentConfig, corpus_fingerprint: str) -> bool:
@@ -169,7 +197,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     counts = {"documents": 0, "sentences": 0}
     docs = _slice(corpus.documents(split, stats), d.shard_index, d.num_shards, counts)  # type: ignore[arg-type]
     packer = Packer(d.seq_len, d.packing, ids["bos"], ids["eos"], dtype,
-                    seed=hash_seed(cfg.seed, d.shard_index, SPLITS.index(split)))
+                    seed=hash_seed(cfg.prep_seed, d.shard_index, SPLITS.index(split)))
     sources = corpus.valid_sources if split == "valid" and corpus.valid_sources else corpus.train_sources
     start = time.perf_counter()
     with ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(

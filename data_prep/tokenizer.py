@@ -110,7 +110,7 @@ def train_tokenizer(cfg: ExperimentConfig, force: bool = False, log=print) -> Pa
     if cfg.model.init_from:
         return tokenizer_from_hf(cfg, force, log)
     out = tokenizer_dir(cfg)
-    corpus = Corpus(cfg.corpus, cfg.seed)
+    corpus = Corpus(cfg.corpus, cfg.prep_seed)
     fingerprint = {"corpus": corpus.fingerprint(), **_settings(cfg)}
     if not force and _up_to_date(out, "fingerprint", fingerprint):
         log(f"tokenizer: {out} is up to date for this corpus and these settings "
@@ -231,7 +231,7 @@ def tokenizer_from_hf(cfg: ExperimentConfig, force: bool = False, log=print) -> 
         tok, added = extend(tok, load_tokenizer(domain.parent))
         log(f"tokenizer: appended {len(added)} tokens of {domain.parent} after the "
             f"{tok.get_vocab_size() - len(added)} of model.init_from (old ids kept)")
-    report = {"vocab_size": tok.get_vocab_size(), **evaluate(tok, Corpus(cfg.corpus, cfg.seed).documents("valid")),
+    report = {"vocab_size": tok.get_vocab_size(), **evaluate(tok, Corpus(cfg.corpus, cfg.prep_seed).documents("valid")),
               "init_from": str(cfg.model.init_from), "extend_from": cfg.tokenizer.extend_from,
               # not "fingerprint": that names a trained tokenizer's corpus and settings, which data prep checks
               "added_tokens": len(added), "source_fingerprint": fingerprint}

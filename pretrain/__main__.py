@@ -4,7 +4,8 @@
 checkpoint when there is one; `resume` insists on a checkpoint; `export [--ckpt PATH] [--out DIR]` writes a
 checkpoint (default: the newest) as a Hugging Face directory (default: run_dir/hf) and proves its parity;
 `finetune --task configs/tasks/NAME.yaml [--finetune.key=value --task.key=value]` fine-tunes the export on a
-labelled task and reports its validation metrics (pretrain/finetune.py).
+labelled task and reports its validation metrics (pretrain/finetune.py); `ablation --config
+configs/ablation-NAME.yaml [--ablation.seeds=3]` runs the recipe ablation and writes its report (pretrain/ablation.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Config keys (override any with --section.key=value):\n" + describe_config(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["fit", "resume", "export", "finetune"])
+    parser.add_argument("command", choices=["fit", "resume", "export", "finetune", "ablation"])
     parser.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
     parser.add_argument("--ckpt", default=None, help="export: the checkpoint (default: the run's newest)")
     parser.add_argument("--out", default=None, help="export: the output directory (default: run_dir/hf)")
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.command == "finetune":
         return _finetune(args, overrides)
+    if args.command == "ablation":
+        return _ablation(args, overrides)
 
     from data_prep.prepare import prepare_data
     from data_prep.tokenizer import train_tokenizer
@@ -81,6 +84,26 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg = load_config(args.config, [o for o in overrides if o not in task_overrides])
         finetune(cfg, load_task(args.task, task_overrides))
     except (*USER_ERRORS, FinetuneError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _ablation(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .ablation import run_ablation
+    from .evaluate import YardstickError
+    from .export import ExportError
+    from .finetune import FinetuneError
+    from .train import NothingToResume
+
+    try:
+        if args.config is None:
+            raise FileNotFoundError("ablation needs --config configs/ablation-NAME.yaml (make ablation CONFIG=...)")
+        run_ablation(args.config, overrides)
+    except (*USER_ERRORS, NothingToResume, FloatingPointError, ExportError, FinetuneError, YardstickError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -77,11 +77,23 @@ def _csv_logger(cfg: ExperimentConfig, resume_step: int | None) -> CSVLogger:
     return logger
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's step checkpoints, plus one at the final step when max_steps is not a multiple of
+    every_n_steps (Lightning saves at epoch ends only when no step interval is set)."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.global_step > 0 and trainer.global_step != self._last_global_step_saved:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+
 def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = None, resume_step: int | None = None,
                  **overrides: Any) -> pl.Trainer:
     t = cfg.trainer
     accumulation = batch_geometry(cfg.batch.global_size, cfg.batch.micro_size, world_size(cfg))
-    saving = [] if overrides.get("enable_checkpointing") is False else [ModelCheckpoint(
+    saving = [] if overrides.get("enable_checkpointing") is False else [StepCheckpoint(
         dirpath=checkpoint_dir(cfg), filename="step-{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
         save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
