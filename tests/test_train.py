@@ -176,3 +176,13 @@ def test_bf16_mixed_precision_trains(shards, corpus_file: Path, tmp_path: Path) 
     curve = losses(run)
     assert all(v == v for v in curve.values())
     assert curve[19] < curve[0]
+
+
+def test_the_final_step_is_checkpointed_off_the_interval(shards, corpus_file: Path, tmp_path: Path) -> None:
+    """max_steps=7 with every_n_steps=5: step 5 on the interval, step 7 at the end; last.ckpt is step 7."""
+    _, meta = shards
+    run = tmp_path / "off"
+    fit(config(run, corpus_file, "--trainer.max_steps=7"), meta, resume=False, **QUIET)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "last.ckpt", "step-0000005.ckpt", "step-0000007.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
