@@ -8,6 +8,7 @@ This module is the only way `pretrain` reads shards:
     split.block_lengths()   # (num_blocks,) int64: to batch short DOC-SENTENCES blocks by tokens
     split.nsp_labels        # (num_blocks,) uint8 for the pair packings (0: B follows A, 1: random B), else None
     split.b_start(i)        # pair packings: where B starts in block i (for token types), else None
+    short_phase(meta_path)  # BERT's length schedule: (seq_len, meta.json) of the short shards, or None
 
 Layout of a data directory, per split (`train`, `valid`) and per slice (one when `data.num_shards` is 1):
 
@@ -207,6 +208,17 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ShardError(f"{path}: shard format {meta.get('format')!r}, this code reads {FORMAT}; run `make data`")
     return meta
+
+
+def short_phase(meta_path: str | Path) -> tuple[int, Path] | None:
+    """The short shards of BERT's length schedule that `meta_path`'s meta.json points to (`data.short_seq_len`,
+    written by prepare.py) as (seq_len, path of their meta.json), or None when it points to none."""
+    meta_path = Path(meta_path)
+    short = read_meta(meta_path).get("short")
+    if not short:
+        return None
+    directory = meta_path if meta_path.is_dir() else meta_path.parent
+    return int(short["seq_len"]), directory / short["meta"]  # an absolute "meta" stays as it is
 
 
 class ShardSplit:

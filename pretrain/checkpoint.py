@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import tempfile
@@ -121,12 +122,17 @@ def resumable_checkpoint(directory: Path, log=print) -> tuple[Path, int] | None:
 def check_compatible(saved: dict[str, Any], cfg: ExperimentConfig, path: Path) -> None:
     """Refuse to resume a checkpoint whose model (or data geometry) differs from the config."""
     differing = []
-    for section, keys in (("model", None), ("data", ("seq_len", "packing")), ("tokenizer", ("vocab_size",))):
-        old, new = saved.get(section, {}), getattr(cfg, section).__dict__
+    # the length schedule decides which shards each step reads, so it is part of the data geometry
+    data_keys = ("seq_len", "packing", "short_seq_len", "short_fraction")
+    for section, keys in (("model", None), ("data", data_keys), ("tokenizer", ("vocab_size",))):
+        new_section = getattr(cfg, section)
+        old, new = saved.get(section, {}), new_section.__dict__
+        # keys added after a checkpoint was written read as their defaults
+        defaults = {f.name: f.default for f in dataclasses.fields(new_section)}
         for key in keys or new:
             if key == "init_from":
                 continue
-            if old.get(key) != new[key]:
+            if old.get(key, defaults[key]) != new[key]:
                 differing.append(f"{section}.{key} (checkpoint {old.get(key)!r}, config {new[key]!r})")
     if differing:
         raise ConfigError(

@@ -10,6 +10,13 @@ is restored by arithmetic on resume (no replay of skipped batches) and one devic
 The sampler yields (epoch, block index) pairs and the dataset turns them into items for `MaskingCollator`,
 whose masks are a pure function of (seed, epoch, index). Validation uses the valid blocks in order with the
 mask of epoch 0, so every evaluation of a run, and of every run on the same shards, sees the same masks.
+
+Length schedule (BERT, arXiv 1810.04805, appendix A.2: 90% of the steps at 128 tokens, the rest at 512). With
+`data.short_seq_len` set, steps [0, switch) read the short shards and steps [switch, max_steps) the long ones,
+switch = round(short_fraction * max_steps); the global batch stays G sequences in both phases. Each phase is its
+own step-indexed stream (`StepSampler` with `first_step`): the long phase's positions count from the switch, so
+its first step reads epoch 0 of the long blocks, and a resume before or after the switch is still arithmetic.
+Validation always uses the long valid blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_prep.config import ConfigError, ExperimentConfig
-from data_prep.shards import ShardSplit, open_split, read_meta
+from data_prep.shards import ShardError, ShardSplit, open_split, read_meta, short_phase
 
 from .masking import MaskingCollator
 
@@ -46,6 +53,33 @@ class BlockDataset(Dataset):
         return item
 
 
+class PhasedDataset(Dataset):
+    """Items from one split per phase of the length schedule: indexed by (phase, epoch, block index)."""
+
+    def __init__(self, splits: list[ShardSplit]):
+        self.phases = [BlockDataset(s) for s in splits]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.phases)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        phase, epoch, index = key
+        return self.phases[phase][epoch, index]
+
+
+def length_schedule(cfg: ExperimentConfig) -> list[tuple[int, int]]:
+    """(first optimizer step, block length) of each phase: BERT's [(0, short), (switch, seq_len)], else one."""
+    d = cfg.data
+    if not d.short_seq_len:
+        return [(0, d.seq_len)]
+    return [(0, d.short_seq_len), (round(d.short_fraction * cfg.trainer.max_steps), d.seq_len)]
+
+
+def seq_len_at(cfg: ExperimentConfig, step: int) -> int:
+    """The block length optimizer step `step` trains on."""
+    return [length for first, length in length_schedule(cfg) if first <= step][-1]
+
+
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The block order of one epoch: a permutation of range(n) that depends on (seed, epoch) only."""
     return np.random.Generator(np.random.Philox(key=np.array([seed, epoch], dtype=np.uint64))).permutation(n)
@@ -56,19 +90,21 @@ class StepSampler(Sampler[tuple[int, int]]):
 
     Its state is one number, the step it starts from, read when iteration begins (after Lightning has
     restored a checkpoint). `len` is the whole run's, as Lightning counts batches from the run's start.
+    A later phase of the length schedule passes `first_step`: it serves steps [first_step, max_steps) only, and
+    its stream's position 0 is first_step's first sequence.
     """
 
     def __init__(self, num_blocks: int, seed: int, global_size: int, micro_size: int, world_size: int,
-                 rank: int, start_step: int | Callable[[], int], max_steps: int):
+                 rank: int, start_step: int | Callable[[], int], max_steps: int, first_step: int = 0):
         assert global_size % (micro_size * world_size) == 0, "checked by batch_geometry"
         assert num_blocks > 0, "no training blocks"
         self.n, self.seed, self.G, self.m, self.W, self.r = num_blocks, seed, global_size, micro_size, world_size, rank
-        self.start_step, self.max_steps = start_step, max_steps
+        self.start_step, self.max_steps, self.first_step = start_step, max_steps, first_step
         self.accumulation = global_size // (micro_size * world_size)
         self._perm: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return self.max_steps * self.accumulation * self.m
+        return max(0, self.max_steps - self.first_step) * self.accumulation * self.m
 
     def _at(self, position: int) -> tuple[int, int]:
         epoch, i = divmod(position, self.n)
@@ -79,14 +115,41 @@ class StepSampler(Sampler[tuple[int, int]]):
     def positions(self, step: int) -> Iterator[int]:
         """This rank's global positions for optimizer step `step`, in micro-batch order."""
         for a in range(self.accumulation):
-            start = step * self.G + (a * self.W + self.r) * self.m
+            start = (step - self.first_step) * self.G + (a * self.W + self.r) * self.m
             yield from range(start, start + self.m)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         start = self.start_step() if callable(self.start_step) else self.start_step
-        for step in range(start, self.max_steps):
+        yield from self.iter_from(start)
+
+    def iter_from(self, start: int) -> Iterator[tuple[int, int]]:
+        """The pairs of steps [max(start, first_step), max_steps)."""
+        for step in range(max(start, self.first_step), self.max_steps):
             for g in self.positions(step):
                 yield self._at(g)
+
+
+class PhasedSampler(Sampler[tuple[int, int, int]]):
+    """The phases of the length schedule one after the other, as (phase, epoch, index) keys for `PhasedDataset`.
+
+    Phase p is a `StepSampler` over its own split that serves steps [first_step_p, first_step_p+1); the start
+    step is read once, when iteration begins, and every phase skips the steps before it by arithmetic.
+    """
+
+    def __init__(self, phases: list[StepSampler], start_step: int | Callable[[], int]):
+        firsts = [p.first_step for p in phases] + [phases[-1].max_steps]
+        assert all(p.max_steps == nxt for p, nxt in zip(phases, firsts[1:], strict=True)), \
+            f"phases must tile the run's steps: {[(p.first_step, p.max_steps) for p in phases]}"
+        self.phases, self.start_step = phases, start_step
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.phases)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        start = self.start_step() if callable(self.start_step) else self.start_step
+        for phase, sampler in enumerate(self.phases):
+            for epoch, index in sampler.iter_from(start):
+                yield phase, epoch, index
 
 
 class ValidSampler(Sampler[tuple[int, int]]):
@@ -126,11 +189,27 @@ class ShardDataModule(pl.LightningDataModule):
             vocab_size=self.meta["vocab_size"], probability=m.probability, mask_fraction=m.mask_fraction,
             random_fraction=m.random_fraction, dynamic=m.dynamic, static_copies=m.static_copies, seed=cfg.seed,
         )
-        self.train: ShardSplit | None = None
+        self.phase_metas = [self._short_meta(), self.meta_path] if cfg.data.short_seq_len else [self.meta_path]
+        self.train_phases: list[ShardSplit] = []
         self.valid: ShardSplit | None = None
 
+    def _short_meta(self) -> Path:
+        """meta.json of the short shards of the length schedule, checked against the config and the long shards."""
+        want = self.cfg.data.short_seq_len
+        short = short_phase(self.meta_path)
+        if short is None or short[0] != want:
+            has = f"points to seq_len {short[0]}" if short else "has no short shards"
+            raise ShardError(f"{self.meta_path} {has}, the config asks for data.short_seq_len={want}: run "
+                             "`make data` (prepare_data) with this config")
+        meta = read_meta(short[1])
+        for key in ("tokenizer_sha256", "packing", "vocab_size"):
+            if meta[key] != self.meta[key]:
+                raise ShardError(f"{short[1]}: {key} {meta[key]!r} differs from the long shards' "
+                                 f"{self.meta[key]!r}: run `make data` with this config")
+        return short[1]
+
     def setup(self, stage: str | None = None) -> None:
-        self.train = open_split(self.meta_path, "train")
+        self.train_phases = [open_split(p, "train") for p in self.phase_metas]
         self.valid = open_split(self.meta_path, "valid") if "valid" in self.meta["splits"] else None
 
     def _world(self) -> tuple[int, int]:
@@ -150,11 +229,13 @@ class ShardDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
         trainer = self.trainer
-        assert self.train is not None, "setup() first"
-        sampler = StepSampler(self.train.num_blocks, self.cfg.seed, self.cfg.batch.global_size,
-                              self.cfg.batch.micro_size, world, rank,
-                              (lambda: trainer.global_step) if trainer is not None else 0, self.cfg.trainer.max_steps)
-        return self._loader(BlockDataset(self.train), sampler)
+        assert self.train_phases, "setup() first"
+        b, max_steps = self.cfg.batch, self.cfg.trainer.max_steps
+        firsts = [first for first, _ in length_schedule(self.cfg)]
+        phases = [StepSampler(split.num_blocks, self.cfg.seed, b.global_size, b.micro_size, world, rank, 0, end, first)
+                  for split, first, end in zip(self.train_phases, firsts, [*firsts[1:], max_steps], strict=True)]
+        sampler = PhasedSampler(phases, (lambda: trainer.global_step) if trainer is not None else 0)
+        return self._loader(PhasedDataset(self.train_phases), sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.valid is None or self.valid.num_blocks == 0:

@@ -38,10 +38,11 @@ import torch
 
 from data_prep.config import ConfigError, ExperimentConfig, config_from_dict
 from data_prep.prepare import sha256_file
-from data_prep.shards import ShardError, open_split
+from data_prep.shards import ShardError, open_split, read_meta, short_phase
 from data_prep.tokenizer import FILES, HF_WEIGHTS, load_tokenizer, read_hf_dir, special_ids, tokenizer_dir
 
 from .checkpoint import resumable_checkpoint
+from .data import length_schedule
 from .model import RobertaConfig, RobertaForMLM, from_hf_state_dict, to_hf_state_dict
 from .module import model_config
 
@@ -333,12 +334,35 @@ def _blocks(meta: dict[str, Any], split: str) -> tuple[int, int]:
     return sum(p.get("num_blocks", 0) for p in parts), sum(p.get("num_tokens", 0) for p in parts)
 
 
+def tokens_seen(c: ExperimentConfig, meta: dict[str, Any], meta_path: Path | None,
+                step: int) -> tuple[int, float, int]:
+    """(sequences, tokens about, tokens at most) of `step` steps, phase by phase of the length schedule: each
+    phase's sequences times the mean block length of its shards (its block length when they cannot be read)."""
+    schedule = length_schedule(c)
+    ends = [first for first, _ in schedule[1:]] + [max(step, c.trainer.max_steps)]
+    short = None
+    if len(schedule) > 1 and meta_path is not None:
+        try:
+            found = short_phase(meta_path)
+            short = read_meta(found[1]) if found else None
+        except (ShardError, OSError, KeyError, ValueError):
+            short = None
+    sequences, seen, most = 0, 0.0, 0
+    for p, ((first, length), end) in enumerate(zip(schedule, ends, strict=True)):
+        n = (min(step, end) - min(step, first)) * c.batch.global_size
+        phase_meta = meta if p == len(schedule) - 1 else short
+        blocks, tokens = _blocks(phase_meta, "train") if phase_meta else (0, 0)
+        sequences, most = sequences + n, most + n * length
+        seen += n * (tokens / blocks if blocks else length)
+    return sequences, seen, most
+
+
 def model_card(run_cfg: ExperimentConfig, meta: dict[str, Any], mcfg: RobertaConfig, step: int,
                metrics: dict[str, float], check: dict[str, Any], meta_path: Path | None, source: str) -> str:
     c = run_cfg
     blocks, tokens = _blocks(meta, "train")
-    sequences = step * c.batch.global_size
-    avg = tokens / blocks if blocks else c.data.seq_len
+    sequences, seen, most = tokens_seen(c, meta, meta_path, step)
+    avg = seen / sequences if sequences else c.data.seq_len
     loss = metrics.get("val/loss")
     val = (f"{loss:.4f} nats ({loss / math.log(2):.4f} bits), perplexity {math.exp(loss):.2f}"
            + (f" (at step {metrics['step']})" if "step" in metrics else "")) if loss is not None else (
@@ -391,8 +415,8 @@ print(pipeline("fill-mask", model=model, tokenizer=tokenizer)({check['fill_mask'
   gradient clipping {c.optim.grad_clip or 'off'}
 - schedule: linear warmup over {c.optim.warmup_steps:,} steps to {c.optim.peak_lr:g}, linear decay to 0 at {c.trainer.max_steps:,} steps
 - batch: {c.batch.global_size:,} sequences per step (micro-batch {c.batch.micro_size}), precision {c.trainer.precision}, seed {c.seed}
-- steps: {step:,}; sequences seen {sequences:,}; tokens seen about {round(sequences * avg):,} ({avg:.1f} tokens per block
-  on average; at most {sequences * c.data.seq_len:,})
+- steps: {step:,}; sequences seen {sequences:,}; tokens seen about {round(seen):,} ({avg:.1f} tokens per block
+  on average; at most {most:,})
 
 ## Evaluation
 

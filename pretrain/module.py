@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from data_prep.config import ExperimentConfig, config_from_dict
 
 from .checkpoint import check_compatible
+from .data import seq_len_at
 from .model import RobertaConfig, RobertaForMLM
 
 PAIR_PACKINGS = ("segment_pair", "sentence_pair")
@@ -91,6 +92,12 @@ class MLMModule(pl.LightningModule):
         saved = checkpoint.get("hyper_parameters", {}).get("config", {})
         check_compatible(saved, self.cfg, Path(self.trainer.ckpt_path) if self._trainer else Path("checkpoint"))
         self._restored_rng = checkpoint.get("rng")
+        # The whole run is one Lightning epoch whose stream ends at max_steps, so the checkpoint of a finished
+        # run says "last batch seen". Resumed with a larger max_steps, the epoch goes on: the sampler starts
+        # at the saved step (data.py), and Lightning must not think the epoch is over.
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if progress is not None and checkpoint.get("global_step", 0) < self.cfg.trainer.max_steps:
+            progress["is_last_batch"] = False
 
     def on_train_start(self) -> None:
         # Applied here, not in on_load_checkpoint: nothing between here and the first step draws from it.
@@ -131,7 +138,9 @@ class MLMModule(pl.LightningModule):
         n = out["n_masked"]
         self._tokens_since += int(batch["attention_mask"].sum())
         log = {"train/loss": out["mlm_loss"], "train/loss_bits": out["mlm_loss"] / math.log(2),
-               "train/mlm_acc": out["mlm_acc"]}
+               "train/mlm_acc": out["mlm_acc"],
+               # BERT's length schedule shows as a step in this curve (data.short_seq_len)
+               "train/seq_len": float(seq_len_at(self.cfg, self.global_step))}
         if "nsp_loss" in out:
             log.update({"train/nsp_loss": out["nsp_loss"], "train/nsp_acc": out["nsp_acc"]})
         log.update(self._mask_stats(batch))

@@ -79,11 +79,19 @@ def _csv_logger(cfg: ExperimentConfig, resume_step: int | None) -> CSVLogger:
 
 class StepCheckpoint(ModelCheckpoint):
     """Lightning's step checkpoints, plus one at the final step when max_steps is not a multiple of
-    every_n_steps (Lightning saves at epoch ends only when no step interval is set)."""
+    every_n_steps (Lightning saves at epoch ends only when no step interval is set).
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        if trainer.global_step > 0 and trainer.global_step != self._last_global_step_saved:
+    The final one is saved at the end of the last optimizer step, like every other step checkpoint, and not at
+    `on_train_end`: by then Lightning has marked the (single) epoch finished, so such a checkpoint could not be
+    resumed with a larger max_steps, and after a preemption stop it would overwrite the exact `last.ckpt`."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        final = trainer.max_steps > 0 and trainer.global_step == trainer.max_steps
+        if (final and trainer.global_step != self._last_global_step_saved
+                and (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+                and not self._should_skip_saving_checkpoint(trainer)):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)

@@ -186,3 +186,7 @@ def test_the_final_step_is_checkpointed_off_the_interval(shards, corpus_file: Pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "last.ckpt", "step-0000005.ckpt", "step-0000007.ckpt"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    # saved mid-epoch like every step checkpoint, so a longer run can continue from it
+    longer = fit(config(run, corpus_file, "--trainer.max_steps=9"), meta, resume=True, **QUIET)
+    assert longer.global_step == 9
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9

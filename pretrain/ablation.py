@@ -1,0 +1,432 @@
+"""The recipe ablation: RoBERTa's changes to BERT, one at a time, on the user's corpus and budget.
+
+    python -m pretrain ablation --config configs/ablation-tiny.yaml [--ablation.seeds=3] [--trainer.max_steps=...]
+
+An ablation file names a base experiment YAML, overrides for it (the corpus, the budget) and a list of
+variants, each a set of dotted changes to the base. Every variant-seed is one ordinary run in its own run_dir,
+run_dir/ablation/NAME/seed-K/, and all of them
+
+- share one tokenizer and one shard directory (symlinked to the base run_dir's; `data_seed` is fixed, so the
+  seeds differ only in initialisation, data order and masks),
+- process the same number of tokens: the base's max_steps x global batch x mean tokens per block of its shards;
+  a variant's max_steps is that budget over its own global batch and mean block length (DOC-SENTENCES and the
+  pair formats have shorter blocks, so they take more steps, as the paper keeps tokens per batch equal), and its
+  warmup keeps the same share of the steps unless the variant sets optim.warmup_steps itself,
+- are scored on one yardstick (pretrain/evaluate.py): the same held-out FULL-SENTENCES blocks with the same
+  fixed masks, at every checkpoint (curves) and at the end (the table).
+
+Finished variant-seeds (result.json present, same settings) are skipped on a rerun; an interrupted one resumes
+from its last checkpoint. The report, run_dir/ablation/report.md (+ report.json, report.png), gives per variant
+the mean held-out loss over seeds and its spread, the difference from the baseline, whether it exceeds the
+spread (not significant when it does not), the paper's direction for that change and whether this run agrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from data_prep.config import ConfigError, ExperimentConfig, _build, _f, load_config
+from data_prep.shards import read_meta, short_phase, write_json_atomic
+
+from .evaluate import Yardstick, check_compatible, load_model
+
+Direction = Literal["baseline", "better", "worse", "similar"]
+
+
+@dataclass
+class VariantSpec:
+    name: str = _f("", "Names the run directory, run_dir/ablation/NAME/seed-K (letters, digits, - and _).")
+    what: str = _f("", "What this variant changes, in words, for the report.")
+    changes: dict[str, Any] = _f({}, "Dotted keys of the experiment config and their values for this variant "
+                                     "({masking.dynamic: false}); empty: the base itself.")
+    paper: Direction = _f("similar", "The paper's result for this change, as the held-out loss compared with the "
+                                     "baseline: better (lower), worse (higher), similar; baseline for the baseline.")
+    paper_note: str = _f("", "The paper's numbers behind `paper` (table and values).")
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ConfigError(f"variant name {self.name!r} must be non-empty letters, digits, - or _")
+
+
+@dataclass
+class AblationSettings:
+    seeds: int = _f(1, "Seeds per variant (seed, seed+1, ...); with 2 or more the report gives mean and spread "
+                       "and marks differences smaller than the spread as not significant.")
+    baseline: str = _f("roberta", "The variant every other is compared with.")
+    eval_blocks: int = _f(512, "Held-out FULL-SENTENCES blocks of the yardstick (the first of the valid split).")
+    eval_seed: int = _f(12345, "Seed of the yardstick's fixed masks.")
+    evals: int = _f(4, "Checkpoints (and yardstick points on the curves) per run, evenly spaced.")
+    similar_nats: float = _f(0.02, "With one seed (no spread): a difference below this many nats counts as "
+                                   "similar to the baseline.")
+    task: str | None = _f(None, "A task YAML (configs/tasks/NAME.yaml): each variant-seed is exported and "
+                                "fine-tuned on it (one seed), adding a downstream column; null: none.")
+    task_overrides: list[str] = _f([], "Overrides for the task file, e.g. ['--finetune.epochs=1'].")
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.eval_blocks < 1 or self.evals < 1:
+            raise ConfigError("ablation.seeds, ablation.eval_blocks and ablation.evals must be at least 1")
+
+
+@dataclass
+class AblationFile:
+    base: str = _f("", "The experiment YAML every variant starts from (relative to the working directory).")
+    overrides: dict[str, Any] = _f({}, "Dotted keys applied to the base for every variant: corpus, run_dir, "
+                                       "budget (trainer.max_steps with batch.global_size sets the token budget).")
+    ablation: AblationSettings = _f(None, "How the variants are run, scored and compared.")
+    variants: list[VariantSpec] = _f([], "The variants, one change (or one recipe) each.")
+
+
+def _as_override(key: str, value: Any) -> str:
+    return f"--{key}={json.dumps(value)}"  # JSON is YAML: strings, numbers, lists and null round-trip
+
+
+def load_ablation(path: str | Path, overrides: list[str] | None = None) -> tuple[AblationFile, list[str]]:
+    """The ablation file with `--ablation.key=value` applied, and the other overrides (for the base)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ablation file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with base:, overrides:, ablation:, variants:")
+    mine = [o for o in overrides or [] if o.startswith("--ablation.")]
+    base_overrides = [o for o in overrides or [] if o not in mine]
+    from data_prep.config import apply_overrides
+
+    data = apply_overrides(data, mine)
+    variants = data.pop("variants", None)
+    try:
+        af = _build(AblationFile, data, "")
+        if not isinstance(variants, list) or not variants:
+            raise ConfigError("variants: expected a non-empty list of {name, what, changes, paper, paper_note}")
+        af.variants = [_build(VariantSpec, v, f"variants[{i}].") for i, v in enumerate(variants)]
+        names = [v.name for v in af.variants]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"variants: names must be unique, got {names}")
+        if af.ablation.baseline not in names:
+            raise ConfigError(f"ablation.baseline={af.ablation.baseline!r} is not a variant ({', '.join(names)})")
+        if not af.base:
+            raise ConfigError("base: the experiment YAML the variants start from is required")
+        # every variant's config must be valid before anything runs
+        for v in af.variants:
+            try:
+                load_config(af.base, base_overrides_of(af, base_overrides) + _changes(v))
+            except ConfigError as e:
+                raise ConfigError(f"variant {v.name}: {str(e).removeprefix(f'{af.base}: ')}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return af, base_overrides
+
+
+def base_overrides_of(af: AblationFile, cli: list[str]) -> list[str]:
+    return [_as_override(k, v) for k, v in af.overrides.items()] + cli
+
+
+def _changes(v: VariantSpec) -> list[str]:
+    return [_as_override(k, value) for k, value in v.changes.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Budget: equal tokens
+
+
+def mean_block_tokens(meta_path: Path) -> float:
+    """Mean tokens per training block of a shard directory."""
+    split = read_meta(meta_path)["splits"]["train"]
+    return split["num_tokens"] / max(1, split["num_blocks"])
+
+
+def tokens_per_step(cfg: ExperimentConfig, meta_path: Path) -> float:
+    """Mean tokens one optimizer step processes: global batch x mean block length, averaged over the phases of
+    BERT's two-phase length schedule when data.short_seq_len is set."""
+    mean = mean_block_tokens(meta_path)
+    short = short_phase(meta_path) if cfg.data.short_seq_len else None
+    if short is not None:
+        f = cfg.data.short_fraction
+        mean = f * mean_block_tokens(short[1]) + (1 - f) * mean
+    return cfg.batch.global_size * mean
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def _link(target: Path, link: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        if link.resolve() != target.resolve():
+            raise ConfigError(f"{link} exists and is not a link to the ablation's shared {target}")
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target.resolve(), target_is_directory=True)
+
+
+def variant_dir(root: Path, name: str, seed: int) -> Path:
+    return root / "ablation" / name / f"seed-{seed}"
+
+
+def run_ablation(path: str | Path, overrides: list[str] | None = None, log=print,
+                 **trainer_overrides: Any) -> dict[str, Any]:
+    """Run every variant-seed that is not finished, then write and print the report."""
+    from data_prep.prepare import prepare_data
+    from data_prep.tokenizer import train_tokenizer
+
+    af, cli = load_ablation(path, overrides)
+    st = af.ablation
+    common = base_overrides_of(af, cli)
+    base = load_config(af.base, common)
+    common = common + [f"--data_seed={base.prep_seed}"]
+    root = base.run_path
+    log(f"ablation: {len(af.variants)} variants x {st.seeds} seed(s) from {af.base}, under {root / 'ablation'}")
+
+    # 1) one tokenizer, the reference shards (FULL-SENTENCES at the full length) and the token budget
+    train_tokenizer(base, log=log)
+    ref_cfg = load_config(af.base, common + ["--data.packing=full_sentences"]
+                          + (["--data.short_seq_len=0"] if base.data.short_seq_len else []))
+    ref_meta_path = prepare_data(ref_cfg, log=log)
+    budget = base.trainer.max_steps * tokens_per_step(ref_cfg, ref_meta_path)
+    yardstick = Yardstick(ref_meta_path, blocks=st.eval_blocks, seed=st.eval_seed)
+    ref_batches = yardstick.batches()
+    log(f"ablation: budget {budget:,.0f} tokens per run (base: {base.trainer.max_steps} steps x "
+        f"{tokens_per_step(ref_cfg, ref_meta_path):,.0f} tokens); yardstick: {ref_batches and sum(len(b['input_ids']) for b in ref_batches)} "
+        f"blocks of {ref_meta_path.parent.name}, mask seed {st.eval_seed}")
+
+    results: list[dict[str, Any]] = []
+    for v in af.variants:
+        for seed in range(base.seed, base.seed + st.seeds):
+            results.append(_run_variant(af, v, seed, common, root, budget, yardstick, ref_batches, ref_meta_path,
+                                        log, trainer_overrides))
+
+    report = build_report(af, results, budget)
+    out = root / "ablation"
+    write_json_atomic(out / "report.json", report)
+    (out / "report.md").write_text(markdown(report))
+    png = plot_curves(results, out / "report.png")
+    log("\n" + markdown(report) + (f"\ncurves: {png}" if png else ""))
+    return report
+
+
+def _settings_key(v: VariantSpec, seed: int, common: list[str], budget: float, st: AblationSettings) -> dict:
+    return {"changes": v.changes, "seed": seed, "common": common, "budget": round(budget),
+            "eval_blocks": st.eval_blocks, "eval_seed": st.eval_seed, "evals": st.evals, "task": st.task,
+            "task_overrides": st.task_overrides}
+
+
+def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str], root: Path, budget: float,
+                 yardstick: Yardstick, ref_batches: list, ref_meta_path: Path, log,
+                 trainer_overrides: dict[str, Any]) -> dict[str, Any]:
+    from data_prep.prepare import prepare_data
+
+    from .train import fit
+
+    st = af.ablation
+    vdir = variant_dir(root, v.name, seed)
+    key = _settings_key(v, seed, common, budget, st)
+    done = vdir / "result.json"
+    if done.is_file():
+        try:
+            result = json.loads(done.read_text())
+        except ValueError:
+            result = {}
+        if result.get("settings") == key:
+            log(f"ablation: {v.name} seed {seed}: finished earlier, skipped ({done})")
+            return result
+        log(f"ablation: {v.name} seed {seed}: {done} has other settings; running again")
+
+    # 2) the variant's config, its shards (shared), and its steps for the budget
+    own = common + _changes(v) + [f"--run_dir={vdir}", f"--seed={seed}"]
+    cfg0 = load_config(af.base, own)
+    _link(root / "tokenizer", vdir / "tokenizer")
+    _link(root / "data", vdir / "data")
+    meta_path = prepare_data(cfg0, log=log)
+    per_step = tokens_per_step(cfg0, meta_path)
+    steps = max(1, round(budget / per_step))
+    warmup = cfg0.optim.warmup_steps if "optim.warmup_steps" in v.changes else \
+        round(cfg0.optim.warmup_steps * steps / cfg0.trainer.max_steps)  # the same share of the steps
+    every = max(1, math.ceil(steps / st.evals))
+    cfg = load_config(af.base, own + [f"--trainer.max_steps={steps}", f"--optim.warmup_steps={warmup}",
+                                      f"--trainer.val_check_interval={every}", f"--checkpoint.every_n_steps={every}",
+                                      f"--checkpoint.keep_last={st.evals + 1}"])
+    log(f"ablation: {v.name} seed {seed}: {v.what or 'the base'}; {steps} steps x {per_step:,.0f} tokens, "
+        f"warmup {warmup}")
+
+    # 3) train (resuming when interrupted before), timing this process's share
+    t0 = time.perf_counter()
+    fit(cfg, meta_path, resume=None, **trainer_overrides)
+    wall = time.perf_counter() - t0
+
+    # 4) the yardstick at every kept checkpoint
+    ref_meta = read_meta(ref_meta_path)
+    curve = []
+    ckpts = sorted((vdir / "checkpoints").glob("step-*.ckpt"))
+    for ckpt in ckpts:
+        model, info = load_model(ckpt)
+        check_compatible(ref_meta, info["meta"], str(ckpt))
+        score = yardstick.score(model, ref_batches)
+        curve.append({"step": info["step"], "tokens": round(info["step"] * per_step), **score})
+    final = max(curve, key=lambda c: c["step"]) if curve else None
+    if final is None or final["step"] != steps:
+        model, info = load_model(vdir / "checkpoints" / "last.ckpt")
+        final = {"step": info["step"], "tokens": round(info["step"] * per_step), **yardstick.score(model, ref_batches)}
+        curve.append(final)
+    downstream = _downstream(cfg, st, seed, log) if st.task else None
+    result = {"variant": v.name, "seed": seed, "what": v.what, "changes": v.changes, "steps": steps,
+              "warmup": warmup, "tokens": round(steps * per_step), "wall_s": round(wall, 1),
+              "epochs": steps * per_step / max(1, read_meta(meta_path)["splits"]["train"]["num_tokens"]),
+              "heldout": {k: final[k] for k in ("loss", "ppl", "accuracy", "tokens", "blocks")},
+              "curve": sorted(curve, key=lambda c: c["step"]), "downstream": downstream, "settings": key}
+    write_json_atomic(done, result)
+    log(f"ablation: {v.name} seed {seed}: held-out loss {final['loss']:.4f} nats (ppl {final['ppl']:.2f}) "
+        f"in {wall:.0f} s")
+    return result
+
+
+def _downstream(cfg: ExperimentConfig, st: AblationSettings, seed: int, log) -> dict[str, Any]:
+    from .export import export
+    from .finetune import finetune, load_task
+
+    export(cfg, log=lambda *_: None)
+    tf = load_task(st.task, [*st.task_overrides, "--finetune.seeds=1", f"--finetune.seed={seed}",
+                             "--finetune.from_scratch=false", "--finetune.model=null"])
+    report = finetune(cfg, tf, log=lambda *_: None)
+    metric = tf.task.metrics[0]
+    value = report["variants"]["pretrained"]["summary"][metric]["median"]
+    log(f"ablation: downstream {tf.task.name} {metric} {value:.4f}")
+    return {"task": tf.task.name, "metric": metric, "value": value}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float | None]:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def verdict(delta: float, spread: float | None, paper: Direction, similar_nats: float) -> tuple[str, str]:
+    """(significance, agreement) of a variant's difference from the baseline (positive: higher loss, worse).
+
+    With a spread (2+ seeds): a difference no larger than the spread is not significant ("n.s."). Without one:
+    below `similar_nats` counts as similar, otherwise the sign decides. Agreement compares with the paper's
+    direction: worse needs a significant increase, better a significant decrease, similar a non-significant one.
+    """
+    if spread is not None:
+        significant = abs(delta) > spread
+        sig = "yes" if significant else "n.s."
+    else:
+        significant = abs(delta) >= similar_nats
+        sig = "1 seed" if significant else f"< {similar_nats:g} (1 seed)"
+    if paper == "baseline":
+        return "", ""
+    observed = "similar" if not significant else ("worse" if delta > 0 else "better")
+    return sig, "yes" if observed == paper else "no"
+
+
+def build_report(af: AblationFile, results: list[dict[str, Any]], budget: float) -> dict[str, Any]:
+    st = af.ablation
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_name.setdefault(r["variant"], []).append(r)
+    base_mean, base_spread = _mean_spread([r["heldout"]["loss"] for r in by_name[st.baseline]])
+    rows = []
+    for v in af.variants:
+        runs = by_name.get(v.name, [])
+        if not runs:
+            continue
+        mean, spread = _mean_spread([r["heldout"]["loss"] for r in runs])
+        delta = mean - base_mean
+        both = [s for s in (spread, base_spread) if s is not None]
+        sig, agrees = verdict(delta, max(both) if both else None, "baseline" if v.name == st.baseline else v.paper,
+                              st.similar_nats)
+        downstream = [r["downstream"]["value"] for r in runs if r.get("downstream")]
+        rows.append({
+            "variant": v.name, "what": v.what, "paper": v.paper, "paper_note": v.paper_note,
+            "seeds": [r["seed"] for r in runs], "steps": runs[0]["steps"],
+            "tokens": float(np.mean([r["tokens"] for r in runs])),
+            "wall_s": float(np.mean([r["wall_s"] for r in runs])),
+            "epochs": float(np.mean([r.get("epochs", 0.0) for r in runs])),
+            "loss": mean, "loss_spread": spread, "ppl": math.exp(mean), "delta": delta,
+            "significant": sig, "agrees": agrees,
+            "downstream": float(np.median(downstream)) if downstream else None,
+            "downstream_metric": runs[0]["downstream"]["metric"] if downstream else None,
+            "losses": [r["heldout"]["loss"] for r in runs],
+        })
+    return {"base": af.base, "overrides": af.overrides, "baseline": st.baseline, "seeds": st.seeds,
+            "budget_tokens": round(budget), "eval_blocks": st.eval_blocks, "eval_seed": st.eval_seed,
+            "yardstick_tokens": results[0]["heldout"]["tokens"] if results else 0,
+            "settings": dataclasses.asdict(st), "rows": rows}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    seeds = report["seeds"]
+    spread_note = ("mean over seeds +- sample std; a difference no larger than the larger spread is n.s."
+                   if seeds > 1 else f"one seed: no spread; |delta| < {report['settings']['similar_nats']:g} nats "
+                   "counts as similar")
+    lines = [
+        f"Recipe ablation: {len(report['rows'])} variants, {seeds} seed(s), {report['budget_tokens']:,} tokens "
+        f"each; held-out MLM loss (nats) on the same {report['eval_blocks']} FULL-SENTENCES blocks with the same "
+        f"masks ({report['yardstick_tokens']:,} masked tokens); {spread_note}. Baseline: {report['baseline']}.",
+        "",
+    ]
+    has_down = any(r["downstream"] is not None for r in report["rows"])
+    head = ["variant", "what changed", "tokens", "epochs", "steps", "wall (s)", "held-out loss", "ppl", "delta vs baseline",
+            "significant"] + ([f"downstream ({report['rows'][0]['downstream_metric']})"] if has_down else []) + [
+            "paper's direction", "agrees"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        loss = f"{r['loss']:.4f}" + (f" +- {r['loss_spread']:.4f}" if r["loss_spread"] is not None else "")
+        delta = "" if r["paper"] == "baseline" else f"{r['delta']:+.4f}"
+        paper = "baseline" if r["paper"] == "baseline" else f"{r['paper']} ({r['paper_note']})" if r["paper_note"] \
+            else r["paper"]
+        cells = [r["variant"], r["what"], f"{r['tokens'] / 1e6:.2f}M", f"{r['epochs']:.2f}", str(r["steps"]), f"{r['wall_s']:.0f}", loss,
+                 f"{r['ppl']:.2f}", delta, r["significant"]]
+        if has_down:
+            cells.append(f"{100 * r['downstream']:.2f}" if r["downstream"] is not None else "")
+        cells += [paper, r["agrees"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: list[dict[str, Any]], out_png: Path) -> Path | None:
+    """Held-out (yardstick) loss against tokens processed, one line per variant (seed mean)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_name.setdefault(r["variant"], []).append(r)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, runs in by_name.items():
+        points: dict[int, list[tuple[float, float]]] = {}
+        for r in runs:
+            for c in r["curve"]:
+                points.setdefault(c["step"], []).append((c["tokens"], c["loss"]))
+        steps = sorted(points)
+        ax.plot([np.mean([t for t, _ in points[s]]) / 1e6 for s in steps],
+                [np.mean([loss for _, loss in points[s]]) for s in steps], marker="o", label=name)
+    ax.set_xlabel("tokens processed (millions)")
+    ax.set_ylabel("held-out MLM loss (nats), fixed blocks and masks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
