@@ -8,10 +8,11 @@ run_dir/ablation/NAME/seed-K/, and all of them
 
 - share one tokenizer and one shard directory (symlinked to the base run_dir's; `data_seed` is fixed, so the
   seeds differ only in initialisation, data order and masks),
-- process the same number of tokens: the base's max_steps x global batch x mean tokens per block of its shards;
-  a variant's max_steps is that budget over its own global batch and mean block length (DOC-SENTENCES and the
-  pair formats have shorter blocks, so they take more steps, as the paper keeps tokens per batch equal), and its
-  warmup keeps the same share of the steps unless the variant sets optim.warmup_steps itself,
+- process the same number of tokens: the base's max_steps x global batch x mean tokens per block of its shards.
+  A variant that sets batch.global_size (Table 3) keeps its batch and gets max_steps = budget / its tokens per
+  step; any other gets the global batch whose tokens per step match the base's (SENTENCE-PAIR's short blocks
+  get a larger batch, as in the paper's section 4.2), so the input format does not change the number of
+  optimizer steps. Warmup keeps the same share of the steps unless the variant sets optim.warmup_steps itself,
 - are scored on one yardstick (pretrain/evaluate.py): the same held-out FULL-SENTENCES blocks with the same
   fixed masks, at every checkpoint (curves) and at the end (the table).
 
@@ -162,6 +163,20 @@ def tokens_per_step(cfg: ExperimentConfig, meta_path: Path) -> float:
 # Running
 
 
+def equal_tokens_batch(cfg: ExperimentConfig, meta_path: Path, ref_per_step: float, v: VariantSpec) -> int:
+    """The variant's global batch: its own when it sets batch.global_size (Table 3 trades batch for steps);
+    otherwise the batch, in whole micro-batches on every device, whose tokens per step are closest to the
+    reference's, as the paper raises the batch for SENTENCE-PAIR's short inputs (section 4.2): the input format
+    then changes the blocks, not the number of optimizer steps."""
+    if "batch.global_size" in v.changes:
+        return cfg.batch.global_size
+    from .train import world_size
+
+    unit = cfg.batch.micro_size * world_size(cfg)
+    per_sequence = tokens_per_step(cfg, meta_path) / cfg.batch.global_size
+    return max(unit, round(ref_per_step / per_sequence / unit) * unit)
+
+
 def _link(target: Path, link: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
@@ -234,22 +249,18 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
     vdir = variant_dir(root, v.name, seed)
     key = _settings_key(v, seed, common, budget, st)
     done = vdir / "result.json"
-    if done.is_file():
-        try:
-            result = json.loads(done.read_text())
-        except ValueError:
-            result = {}
-        if result.get("settings") == key:
-            log(f"ablation: {v.name} seed {seed}: finished earlier, skipped ({done})")
-            return result
-        log(f"ablation: {v.name} seed {seed}: {done} has other settings; running again")
 
-    # 2) the variant's config, its shards (shared), and its steps for the budget
+    # 2) the variant's config, its shards (shared), its batch and its steps for the budget
     own = common + _changes(v) + [f"--run_dir={vdir}", f"--seed={seed}"]
     cfg0 = load_config(af.base, own)
     _link(root / "tokenizer", vdir / "tokenizer")
     _link(root / "data", vdir / "data")
     meta_path = prepare_data(cfg0, log=log)
+    batch = equal_tokens_batch(cfg0, meta_path, budget / cfg0.trainer.max_steps, v)
+    if batch != cfg0.batch.global_size:
+        own = own + [f"--batch.global_size={batch}"]
+        key = {**key, "global_size": batch}  # a deviation from the variant's own config is part of its identity
+        cfg0 = load_config(af.base, own)
     per_step = tokens_per_step(cfg0, meta_path)
     steps = max(1, round(budget / per_step))
     warmup = cfg0.optim.warmup_steps if "optim.warmup_steps" in v.changes else \
@@ -258,8 +269,18 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
     cfg = load_config(af.base, own + [f"--trainer.max_steps={steps}", f"--optim.warmup_steps={warmup}",
                                       f"--trainer.val_check_interval={every}", f"--checkpoint.every_n_steps={every}",
                                       f"--checkpoint.keep_last={st.evals + 1}"])
-    log(f"ablation: {v.name} seed {seed}: {v.what or 'the base'}; {steps} steps x {per_step:,.0f} tokens, "
-        f"warmup {warmup}")
+    if done.is_file():
+        try:
+            result = json.loads(done.read_text())
+        except ValueError:
+            result = {}
+        if result.get("settings") == key:
+            log(f"ablation: {v.name} seed {seed}: finished earlier, skipped ({done})")
+            result.setdefault("global_size", cfg.batch.global_size)  # results written before it was recorded
+            return result
+        log(f"ablation: {v.name} seed {seed}: {done} has other settings; running again")
+    log(f"ablation: {v.name} seed {seed}: {v.what or 'the base'}; {steps} steps x {cfg.batch.global_size} "
+        f"sequences x {per_step / cfg.batch.global_size:,.1f} tokens, warmup {warmup}")
 
     # 3) train (resuming when interrupted before), timing this process's share
     t0 = time.perf_counter()
@@ -282,6 +303,7 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
         curve.append(final)
     downstream = _downstream(cfg, st, seed, log) if st.task else None
     result = {"variant": v.name, "seed": seed, "what": v.what, "changes": v.changes, "steps": steps,
+              "global_size": cfg.batch.global_size,
               "warmup": warmup, "tokens": round(steps * per_step), "wall_s": round(wall, 1),
               "epochs": steps * per_step / max(1, read_meta(meta_path)["splits"]["train"]["num_tokens"]),
               "heldout": {k: final[k] for k in ("loss", "ppl", "accuracy", "tokens", "blocks")},
@@ -353,7 +375,7 @@ def build_report(af: AblationFile, results: list[dict[str, Any]], budget: float)
         downstream = [r["downstream"]["value"] for r in runs if r.get("downstream")]
         rows.append({
             "variant": v.name, "what": v.what, "paper": v.paper, "paper_note": v.paper_note,
-            "seeds": [r["seed"] for r in runs], "steps": runs[0]["steps"],
+            "seeds": [r["seed"] for r in runs], "steps": runs[0]["steps"], "global_size": runs[0]["global_size"],
             "tokens": float(np.mean([r["tokens"] for r in runs])),
             "wall_s": float(np.mean([r["wall_s"] for r in runs])),
             "epochs": float(np.mean([r.get("epochs", 0.0) for r in runs])),
@@ -381,7 +403,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     has_down = any(r["downstream"] is not None for r in report["rows"])
-    head = ["variant", "what changed", "tokens", "epochs", "steps", "wall (s)", "held-out loss", "ppl", "delta vs baseline",
+    head = ["variant", "what changed", "tokens", "epochs", "batch", "steps", "wall (s)", "held-out loss", "ppl", "delta vs baseline",
             "significant"] + ([f"downstream ({report['rows'][0]['downstream_metric']})"] if has_down else []) + [
             "paper's direction", "agrees"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -390,7 +412,7 @@ def markdown(report: dict[str, Any]) -> str:
         delta = "" if r["paper"] == "baseline" else f"{r['delta']:+.4f}"
         paper = "baseline" if r["paper"] == "baseline" else f"{r['paper']} ({r['paper_note']})" if r["paper_note"] \
             else r["paper"]
-        cells = [r["variant"], r["what"], f"{r['tokens'] / 1e6:.2f}M", f"{r['epochs']:.2f}", str(r["steps"]), f"{r['wall_s']:.0f}", loss,
+        cells = [r["variant"], r["what"], f"{r['tokens'] / 1e6:.2f}M", f"{r['epochs']:.2f}", str(r["global_size"]), str(r["steps"]), f"{r['wall_s']:.0f}", loss,
                  f"{r['ppl']:.2f}", delta, r["significant"]]
         if has_down:
             cells.append(f"{100 * r['downstream']:.2f}" if r["downstream"] is not None else "")

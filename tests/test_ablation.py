@@ -26,7 +26,7 @@ BASE = {
     "data": {"seq_len": 32, "num_proc": 1},
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
     "optim": {"peak_lr": 3e-3, "warmup_steps": 2},
-    "batch": {"global_size": 8, "micro_size": 8, "num_workers": 0},
+    "batch": {"global_size": 8, "micro_size": 2, "num_workers": 0},
     "trainer": {"max_steps": 8, "accelerator": "cpu", "devices": 1, "limit_val_batches": 1,
                 "log_every_n_steps": 2},
     "checkpoint": {"keep_last": 3},
@@ -66,10 +66,16 @@ def test_every_variant_runs_at_equal_tokens_on_shared_shards(finished) -> None:
     for r in rows.values():  # within one step's worth of tokens
         assert abs(r["tokens"] - budget) <= r["tokens"] / r["steps"] / 2 + 1, r
     assert rows["batch-small"]["steps"] == 2 * rows["roberta"]["steps"] == 16, "half the batch, twice the steps"
-    # steps = budget / (global batch x the mean tokens per block of the variant's own shards)
+    # a format with other block lengths gets the batch (whole micro-batches of 2) that matches the base's tokens
+    # per step, and then steps = budget / (that batch x the mean tokens per block of its own shards). Here the
+    # pairs are the longer blocks: FULL-SENTENCES at 32 tokens leaves room unused when a sentence does not fit.
     metas = {json.loads(m.read_text())["packing"]: json.loads(m.read_text()) for m in (d / "run" / "data").glob("*/meta.json")}
-    pair = metas["segment_pair"]["splits"]["train"]
-    assert rows["segment-pair-nsp"]["steps"] == round(budget / (8 * pair["num_tokens"] / pair["num_blocks"]))
+    mean = {k: m["splits"]["train"]["num_tokens"] / m["splits"]["train"]["num_blocks"] for k, m in metas.items()}
+    batch = round(8 * mean["full_sentences"] / mean["segment_pair"] / 2) * 2
+    assert batch != 8 and rows["segment-pair-nsp"]["global_size"] == batch
+    assert rows["segment-pair-nsp"]["steps"] == round(budget / (batch * mean["segment_pair"]))
+    assert rows["roberta"]["global_size"] == rows["static-masking"]["global_size"] == 8
+    assert rows["batch-small"]["global_size"] == 4
     # one tokenizer and one shard directory for all, reached through links
     root = d / "run"
     for name in rows:
@@ -112,7 +118,7 @@ def test_a_rerun_skips_finished_variants(finished, monkeypatch: pytest.MonkeyPat
 
 
 def _result(name: str, seed: int, loss: float) -> dict:
-    return {"variant": name, "seed": seed, "steps": 10, "tokens": 1000, "wall_s": 1.0, "epochs": 0.5,
+    return {"variant": name, "seed": seed, "steps": 10, "global_size": 8, "tokens": 1000, "wall_s": 1.0, "epochs": 0.5,
             "heldout": {"loss": loss, "tokens": 100}, "curve": [], "downstream": None}
 
 
