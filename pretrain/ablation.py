@@ -177,6 +177,19 @@ def equal_tokens_batch(cfg: ExperimentConfig, meta_path: Path, ref_per_step: flo
     return max(unit, round(ref_per_step / per_sequence / unit) * unit)
 
 
+def _set_aside(vdir: Path) -> Path:
+    """Move a variant-seed's outputs of other settings (checkpoints, logs, result) to vdir/stale-N/."""
+    n = 0
+    while (vdir / f"stale-{n}").exists():
+        n += 1
+    stale = vdir / f"stale-{n}"
+    stale.mkdir()
+    for name in ("checkpoints", "logs", "hf", "finetune", "result.json"):
+        if (vdir / name).exists():
+            (vdir / name).rename(stale / name)
+    return stale
+
+
 def _link(target: Path, link: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
@@ -278,11 +291,17 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
             log(f"ablation: {v.name} seed {seed}: finished earlier, skipped ({done})")
             result.setdefault("global_size", cfg.batch.global_size)  # results written before it was recorded
             return result
-        log(f"ablation: {v.name} seed {seed}: {done} has other settings; running again")
+    # checkpoints of other settings (a finished or interrupted run) must not be resumed: set aside, not deleted
+    started = vdir / "settings.json"
+    recorded = json.loads(started.read_text()) if started.is_file() else None
+    if (recorded is not None and recorded != key) or (recorded is None and (vdir / "checkpoints").is_dir()):
+        stale = _set_aside(vdir)
+        log(f"ablation: {v.name} seed {seed}: the run there had other settings; moved it to {stale}, running again")
+    write_json_atomic(started, key)
     log(f"ablation: {v.name} seed {seed}: {v.what or 'the base'}; {steps} steps x {cfg.batch.global_size} "
         f"sequences x {per_step / cfg.batch.global_size:,.1f} tokens, warmup {warmup}")
 
-    # 3) train (resuming when interrupted before), timing this process's share
+    # 3) train (resuming when interrupted before with the same settings), timing this process's share
     t0 = time.perf_counter()
     fit(cfg, meta_path, resume=None, **trainer_overrides)
     wall = time.perf_counter() - t0

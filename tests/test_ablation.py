@@ -165,3 +165,19 @@ def test_shipped_ablation_files_parse(repo_root: Path, monkeypatch: pytest.Monke
         af, _ = load_ablation(path)
         assert af.ablation.baseline in [v.name for v in af.variants]
     assert ablation  # the module is importable without running anything
+
+
+def test_a_run_of_other_settings_is_set_aside_not_resumed(tmp_path: Path) -> None:
+    path = write_ablation(tmp_path, variants=VARIANTS[:1])
+    quiet = {"log": lambda *_: None, "enable_progress_bar": False, "enable_model_summary": False}
+    first = run_ablation(path, **quiet)
+    assert first["rows"][0]["steps"] == 8
+    lines: list[str] = []
+    again = run_ablation(path, ["--trainer.max_steps=4"], **{**quiet, "log": lines.append})
+    vdir = tmp_path / "run" / "ablation" / "roberta" / "seed-0"
+    assert again["rows"][0]["steps"] == 4 and any("moved it to" in line for line in lines)
+    # trained again from step 0, not "resumed" from the old run's step 8
+    assert sorted(p.name for p in (vdir / "checkpoints").glob("step-*.ckpt")) == [
+        "step-0000002.ckpt", "step-0000004.ckpt"]
+    assert json.loads((vdir / "result.json").read_text())["curve"][-1]["step"] == 4
+    assert json.loads((vdir / "stale-0" / "result.json").read_text())["steps"] == 8
