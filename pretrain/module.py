@@ -74,6 +74,7 @@ class MLMModule(pl.LightningModule):
             init_from_hf(self.model, self.cfg)
         self.mask_id = meta["special_ids"]["mask"]
         self._tokens_since = 0
+        self._step_sums: dict[str, torch.Tensor] = {}  # name -> (numerator, denominator) over the step's micro-batches
         self._t_last: float | None = None
         self._restored_rng: dict[str, Any] | None = None
 
@@ -135,30 +136,40 @@ class MLMModule(pl.LightningModule):
                 f"loss is {out['loss'].item()} at step {self.global_step}: stopping; the last good checkpoint "
                 "is kept (lower optim.peak_lr, raise optim.warmup_steps or set optim.grad_clip)"
             )
-        n = out["n_masked"]
         self._tokens_since += int(batch["attention_mask"].sum())
-        log = {"train/loss": out["mlm_loss"], "train/loss_bits": out["mlm_loss"] / math.log(2),
-               "train/mlm_acc": out["mlm_acc"],
-               # BERT's length schedule shows as a step in this curve (data.short_seq_len)
-               "train/seq_len": float(seq_len_at(self.cfg, self.global_step))}
-        if "nsp_loss" in out:
-            log.update({"train/nsp_loss": out["nsp_loss"], "train/nsp_acc": out["nsp_acc"]})
-        log.update(self._mask_stats(batch))
-        self.log_dict(log, prog_bar=False, batch_size=n)
-        self.log("loss", out["mlm_loss"], prog_bar=True, logger=False, batch_size=n)
+        self._add_step_sums(batch, out)
         return out["loss"]
 
     @torch.no_grad()
-    def _mask_stats(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The realised mask rate and 80/10/10 split, so a misconfigured collator shows in the logs."""
+    def _add_step_sums(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+        """Adds this micro-batch's numerators and denominators to the optimizer step's, so the logged training
+        metrics cover every micro-batch of an accumulated step (token-weighted), not only the last one."""
+        n, b = out["n_masked"], batch["input_ids"].shape[0]
         pos, targets = batch["masked_positions"], batch["masked_targets"]
         seen = batch["input_ids"].flatten()[pos]
-        n = max(1, targets.numel())
-        real = batch["attention_mask"].sum() - 2 * batch["input_ids"].shape[0]  # <s> and </s> of each row
-        as_mask = (seen == self.mask_id).sum()
-        kept = (seen == targets).sum()
-        return {"mask/rate": targets.numel() / real.clamp(min=1), "mask/mask": as_mask / n,
-                "mask/random": (n - as_mask - kept) / n, "mask/kept": kept / n}
+        as_mask, kept = (seen == self.mask_id).sum(), (seen == targets).sum()
+        real = batch["attention_mask"].sum() - 2 * b  # <s> and </s> of each row
+        sums = {"train/loss": (out["mlm_loss"] * n, n), "train/mlm_acc": (out["mlm_acc"] * n, n),
+                # the realised mask rate and 80/10/10 split, so a misconfigured collator shows in the logs
+                "mask/rate": (n, real), "mask/mask": (as_mask, n), "mask/random": (n - as_mask - kept, n),
+                "mask/kept": (kept, n)}
+        if "nsp_loss" in out:
+            sums.update({"train/nsp_loss": (out["nsp_loss"] * b, b), "train/nsp_acc": (out["nsp_acc"] * b, b)})
+        for name, (num, den) in sums.items():  # tensors on the device: no host sync per micro-batch
+            pair = torch.stack([torch.as_tensor(num, dtype=torch.float64, device=self.device),
+                                torch.as_tensor(den, dtype=torch.float64, device=self.device)])
+            self._step_sums[name] = self._step_sums[name] + pair if name in self._step_sums else pair
+
+    def _log_step_means(self) -> None:
+        sums, self._step_sums = self._step_sums, {}
+        log = {name: (pair[0] / pair[1].clamp(min=1.0)).float() for name, pair in sums.items()}
+        if "train/loss" not in log:
+            return
+        log["train/loss_bits"] = log["train/loss"] / math.log(2)
+        # BERT's length schedule shows as a step in this curve (data.short_seq_len); the step just taken
+        log["train/seq_len"] = float(seq_len_at(self.cfg, self.global_step - 1))
+        self.log_dict(log, prog_bar=False)
+        self.log("loss", log["train/loss"], prog_bar=True, logger=False)
 
     def on_validation_epoch_start(self) -> None:
         # sums, not means: reduced over ranks at the end, so the result is the exact token-weighted mean over the
@@ -210,6 +221,7 @@ class MLMModule(pl.LightningModule):
         # tokens/s over optimizer steps (all micro-batches of a step), times the ranks
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
             return
+        self._log_step_means()
         now = time.perf_counter()
         if self._t_last is not None and now > self._t_last:
             self.log("train/tokens_per_s", self._tokens_since * self.trainer.world_size / (now - self._t_last))

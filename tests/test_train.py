@@ -190,3 +190,20 @@ def test_the_final_step_is_checkpointed_off_the_interval(shards, corpus_file: Pa
     longer = fit(config(run, corpus_file, "--trainer.max_steps=9"), meta, resume=True, **QUIET)
     assert longer.global_step == 9
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+
+
+def test_logged_training_metrics_cover_every_micro_batch_of_a_step(shards, corpus_file: Path,
+                                                                   tmp_path: Path) -> None:
+    """One step of 8 sequences logs the same loss whether it runs as one micro-batch or as two of 4."""
+    _, meta = shards
+    logged = {}
+    for micro in (8, 4):
+        run = tmp_path / f"micro{micro}"
+        cfg = config(run, corpus_file, f"--batch.micro_size={micro}", "--model.dropout=0",
+                     "--model.attention_dropout=0", "--trainer.max_steps=1")
+        fit(cfg, meta, resume=False, **QUIET)
+        with open(run / "logs" / "metrics.csv") as f:
+            logged[micro] = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(logged[8]) == len(logged[4]) == 1
+    for key in ("train/loss", "train/mlm_acc", "mask/rate", "mask/mask", "mask/random", "mask/kept"):
+        assert float(logged[4][0][key]) == pytest.approx(float(logged[8][0][key]), abs=1e-5), key
