@@ -24,7 +24,8 @@ class ConfigError(ValueError):
     """A problem with the user's config: the message names the key or file and the fix, on one line."""
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best at the call sites
+def option(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best at the call sites
+    """A dataclass field with its documentation (`python -m pretrain describe`, the README tables)."""
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -35,16 +36,16 @@ Packing = Literal["full_sentences", "doc_sentences", "segment_pair", "sentence_p
 
 @dataclass
 class CorpusConfig:
-    train: list[str] = _f(
+    train: list[str] = option(
         ["builtin:python-docs"],
         "Training text: files, globs, directories (.txt, .jsonl, .parquet, optionally .gz), "
         "hf:NAME[/CONFIG][:SPLIT] for a `datasets` dataset (a local save_to_disk directory works too), "
         "or builtin:python-docs, the embedded default corpus.",
     )
-    valid: list[str] = _f([], "Validation text, same forms as train; empty: a seeded document-level split of train.")
-    valid_fraction: float = _f(0.005, "Share of train documents held out for validation when `valid` is empty.")
-    text_field: str = _f("text", "The text column of .jsonl, .parquet and `datasets` sources.")
-    max_line_bytes: int = _f(
+    valid: list[str] = option([], "Validation text, same forms as train; empty: a seeded document-level split of train.")
+    valid_fraction: float = option(0.005, "Share of train documents held out for validation when `valid` is empty.")
+    text_field: str = option("text", "The text column of .jsonl, .parquet and `datasets` sources.")
+    max_line_bytes: int = option(
         1_000_000, "Longer lines are cut into pieces of at most this many bytes, so memory stays bounded."
     )
 
@@ -59,9 +60,9 @@ class CorpusConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = _f(50265, "Vocabulary size including the 5 special tokens (RoBERTa: 50265).")
-    min_frequency: int = _f(2, "A merge must occur at least this often in the training text.")
-    extend_from: str | None = _f(
+    vocab_size: int = option(50265, "Vocabulary size including the 5 special tokens (RoBERTa: 50265).")
+    min_frequency: int = option(2, "A merge must occur at least this often in the training text.")
+    extend_from: str | None = option(
         None,
         "With model.init_from: a tokenizer directory (e.g. one trained on the domain corpus) whose new tokens are "
         "appended to init_from's vocabulary; old ids are kept, each new embedding row starts as the mean of its "
@@ -78,21 +79,21 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    seq_len: int = _f(512, "Tokens per block, <s> and </s> included (RoBERTa: 512).")
-    packing: Packing = _f(
+    seq_len: int = option(512, "Tokens per block, <s> and </s> included (RoBERTa: 512).")
+    packing: Packing = option(
         "full_sentences",
         "full_sentences (RoBERTa) | doc_sentences | segment_pair (BERT, NSP) | sentence_pair (NSP).",
     )
-    num_proc: int = _f(0, "Worker processes for tokenizing; 0: all cores.")
-    shard_index: int = _f(0, "Which slice of the corpus this run prepares: documents i with i % num_shards == "
+    num_proc: int = option(0, "Worker processes for tokenizing; 0: all cores.")
+    shard_index: int = option(0, "Which slice of the corpus this run prepares: documents i with i % num_shards == "
                           "shard_index (one machine per slice; the slices are read together, unmerged).")
-    num_shards: int = _f(1, "Slices the corpus is prepared in, e.g. one per machine; 1: all at once.")
-    short_seq_len: int = _f(
+    num_shards: int = option(1, "Slices the corpus is prepared in, e.g. one per machine; 1: all at once.")
+    short_seq_len: int = option(
         0,
         "BERT's length schedule: the first short_fraction of trainer.max_steps train on blocks of this many "
         "tokens (BERT: 128), the rest on seq_len blocks, from shards prepared at both lengths; 0: off (RoBERTa).",
     )
-    short_fraction: float = _f(
+    short_fraction: float = option(
         0.9, "Share of trainer.max_steps trained at short_seq_len when it is set (BERT: 0.9, then 10% at 512)."
     )
 
@@ -116,13 +117,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    hidden_size: int = _f(768, "Width of the encoder (base: 768, large: 1024).")
-    num_layers: int = _f(12, "Transformer layers (base: 12, large: 24).")
-    num_heads: int = _f(12, "Attention heads; must divide hidden_size.")
-    intermediate_size: int = _f(3072, "Feed-forward width (4x hidden in the paper).")
-    dropout: float = _f(0.1, "Dropout on embeddings, attention output and feed-forward output.")
-    attention_dropout: float = _f(0.1, "Dropout on attention probabilities.")
-    init_from: str | None = _f(
+    hidden_size: int = option(768, "Width of the encoder (base: 768, large: 1024).")
+    num_layers: int = option(12, "Transformer layers (base: 12, large: 24).")
+    num_heads: int = option(12, "Attention heads; must divide hidden_size.")
+    intermediate_size: int = option(3072, "Feed-forward width (4x hidden in the paper).")
+    dropout: float = option(0.1, "Dropout on embeddings, attention output and feed-forward output.")
+    attention_dropout: float = option(0.1, "Dropout on attention probabilities.")
+    init_from: str | None = option(
         None,
         "A Hugging Face RoBERTa directory to continue pretraining from: its weights and tokenizer replace the "
         "initialisation and the tokenizer step; its sizes must equal the ones above.",
@@ -140,11 +141,11 @@ class ModelConfig:
 
 @dataclass
 class MaskingConfig:
-    probability: float = _f(0.15, "Share of the non-special tokens of each sequence chosen for prediction.")
-    mask_fraction: float = _f(0.8, "Of the chosen tokens: replaced by <mask>.")
-    random_fraction: float = _f(0.1, "Of the chosen tokens: replaced by a random non-special token; the rest stay.")
-    dynamic: bool = _f(True, "True: a new mask every epoch (RoBERTa). False: BERT's static masking.")
-    static_copies: int = _f(10, "Static masking: fixed mask patterns per sequence, served in turn (BERT: 10).")
+    probability: float = option(0.15, "Share of the non-special tokens of each sequence chosen for prediction.")
+    mask_fraction: float = option(0.8, "Of the chosen tokens: replaced by <mask>.")
+    random_fraction: float = option(0.1, "Of the chosen tokens: replaced by a random non-special token; the rest stay.")
+    dynamic: bool = option(True, "True: a new mask every epoch (RoBERTa). False: BERT's static masking.")
+    static_copies: int = option(10, "Static masking: fixed mask patterns per sequence, served in turn (BERT: 10).")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.probability < 1.0:
@@ -160,12 +161,12 @@ class MaskingConfig:
 
 @dataclass
 class OptimConfig:
-    peak_lr: float = _f(6.0e-4, "Learning rate at the end of warmup (base: 6e-4, large: 4e-4).")
-    betas: list[float] = _f([0.9, 0.98], "Adam betas (RoBERTa: 0.9, 0.98; BERT: 0.9, 0.999).")
-    eps: float = _f(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).")
-    weight_decay: float = _f(0.01, "Decoupled weight decay, not applied to biases and LayerNorm.")
-    warmup_steps: int = _f(24000, "Linear warmup steps, then linear decay to zero at trainer.max_steps.")
-    grad_clip: float = _f(0.0, "Gradient-norm clipping; 0: off, as in the paper.")
+    peak_lr: float = option(6.0e-4, "Learning rate at the end of warmup (base: 6e-4, large: 4e-4).")
+    betas: list[float] = option([0.9, 0.98], "Adam betas (RoBERTa: 0.9, 0.98; BERT: 0.9, 0.999).")
+    eps: float = option(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).")
+    weight_decay: float = option(0.01, "Decoupled weight decay, not applied to biases and LayerNorm.")
+    warmup_steps: int = option(24000, "Linear warmup steps, then linear decay to zero at trainer.max_steps.")
+    grad_clip: float = option(0.0, "Gradient-norm clipping; 0: off, as in the paper.")
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -178,9 +179,9 @@ class OptimConfig:
 
 @dataclass
 class BatchConfig:
-    global_size: int = _f(8192, "Sequences per optimizer step, over all devices and accumulation (RoBERTa: 8K).")
-    micro_size: int = _f(32, "Sequences per forward pass per device; accumulation is derived.")
-    num_workers: int = _f(2, "DataLoader worker processes per device that mask and collate ahead of the step.")
+    global_size: int = option(8192, "Sequences per optimizer step, over all devices and accumulation (RoBERTa: 8K).")
+    micro_size: int = option(32, "Sequences per forward pass per device; accumulation is derived.")
+    num_workers: int = option(2, "DataLoader worker processes per device that mask and collate ahead of the step.")
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -195,16 +196,16 @@ class BatchConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = _f(500_000, "Optimizer steps; the learning rate reaches zero here.")
-    precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true.")
-    accelerator: str = _f("auto", "Lightning accelerator: auto, cpu, gpu.")
-    devices: int | str = _f("auto", "Devices per node: an int, or auto.")
-    num_nodes: int = _f(1, "Nodes (multi-node through torchrun or SLURM).")
-    strategy: str = _f("auto", "Lightning strategy: auto, ddp, fsdp, ...")
-    val_check_interval: int = _f(2000, "Validate every this many optimizer steps.")
-    limit_val_batches: int = _f(50, "Validation micro-batches per validation run; 0: all.")
-    log_every_n_steps: int = _f(10, "Log training metrics every this many optimizer steps.")
-    compile: bool = _f(False, "torch.compile the model.")
+    max_steps: int = option(500_000, "Optimizer steps; the learning rate reaches zero here.")
+    precision: str = option("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true.")
+    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu.")
+    devices: int | str = option("auto", "Devices per node: an int, or auto.")
+    num_nodes: int = option(1, "Nodes (multi-node through torchrun or SLURM).")
+    strategy: str = option("auto", "Lightning strategy: auto, ddp, fsdp, ...")
+    val_check_interval: int = option(2000, "Validate every this many optimizer steps.")
+    limit_val_batches: int = option(50, "Validation micro-batches per validation run; 0: all.")
+    log_every_n_steps: int = option(10, "Log training metrics every this many optimizer steps.")
+    compile: bool = option(False, "torch.compile the model.")
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -215,35 +216,35 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = _f(1000, "Save a checkpoint every this many optimizer steps (and at the end).")
-    keep_last: int = _f(3, "Keep this many newest step checkpoints.")
-    export_hf: bool = _f(False, "Also export a Hugging Face directory beside each checkpoint.")
+    every_n_steps: int = option(1000, "Save a checkpoint every this many optimizer steps (and at the end).")
+    keep_last: int = option(3, "Keep this many newest step checkpoints.")
+    export_hf: bool = option(False, "Also export a Hugging Face directory beside each checkpoint.")
 
 
 @dataclass
 class LoggerConfig:
-    wandb: dict[str, Any] | None = _f(
+    wandb: dict[str, Any] | None = option(
         None, "wandb.init arguments, e.g. {project: roberta, mode: offline}; null: no wandb. CSV is always written."
     )
 
 
 @dataclass
 class ExperimentConfig:
-    run_dir: str = _f("runs/tiny", "Everything this experiment writes goes under here.")
-    seed: int = _f(0, "Fixes data split and order, masking and initialisation.")
-    data_seed: int | None = _f(None, "Fixes only the corpus split, tokenizer and shards (pair sampling); null: seed. "
+    run_dir: str = option("runs/tiny", "Everything this experiment writes goes under here.")
+    seed: int = option(0, "Fixes data split and order, masking and initialisation.")
+    data_seed: int | None = option(None, "Fixes only the corpus split, tokenizer and shards (pair sampling); null: seed. "
                                      "Runs that differ in seed but share data_seed share tokenizer and shards "
                                      "(the ablation runner's seeds).")
-    corpus: CorpusConfig = _f(None, "Where the text comes from.")
-    tokenizer: TokenizerConfig = _f(None, "Byte-level BPE training.")
-    data: DataConfig = _f(None, "Tokenizing and packing into shards.")
-    model: ModelConfig = _f(None, "The RoBERTa encoder.")
-    masking: MaskingConfig = _f(None, "Dynamic (or static) MLM masking.")
-    optim: OptimConfig = _f(None, "AdamW and the learning-rate schedule.")
-    batch: BatchConfig = _f(None, "Global and micro batch sizes.")
-    trainer: TrainerConfig = _f(None, "Handed to pytorch_lightning.Trainer.")
-    checkpoint: CheckpointConfig = _f(None, "Checkpoint frequency and retention.")
-    logger: LoggerConfig = _f(None, "Metrics logging.")
+    corpus: CorpusConfig = option(None, "Where the text comes from.")
+    tokenizer: TokenizerConfig = option(None, "Byte-level BPE training.")
+    data: DataConfig = option(None, "Tokenizing and packing into shards.")
+    model: ModelConfig = option(None, "The RoBERTa encoder.")
+    masking: MaskingConfig = option(None, "Dynamic (or static) MLM masking.")
+    optim: OptimConfig = option(None, "AdamW and the learning-rate schedule.")
+    batch: BatchConfig = option(None, "Global and micro batch sizes.")
+    trainer: TrainerConfig = option(None, "Handed to pytorch_lightning.Trainer.")
+    checkpoint: CheckpointConfig = option(None, "Checkpoint frequency and retention.")
+    logger: LoggerConfig = option(None, "Metrics logging.")
 
     @property
     def prep_seed(self) -> int:
@@ -331,7 +332,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def from_mapping(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Builds a config dataclass from parsed YAML, checking every key and type (errors name `prefix` + key)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -347,7 +349,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         tp = hints[name]
         key = prefix + name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data.get(name) or {}, key + ".")
+            kwargs[name] = from_mapping(tp, data.get(name) or {}, key + ".")
         elif name in data:
             kwargs[name] = _coerce(key, data[name], tp)
     return cls(**kwargs)
@@ -397,14 +399,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])
     try:
-        return _build(ExperimentConfig, data, "")
+        return from_mapping(ExperimentConfig, data, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     """Rebuild a config saved with `to_dict` (checkpoints, logs)."""
-    return _build(ExperimentConfig, data, "")
+    return from_mapping(ExperimentConfig, data, "")
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -25,6 +25,7 @@ files and `meta-0000k-of-0000N.json`, and the last to finish writes `meta.json`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,6 +36,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from .config import ExperimentConfig
 from .corpus import Corpus, CorpusStats
@@ -86,12 +89,35 @@ def num_workers(num_proc: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@contextlib.contextmanager
+def run_dir_lock(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Holds `run_dir/.prepare.lock` while the tokenizer and shards are built or checked. Under torchrun every
+    rank runs `make pretrain`: the first prepares, the others wait here and then find the data up to date,
+    instead of writing the same files at once."""
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(cfg.run_path / ".prepare.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"data: waiting for another process preparing {cfg.run_path} (holds {lock.lock_file})")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def prepare_data(cfg: ExperimentConfig, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Build (or reuse) the experiment's shards; returns the path of their meta.json (of this slice's
-    `meta-k-of-N.json` while other slices are missing)."""
+    `meta-k-of-N.json` while other slices are missing). One process at a time per run_dir (`run_dir_lock`)."""
+    with run_dir_lock(cfg, log):
+        return _prepare_data(cfg, force, log)
+
+
+def _prepare_data(cfg: ExperimentConfig, force: bool, log: Callable[[str], None]) -> Path:
     # 0) BERT's short phase first: its shards are then complete whenever the long ones' meta.json exists
     if cfg.data.short_seq_len:
-        short_meta = prepare_data(short_config(cfg), force=force, log=log).parent / META
+        short_meta = _prepare_data(short_config(cfg), force, log).parent / META
     # 1) tokenizer and the content address
     tok_dir = tokenizer_dir(cfg)
     corpus = Corpus(cfg.corpus, cfg.prep_seed)

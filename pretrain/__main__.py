@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ablation":
         return _ablation(args, overrides)
 
-    from data_prep.prepare import prepare_data
+    from data_prep.prepare import prepare_data, run_dir_lock
     from data_prep.tokenizer import train_tokenizer
 
     from .export import ExportError, check_init_from, export
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if cfg.model.init_from:
             check_init_from(cfg)  # one clear line before any data work
-            train_tokenizer(cfg)  # init_from's tokenizer (extended), or "up to date"
+            with run_dir_lock(cfg):
+                train_tokenizer(cfg)  # init_from's tokenizer (extended), or "up to date"
         if args.command == "resume" and not any((cfg.run_path / "checkpoints").glob("*.ckpt")):
             raise NothingToResume(f"{cfg.run_path}/checkpoints/last.ckpt does not exist: nothing to resume "
                                   "(run `make pretrain`)")

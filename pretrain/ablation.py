@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from data_prep.config import ConfigError, ExperimentConfig, _build, _f, load_config
+from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, load_config, option
 from data_prep.shards import read_meta, short_phase, write_json_atomic
 
 from .evaluate import Yardstick, check_compatible, load_model
@@ -45,13 +45,13 @@ Direction = Literal["baseline", "better", "worse", "similar"]
 
 @dataclass
 class VariantSpec:
-    name: str = _f("", "Names the run directory, run_dir/ablation/NAME/seed-K (letters, digits, - and _).")
-    what: str = _f("", "What this variant changes, in words, for the report.")
-    changes: dict[str, Any] = _f({}, "Dotted keys of the experiment config and their values for this variant "
+    name: str = option("", "Names the run directory, run_dir/ablation/NAME/seed-K (letters, digits, - and _).")
+    what: str = option("", "What this variant changes, in words, for the report.")
+    changes: dict[str, Any] = option({}, "Dotted keys of the experiment config and their values for this variant "
                                      "({masking.dynamic: false}); empty: the base itself.")
-    paper: Direction = _f("similar", "The paper's result for this change, as the held-out loss compared with the "
+    paper: Direction = option("similar", "The paper's result for this change, as the held-out loss compared with the "
                                      "baseline: better (lower), worse (higher), similar; baseline for the baseline.")
-    paper_note: str = _f("", "The paper's numbers behind `paper` (table and values).")
+    paper_note: str = option("", "The paper's numbers behind `paper` (table and values).")
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -60,17 +60,17 @@ class VariantSpec:
 
 @dataclass
 class AblationSettings:
-    seeds: int = _f(1, "Seeds per variant (seed, seed+1, ...); with 2 or more the report gives mean and spread "
+    seeds: int = option(1, "Seeds per variant (seed, seed+1, ...); with 2 or more the report gives mean and spread "
                        "and marks differences smaller than the spread as not significant.")
-    baseline: str = _f("roberta", "The variant every other is compared with.")
-    eval_blocks: int = _f(512, "Held-out FULL-SENTENCES blocks of the yardstick (the first of the valid split).")
-    eval_seed: int = _f(12345, "Seed of the yardstick's fixed masks.")
-    evals: int = _f(4, "Checkpoints (and yardstick points on the curves) per run, evenly spaced.")
-    similar_nats: float = _f(0.02, "With one seed (no spread): a difference below this many nats counts as "
+    baseline: str = option("roberta", "The variant every other is compared with.")
+    eval_blocks: int = option(512, "Held-out FULL-SENTENCES blocks of the yardstick (the first of the valid split).")
+    eval_seed: int = option(12345, "Seed of the yardstick's fixed masks.")
+    evals: int = option(4, "Checkpoints (and yardstick points on the curves) per run, evenly spaced.")
+    similar_nats: float = option(0.02, "With one seed (no spread): a difference below this many nats counts as "
                                    "similar to the baseline.")
-    task: str | None = _f(None, "A task YAML (configs/tasks/NAME.yaml): each variant-seed is exported and "
+    task: str | None = option(None, "A task YAML (configs/tasks/NAME.yaml): each variant-seed is exported and "
                                 "fine-tuned on it (one seed), adding a downstream column; null: none.")
-    task_overrides: list[str] = _f([], "Overrides for the task file, e.g. ['--finetune.epochs=1'].")
+    task_overrides: list[str] = option([], "Overrides for the task file, e.g. ['--finetune.epochs=1'].")
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.eval_blocks < 1 or self.evals < 1:
@@ -79,11 +79,11 @@ class AblationSettings:
 
 @dataclass
 class AblationFile:
-    base: str = _f("", "The experiment YAML every variant starts from (relative to the working directory).")
-    overrides: dict[str, Any] = _f({}, "Dotted keys applied to the base for every variant: corpus, run_dir, "
+    base: str = option("", "The experiment YAML every variant starts from (relative to the working directory).")
+    overrides: dict[str, Any] = option({}, "Dotted keys applied to the base for every variant: corpus, run_dir, "
                                        "budget (trainer.max_steps with batch.global_size sets the token budget).")
-    ablation: AblationSettings = _f(None, "How the variants are run, scored and compared.")
-    variants: list[VariantSpec] = _f([], "The variants, one change (or one recipe) each.")
+    ablation: AblationSettings = option(None, "How the variants are run, scored and compared.")
+    variants: list[VariantSpec] = option([], "The variants, one change (or one recipe) each.")
 
 
 def _as_override(key: str, value: Any) -> str:
@@ -103,15 +103,13 @@ def load_ablation(path: str | Path, overrides: list[str] | None = None) -> tuple
         raise ConfigError(f"{path}: the top level must be a mapping with base:, overrides:, ablation:, variants:")
     mine = [o for o in overrides or [] if o.startswith("--ablation.")]
     base_overrides = [o for o in overrides or [] if o not in mine]
-    from data_prep.config import apply_overrides
-
     data = apply_overrides(data, mine)
     variants = data.pop("variants", None)
     try:
-        af = _build(AblationFile, data, "")
+        af = from_mapping(AblationFile, data, "")
         if not isinstance(variants, list) or not variants:
             raise ConfigError("variants: expected a non-empty list of {name, what, changes, paper, paper_note}")
-        af.variants = [_build(VariantSpec, v, f"variants[{i}].") for i, v in enumerate(variants)]
+        af.variants = [from_mapping(VariantSpec, v, f"variants[{i}].") for i, v in enumerate(variants)]
         names = [v.name for v in af.variants]
         if len(set(names)) != len(names):
             raise ConfigError(f"variants: names must be unique, got {names}")

@@ -34,7 +34,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from data_prep.config import ConfigError, ExperimentConfig, _build, _f, apply_overrides
+from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, option
 
 from .metrics import CLASSIFICATION, REGRESSION, compute
 from .module import lr_lambda, param_groups
@@ -50,22 +50,22 @@ class FinetuneError(ValueError):
 
 @dataclass
 class TaskConfig:
-    name: str = _f("", "Names the output directory, run_dir/finetune/NAME; empty: the task file's name.")
-    train: str = _f("", "Training examples: a .jsonl, .csv or .parquet file, or hf:NAME[/CONFIG][:SPLIT] for a "
+    name: str = option("", "Names the output directory, run_dir/finetune/NAME; empty: the task file's name.")
+    train: str = option("", "Training examples: a .jsonl, .csv or .parquet file, or hf:NAME[/CONFIG][:SPLIT] for a "
                         "`datasets` dataset (hf:glue/sst2:train; an owner-qualified name is hf:owner/name/config).")
-    valid: str = _f("", "Validation examples, same forms (hf:glue/mnli:validation_matched); metrics are reported "
+    valid: str = option("", "Validation examples, same forms (hf:glue/mnli:validation_matched); metrics are reported "
                         "on these.")
-    text_field: str = _f("text", "The field holding the text (the first text of pair tasks).")
-    pair_field: str | None = _f(None, "The field holding the second text of pair tasks (MNLI's hypothesis); "
+    text_field: str = option("text", "The field holding the text (the first text of pair tasks).")
+    pair_field: str | None = option(None, "The field holding the second text of pair tasks (MNLI's hypothesis); "
                                       "null: single-text task.")
-    label_field: str = _f("label", "The field holding the label: a string or an integer (classification), a "
+    label_field: str = option("label", "The field holding the label: a string or an integer (classification), a "
                                    "number (regression).")
-    problem: Literal["classification", "regression"] = _f(
+    problem: Literal["classification", "regression"] = option(
         "classification", "classification: the label set is read from the training data (or `labels`) and saved "
                           "as the model's id2label | regression: one output trained with MSE (STS-B).")
-    labels: list[str] = _f([], "Classification: the label set in id order; empty: the distinct training labels, "
+    labels: list[str] = option([], "Classification: the label set in id order; empty: the distinct training labels, "
                                "sorted (numerically when they are integers).")
-    metrics: list[str] = _f(["accuracy"], "Reported metrics; the first drives early stopping and model selection. "
+    metrics: list[str] = option(["accuracy"], "Reported metrics; the first drives early stopping and model selection. "
                                           "Classification: accuracy, f1 (binary, of label id 1), macro_f1, "
                                           "matthews. Regression: pearson, spearman.")
 
@@ -84,28 +84,28 @@ class TaskConfig:
 
 @dataclass
 class FinetuneConfig:
-    model: str | None = _f(None, "A Hugging Face RoBERTa directory to fine-tune; null: the experiment's export, "
+    model: str | None = option(None, "A Hugging Face RoBERTa directory to fine-tune; null: the experiment's export, "
                                  "run_dir/hf (exported from the newest checkpoint first when missing).")
-    from_scratch: bool = _f(False, "Train the same architecture (the model's config.json) from random "
+    from_scratch: bool = option(False, "Train the same architecture (the model's config.json) from random "
                                    "initialisation: the baseline that shows what pretraining bought.")
-    seeds: int = _f(1, "Runs, with seeds seed, seed+1, ...; the report gives the median and spread (RoBERTa: "
+    seeds: int = option(1, "Runs, with seeds seed, seed+1, ...; the report gives the median and spread (RoBERTa: "
                        "the median of 5).")
-    seed: int = _f(0, "The first seed: it fixes the classifier's initialisation, dropout and the data order.")
-    max_length: int = _f(512, "Tokens per example (both texts of a pair), truncated; at most the model's "
+    seed: int = option(0, "The first seed: it fixes the classifier's initialisation, dropout and the data order.")
+    max_length: int = option(512, "Tokens per example (both texts of a pair), truncated; at most the model's "
                               "positions. Batches are padded to their longest example only.")
-    epochs: int = _f(10, "Training epochs at most (RoBERTa: 10).")
-    batch_size: int = _f(32, "Examples per optimizer step (RoBERTa: 16 or 32).")
-    peak_lr: float = _f(2.0e-5, "Learning rate at the end of warmup (RoBERTa: 1e-5, 2e-5 or 3e-5 for base/large).")
-    warmup_ratio: float = _f(0.06, "Share of the steps spent in linear warmup; then linear decay to zero "
+    epochs: int = option(10, "Training epochs at most (RoBERTa: 10).")
+    batch_size: int = option(32, "Examples per optimizer step (RoBERTa: 16 or 32).")
+    peak_lr: float = option(2.0e-5, "Learning rate at the end of warmup (RoBERTa: 1e-5, 2e-5 or 3e-5 for base/large).")
+    warmup_ratio: float = option(0.06, "Share of the steps spent in linear warmup; then linear decay to zero "
                                    "(RoBERTa: 0.06).")
-    weight_decay: float = _f(0.1, "Decoupled weight decay, not on biases and LayerNorm (RoBERTa: 0.1).")
-    betas: list[float] = _f([0.9, 0.98], "Adam betas (RoBERTa: 0.9, 0.98).")
-    eps: float = _f(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).")
-    evals_per_epoch: int = _f(1, "Validations per epoch; the best one's model is kept.")
-    patience: int = _f(3, "Stop after this many validations without a better first metric; 0: never stop early.")
-    max_train_examples: int = _f(0, "Train on a seeded random subset of this many examples; 0: all of them.")
-    accelerator: str = _f("auto", "Lightning accelerator: auto, cpu, gpu.")
-    precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed.")
+    weight_decay: float = option(0.1, "Decoupled weight decay, not on biases and LayerNorm (RoBERTa: 0.1).")
+    betas: list[float] = option([0.9, 0.98], "Adam betas (RoBERTa: 0.9, 0.98).")
+    eps: float = option(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).")
+    evals_per_epoch: int = option(1, "Validations per epoch; the best one's model is kept.")
+    patience: int = option(3, "Stop after this many validations without a better first metric; 0: never stop early.")
+    max_train_examples: int = option(0, "Train on a seeded random subset of this many examples; 0: all of them.")
+    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu.")
+    precision: str = option("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed.")
 
     def __post_init__(self) -> None:
         for key in ("seeds", "max_length", "epochs", "batch_size", "evals_per_epoch"):
@@ -122,8 +122,8 @@ class FinetuneConfig:
 
 @dataclass
 class TaskFile:
-    task: TaskConfig = _f(None, "The labelled data and its metrics.")
-    finetune: FinetuneConfig = _f(None, "Fine-tuning hyperparameters.")
+    task: TaskConfig = option(None, "The labelled data and its metrics.")
+    finetune: FinetuneConfig = option(None, "Fine-tuning hyperparameters.")
 
 
 def load_task(path: str | Path, overrides: list[str] | None = None) -> TaskFile:
@@ -140,7 +140,7 @@ def load_task(path: str | Path, overrides: list[str] | None = None) -> TaskFile:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with task: and finetune: sections")
     try:
-        tf = _build(TaskFile, apply_overrides(data, overrides or []), "")
+        tf = from_mapping(TaskFile, apply_overrides(data, overrides or []), "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     tf.task.name = tf.task.name or path.stem

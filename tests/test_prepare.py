@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from data_prep import shards
 from data_prep.__main__ import main
@@ -172,3 +176,26 @@ def test_an_existing_tokenizer_is_kept_with_a_warning_when_stale(tmp_path, train
     prepare_data(cfg, log=said.append)
     assert any("warning" in s and "--force" in s for s in said)
     assert (cfg.run_path / "tokenizer" / "tokenizer.json").read_bytes() == sha
+
+
+def test_a_second_process_waits_for_the_first_instead_of_writing_the_same_files(tmp_path, trained):
+    """Under torchrun every rank runs `make pretrain`; while one prepares the run_dir the others wait for it."""
+    cfg = make_cfg(tmp_path, trained)
+    corpus, _ = trained
+    lock = FileLock(cfg.run_path / ".prepare.lock")
+    with lock:  # the "first rank", still preparing
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "data_prep", "data", f"--run_dir={cfg.run_path}", f"--corpus.train={corpus}",
+             "--corpus.valid_fraction=0.1", "--tokenizer.vocab_size=400", "--data.seq_len=32",
+             "--data.num_proc=1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "waiting for another process" in line:
+                break
+        assert "waiting for another process" in "".join(seen), "".join(seen)
+        assert proc.poll() is None and not list((cfg.run_path / "data").glob("*/meta.json"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "data: wrote" in out and len(list((cfg.run_path / "data").glob("*/meta.json"))) == 1
