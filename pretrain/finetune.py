@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -375,6 +376,12 @@ def resolve_model(cfg: ExperimentConfig, ft: FinetuneConfig, log=print) -> Path:
 
             log(f"finetune: {path} is missing; exporting the newest checkpoint first")
             export(cfg, log=log)
+        else:
+            ckpts = list((cfg.run_path / "checkpoints").glob("*.ckpt"))
+            weights = path / "model.safetensors"
+            if ckpts and weights.is_file() and max(c.stat().st_mtime for c in ckpts) > weights.stat().st_mtime:
+                log(f"finetune: warning: {path} is older than the newest checkpoint in {cfg.run_path / 'checkpoints'}; "
+                    "fine-tuning the older export (`make export` refreshes it)")
     check_model_dir(path, need_weights=not ft.from_scratch)
     return path
 
@@ -488,15 +495,26 @@ def finetune(cfg: ExperimentConfig, tf: TaskFile, log=print, **trainer_overrides
         f"examples, " + (f"{len(names)} labels" if names else "regression") + f", max_length {max_length} "
         f"({truncated:.0%} of train truncated), {ft.seeds} seed(s)")
 
+    # what a finished seed must have been run with to be reused: the model, the encoded data and every setting
+    settings = {"model": _model_fingerprint(model_dir),
+                "data": _data_fingerprint(ids_train, y_train, ids_valid, y_valid),
+                "task": dataclasses.asdict(task),
+                "finetune": {k: v for k, v in dataclasses.asdict(ft).items() if k not in ("seed", "seeds")}}
     runs = []
     lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)  # "GPU available: False" and a tip, once per seed, say nothing new
     try:
         for seed in range(ft.seed, ft.seed + ft.seeds):
+            done = None if trainer_overrides else _finished_seed(seed_dir(cfg, task, seed, ft.from_scratch), settings)
+            if done is not None:
+                log(f"seed {seed}: reusing the finished run in {done['dir']} (same model, data and settings; "
+                    f"best {task.metrics[0]} {done['metrics'][task.metrics[0]]:.4f})")
+                runs.append(done)
+                continue
             runs.append(_one_seed(cfg, tf, seed, model_dir, tokenizer, names, max_length,
                                   Encoded(ids_train, y_train, pad_id), Encoded(ids_valid, y_valid, pad_id),
-                                  log, **trainer_overrides))
+                                  settings, log, **trainer_overrides))
     finally:
         lightning_log.setLevel(level)
 
@@ -507,6 +525,37 @@ def finetune(cfg: ExperimentConfig, tf: TaskFile, log=print, **trainer_overrides
     return report
 
 
+def _model_fingerprint(model_dir: Path) -> dict[str, Any]:
+    from data_prep.prepare import sha256_file
+
+    return {"dir": str(model_dir.resolve()),
+            **{name: sha256_file(model_dir / name) for name in ("config.json", "model.safetensors")
+               if (model_dir / name).is_file()}}
+
+
+def _data_fingerprint(*parts: Any) -> str:
+    """sha256 of the token ids and targets: the data files, the tokenizer, max_length and the label set at once."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(str(part.dtype).encode() + np.ascontiguousarray(part).tobytes())
+        else:  # a list of token-id lists
+            lengths = np.fromiter((len(x) for x in part), dtype=np.int64, count=len(part))
+            h.update(lengths.tobytes() + np.fromiter((t for x in part for t in x), dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _finished_seed(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The seed's recorded result when it finished with exactly these settings and its model is there."""
+    try:
+        result = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if result.get("settings") != json.loads(json.dumps(settings)) or not (out / "config.json").is_file():
+        return None
+    return result
+
+
 def _subset(data: Encoded, n: int, seed: int) -> Encoded:
     if not n or n >= len(data):
         return data
@@ -515,12 +564,14 @@ def _subset(data: Encoded, n: int, seed: int) -> Encoded:
 
 
 def _one_seed(cfg: ExperimentConfig, tf: TaskFile, seed: int, model_dir: Path, tokenizer: Any, names: list[str],
-              max_length: int, train: Encoded, valid: Encoded, log, **trainer_overrides: Any) -> dict[str, Any]:
+              max_length: int, train: Encoded, valid: Encoded, settings: dict[str, Any], log,
+              **trainer_overrides: Any) -> dict[str, Any]:
     from pytorch_lightning.callbacks import EarlyStopping
     from pytorch_lightning.loggers import CSVLogger
 
     task, ft = tf.task, tf.finetune
-    out = seed_dir(cfg, task, seed, ft.from_scratch)
+    final = seed_dir(cfg, task, seed, ft.from_scratch)
+    out = final.with_name(final.name + ".partial")  # renamed over `final` only when complete
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -562,10 +613,20 @@ def _one_seed(cfg: ExperimentConfig, tf: TaskFile, seed: int, model_dir: Path, t
     result = {"seed": seed, "metrics": module.best["metrics"], "best_step": module.best["step"],
               "best_epoch": module.best["epoch"], "steps": trainer.global_step,
               "stopped_early": trainer.global_step < steps_per_epoch * ft.epochs, "seconds": round(seconds, 1),
-              "train_examples": len(train), "max_length": max_length, "dir": str(out), "history": module.history}
+              "train_examples": len(train), "max_length": max_length, "dir": str(final), "history": module.history,
+              "settings": settings}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the finished seed replaces an earlier one only now: an interrupted run never leaves a half-written model
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        out.rename(final)
+        shutil.rmtree(old)
+    else:
+        out.rename(final)
     log(f"seed {seed}: best {task.metrics[0]} {module.best['metrics'][task.metrics[0]]:.4f} at step "
-        f"{module.best['step']}; {trainer.global_step} steps in {seconds:.0f} s; saved {out}")
+        f"{module.best['step']}; {trainer.global_step} steps in {seconds:.0f} s; saved {final}")
     return result
 
 
@@ -595,7 +656,7 @@ def _update_report(cfg: ExperimentConfig, tf: TaskFile, variant: str, model_dir:
         "model": str(model_dir), "from_scratch": tf.finetune.from_scratch, "max_length": max_length,
         "finetune": dataclasses.asdict(tf.finetune),
         "summary": {m: summarise([r["metrics"][m] for r in runs]) for m in task.metrics},
-        "seeds": [{k: v for k, v in r.items() if k != "history"} for r in runs],
+        "seeds": [{k: v for k, v in r.items() if k not in ("history", "settings")} for r in runs],
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
     return report

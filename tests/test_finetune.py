@@ -5,6 +5,7 @@ every shipped task YAML parses, and bad input is one clear line."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -17,12 +18,14 @@ from data_prep.config import ConfigError, load_config
 from data_prep.prepare import prepare_data
 from pretrain import metrics
 from pretrain.finetune import (
+    FinetuneConfig,
     FinetuneError,
     build_model,
     finetune,
     label_set,
     load_task,
     read_examples,
+    resolve_model,
 )
 from pretrain.train import fit
 
@@ -308,3 +311,42 @@ def test_datasets_source_uses_the_class_label_names(tmp_path: Path, monkeypatch:
     with pytest.raises(FinetuneError, match=r"task.pair_field='hypothesis': hf:glue/sst2:train has no such field"):
         read_examples("hf:glue/sst2:train", load_task(tmp_path / "t.yaml", ["--task.pair_field=hypothesis"]).task,
                       "train")
+
+
+def test_finished_seeds_are_reused_and_other_settings_train_again(finetuned: dict, run: Path, data,
+                                                                   tmp_path: Path) -> None:
+    cfg = load_config(None, [f"--run_dir={tmp_path / 'r'}"])
+    common = [*FINETUNE, "--finetune.epochs=1", f"--finetune.model={run / 'hf'}"]
+    first: list[str] = []
+    one = finetune(cfg, load_task(data["task"], [*common, "--finetune.seeds=1"]), log=first.append)
+    assert not any("reusing" in line for line in first)
+    seed0 = one["variants"]["pretrained"]["seeds"][0]
+
+    again: list[str] = []
+    two = finetune(cfg, load_task(data["task"], [*common, "--finetune.seeds=2"]), log=again.append)
+    assert any(line.startswith("seed 0: reusing the finished run") for line in again)
+    assert not any(line.startswith("seed 1: reusing") for line in again)
+    assert two["variants"]["pretrained"]["seeds"][0] == seed0 and len(two["variants"]["pretrained"]["seeds"]) == 2
+
+    other: list[str] = []
+    finetune(cfg, load_task(data["task"], [*common, "--finetune.seeds=1", "--finetune.peak_lr=1e-3"]),
+             log=other.append)
+    assert not any("reusing" in line for line in other), "another learning rate is another run"
+    task_dir = tmp_path / "r" / "finetune" / "toy"
+    assert sorted(p.name for p in task_dir.iterdir()) == ["report.json", "report.md", "seed-0", "seed-1"]
+    assert json.loads((task_dir / "seed-0" / "metrics.json").read_text())["settings"]["finetune"]["peak_lr"] == 1e-3
+
+
+def test_an_export_older_than_the_newest_checkpoint_is_named(finetuned: dict, run: Path) -> None:
+    cfg = load_config(None, [f"--run_dir={run}"])
+    lines: list[str] = []
+    assert resolve_model(cfg, FinetuneConfig(), lines.append) == run / "hf" and lines == []
+    newest = max((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    before = newest.stat()
+    later = (run / "hf" / "model.safetensors").stat().st_mtime + 10
+    os.utime(newest, (later, later))
+    try:
+        resolve_model(cfg, FinetuneConfig(), lines.append)
+    finally:
+        os.utime(newest, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert len(lines) == 1 and "is older than the newest checkpoint" in lines[0] and "make export" in lines[0]
