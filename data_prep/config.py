@@ -96,6 +96,10 @@ class DataConfig:
     short_fraction: float = option(
         0.9, "Share of trainer.max_steps trained at short_seq_len when it is set (BERT: 0.9, then 10% at 512)."
     )
+    short_seq_prob: float = option(
+        0.0, "segment_pair only: the share of documents whose pairs aim at a random length in [2, seq_len - 4] "
+        "instead of filling the block, so the model also sees short inputs (BERT's short_seq_prob: 0.1).",
+    )
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
@@ -106,6 +110,11 @@ class DataConfig:
             )
         if not 0.0 < self.short_fraction < 1.0:
             raise ConfigError(f"data.short_fraction={self.short_fraction} must be in (0, 1)")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ConfigError(f"data.short_seq_prob={self.short_seq_prob} must be in [0, 1]")
+        if self.short_seq_prob and self.packing != "segment_pair":
+            raise ConfigError(f"data.short_seq_prob={self.short_seq_prob} applies to data.packing=segment_pair only "
+                              f"(got {self.packing}); set it to 0")
         if self.num_proc < 0:
             raise ConfigError(f"data.num_proc={self.num_proc} must be 0 (all cores) or positive")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:

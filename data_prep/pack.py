@@ -167,9 +167,10 @@ class Packer:
     `finish` returns the last, partly filled block. The result does not depend on how the stream is batched."""
 
     def __init__(self, seq_len: int, packing: Packing, bos: int, eos: int, dtype: np.dtype, seed: int = 0,
-                 reservoir_docs: int = 1000, reservoir_tokens: int = 1 << 21):
+                 reservoir_docs: int = 1000, reservoir_tokens: int = 1 << 21, short_seq_prob: float = 0.0):
         assert seq_len >= 8, f"seq_len={seq_len} leaves no room for text"
         self.seq_len, self.packing, self.bos, self.eos = seq_len, packing, bos, eos
+        self.short_seq_prob = short_seq_prob
         self.dtype = np.dtype(dtype)
         self.stats = PackStats()
         # full/doc sentences: the open block's sentence tokens and where inside them a </s> goes
@@ -280,16 +281,21 @@ class Packer:
                     out.append(self._negative(doc[i], 1))
                     i += 1
         else:
+            # BERT draws one target length per document: mostly the full block, with short_seq_prob a random one
+            # (no draw at all when it is 0, so such shards are the same as before the option existed)
+            target = cap
+            if self.short_seq_prob and rng.random() < self.short_seq_prob:
+                target = int(rng.integers(2, cap + 1))
             chunk: list[np.ndarray] = []
             size, i = 0, 0
             while i < len(doc):
                 chunk.append(doc[i])
                 size += len(doc[i])
-                if i == len(doc) - 1 or size >= cap:
+                if i == len(doc) - 1 or size >= target:
                     a_end = int(rng.integers(1, len(chunk))) if len(chunk) > 1 else 1
                     a = np.concatenate(chunk[:a_end])
                     if len(chunk) == 1 or (rng.random() < 0.5 and self._reservoir):
-                        out.append(self._negative(a, max(cap - len(a), 1)))
+                        out.append(self._negative(a, max(target - len(a), 1)))
                         i -= len(chunk) - a_end  # BERT puts the unused sentences back
                     else:
                         out.append((a, np.concatenate(chunk[a_end:]), IS_NEXT))
@@ -347,13 +353,13 @@ class Packer:
 
 
 def pack_documents(docs: list[list[list[int]]], seq_len: int, packing: Packing, bos: int = 0, eos: int = 2,
-                   seed: int = 0) -> Blocks:
+                   seed: int = 0, short_seq_prob: float = 0.0) -> Blocks:
     """Pack pre-tokenized documents (lists of sentences of ids) in one go: for tests and small experiments."""
     lines = [s for d in docs for s in d]
     enc = Encoded(np.fromiter(chain.from_iterable(lines), np.uint32),
                   np.array([len(s) for s in lines], np.int64),
                   np.array([j == 0 for d in docs for j in range(len(d))], bool))
-    packer = Packer(seq_len, packing, bos, eos, np.uint32, seed)
+    packer = Packer(seq_len, packing, bos, eos, np.uint32, seed, short_seq_prob=short_seq_prob)
     first, last = packer.add(enc), packer.finish()
     nsp = None if first.nsp is None else np.concatenate([first.nsp, last.nsp])
     b_start = None if first.b_start is None else np.concatenate([first.b_start, last.b_start])

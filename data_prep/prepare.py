@@ -66,7 +66,9 @@ def settings(cfg: ExperimentConfig) -> dict[str, Any]:
     slice do not depend on the number of workers, and all slices of a corpus share one directory."""
     d = cfg.data
     return {"format": FORMAT, "sentence_encoding": SENTENCE_ENCODING, "seq_len": d.seq_len,
-            "packing": d.packing, "num_shards": d.num_shards, "seed": cfg.prep_seed}
+            "packing": d.packing, "num_shards": d.num_shards, "seed": cfg.prep_seed,
+            # only when set, so that shards prepared before the key existed keep their directory
+            **({"short_seq_prob": d.short_seq_prob} if d.short_seq_prob else {})}
 
 
 def data_dir(cfg: ExperimentConfig, corpus_fingerprint: str, tokenizer_sha256: str) -> Path:
@@ -223,7 +225,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     counts = {"documents": 0, "sentences": 0}
     docs = _slice(corpus.documents(split, stats), d.shard_index, d.num_shards, counts)  # type: ignore[arg-type]
     packer = Packer(d.seq_len, d.packing, ids["bos"], ids["eos"], dtype,
-                    seed=hash_seed(cfg.prep_seed, d.shard_index, SPLITS.index(split)))
+                    seed=hash_seed(cfg.prep_seed, d.shard_index, SPLITS.index(split)), short_seq_prob=d.short_seq_prob)
     sources = corpus.valid_sources if split == "valid" and corpus.valid_sources else corpus.train_sources
     start = time.perf_counter()
     with ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from data_prep.config import load_config
+from data_prep.config import ConfigError, load_config
 from data_prep.pack import (
     IS_NEXT,
     NOT_NEXT,
@@ -205,3 +205,26 @@ def test_decoded_blocks_give_back_the_text(tokenizer_json):
     assert tok.decode(body, skip_special_tokens=False) == "".join("\n".join(d) for d in docs)
     # and sentence by sentence: every block boundary falls between sentences unless a sentence is overlong
     assert packer.stats.packed_tokens == packer.stats.stream_tokens == len(body)
+
+
+def test_short_seq_prob_gives_bert_its_share_of_shorter_pairs():
+    """BERT's short_seq_prob: a document aims at a random length in [2, seq_len - 4] with this probability."""
+    rng = random.Random(5)
+    docs = [[[rng.randrange(10, 99) for _ in range(4)] for _ in range(30)] for _ in range(300)]  # 120 tokens each
+    mean = {p: pack_documents(docs, 64, "segment_pair", BOS, EOS, seed=0, short_seq_prob=p).lengths.mean()
+            for p in (0.0, 0.1, 1.0)}
+    # every pair fills (or is truncated to) the block unless its document drew a short target
+    assert mean[0.0] > 0.8 * 64
+    assert mean[1.0] < 0.7 * mean[0.0]  # targets uniform in [2, 60]: about half the block, plus the last sentence
+    assert mean[1.0] < mean[0.1] < mean[0.0] - 1
+    short = pack_documents(docs, 64, "segment_pair", BOS, EOS, seed=0, short_seq_prob=1.0)
+    assert short.lengths.max() <= 64 and (short.lengths <= 20).any()
+    assert 0.35 < short.nsp.mean() < 0.65
+
+
+def test_short_seq_prob_is_for_segment_pair_only():
+    with pytest.raises(ConfigError, match=r"data.short_seq_prob=0.1 applies to data.packing=segment_pair only"):
+        load_config(None, ["--data.short_seq_prob=0.1"])
+    with pytest.raises(ConfigError, match=r"data.short_seq_prob=1.5 must be in \[0, 1\]"):
+        load_config(None, ["--data.packing=segment_pair", "--data.short_seq_prob=1.5"])
+    assert load_config(None, ["--data.packing=segment_pair", "--data.short_seq_prob=0.1"]).data.short_seq_prob == 0.1
