@@ -191,6 +191,12 @@ class BatchConfig:
     global_size: int = option(8192, "Sequences per optimizer step, over all devices and accumulation (RoBERTa: 8K).")
     micro_size: int = option(32, "Sequences per forward pass per device; accumulation is derived.")
     num_workers: int = option(2, "DataLoader worker processes per device that mask and collate ahead of the step.")
+    by_tokens: bool = option(
+        False, "Size each micro-batch by tokens, not sequences: consecutive blocks of the epoch's order while their "
+        "tokens stay within micro_size x data.seq_len, so short blocks (doc_sentences on short documents) come in "
+        "larger batches with about the tokens of a full one, as RoBERTa does for DOC-SENTENCES. global_size / "
+        "micro_size stays the number of micro-batches per step.",
+    )
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -261,6 +267,9 @@ class ExperimentConfig:
         return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
+        if self.batch is not None and self.data is not None and self.batch.by_tokens and self.data.short_seq_len:
+            raise ConfigError("batch.by_tokens with data.short_seq_len is not supported: BERT's length schedule "
+                              "counts sequences (set batch.by_tokens=false)")
         if self.tokenizer is not None and self.tokenizer.extend_from and not (self.model and self.model.init_from):
             raise ConfigError(
                 "tokenizer.extend_from needs model.init_from: new tokens are appended to a pretrained model's "

@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, load_config, option
-from data_prep.shards import read_meta, short_phase, write_json_atomic
+from data_prep.shards import ShardSplit, read_meta, short_phase, write_json_atomic
 
 from .evaluate import Yardstick, check_compatible, load_model
 
@@ -148,7 +148,15 @@ def mean_block_tokens(meta_path: Path) -> float:
 
 def tokens_per_step(cfg: ExperimentConfig, meta_path: Path) -> float:
     """Mean tokens one optimizer step processes: global batch x mean block length, averaged over the phases of
-    BERT's two-phase length schedule when data.short_seq_len is set."""
+    BERT's two-phase length schedule when data.short_seq_len is set; with batch.by_tokens, micro-batches per step
+    x the mean tokens of epoch 0's micro-batches."""
+    if cfg.batch.by_tokens:
+        from .data import epoch_permutation, token_bins
+
+        lengths = ShardSplit(meta_path, "train").block_lengths()
+        lengths = lengths[epoch_permutation(cfg.seed, 0, len(lengths))]
+        bins = len(token_bins(lengths, cfg.batch.micro_size * cfg.data.seq_len)) - 1
+        return cfg.batch.global_size / cfg.batch.micro_size * float(lengths.sum()) / bins
     mean = mean_block_tokens(meta_path)
     short = short_phase(meta_path) if cfg.data.short_seq_len else None
     if short is not None:

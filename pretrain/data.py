@@ -129,6 +129,64 @@ class StepSampler(Sampler[tuple[int, int]]):
                 yield self._at(g)
 
 
+def token_bins(lengths: np.ndarray, budget: int) -> np.ndarray:
+    """Boundaries of greedy micro-batches over blocks of these lengths, in order: each takes consecutive blocks
+    while their tokens stay within `budget` (a block alone may not, then it is a micro-batch by itself).
+    Returns b with micro-batch j = blocks [b[j], b[j+1]); b[0] = 0, b[-1] = len(lengths)."""
+    cum = np.cumsum(lengths, dtype=np.int64)
+    bounds, start, n = [0], 0, len(lengths)
+    while start < n:
+        base = int(cum[start - 1]) if start else 0
+        start = max(int(np.searchsorted(cum, base + budget, side="right")), start + 1)
+        bounds.append(start)
+    return np.asarray(bounds, np.int64)
+
+
+class TokenBudgetSampler(Sampler[list[tuple[int, int]]]):
+    """A batch sampler: rank `rank`'s micro-batches of (epoch, index) pairs, each a run of consecutive blocks of
+    the epoch's order holding at most `budget` tokens (`token_bins`), from optimizer step `start_step` on.
+
+    The global stream of micro-batches is epoch 0's bins, then epoch 1's (a bin never crosses an epoch); step s
+    is micro-batches [s x A x W, (s+1) x A x W), rank r taking every W-th, as `StepSampler` does with sequences.
+    So the order depends on (seed, lengths, budget) only, and a resume at step s finds its place from the bin
+    counts of the earlier epochs, without replaying batches.
+    """
+
+    def __init__(self, lengths: np.ndarray, seed: int, budget: int, accumulation: int, world_size: int, rank: int,
+                 start_step: int | Callable[[], int], max_steps: int):
+        assert len(lengths) > 0, "no training blocks"
+        self.lengths, self.seed, self.budget = np.asarray(lengths, np.int64), seed, budget
+        self.A, self.W, self.r = accumulation, world_size, rank
+        self.start_step, self.max_steps = start_step, max_steps
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, permutation, bin boundaries)
+        self._first_bin: list[int] = [0]  # the global index of each epoch's first micro-batch, as far as known
+
+    def __len__(self) -> int:
+        return self.max_steps * self.A
+
+    def _bins(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            perm = epoch_permutation(self.seed, epoch, len(self.lengths))
+            self._epoch = (epoch, perm, token_bins(self.lengths[perm], self.budget))
+        return self._epoch[1], self._epoch[2]
+
+    def micro_batch(self, k: int) -> list[tuple[int, int]]:
+        """Global micro-batch k."""
+        while self._first_bin[-1] <= k:  # count the bins of the epochs before k's
+            epoch = len(self._first_bin) - 1
+            self._first_bin.append(self._first_bin[-1] + len(self._bins(epoch)[1]) - 1)
+        epoch = int(np.searchsorted(self._first_bin, k, side="right")) - 1
+        perm, bounds = self._bins(epoch)
+        j = k - self._first_bin[epoch]
+        return [(epoch, int(i)) for i in perm[bounds[j] : bounds[j + 1]]]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        start = self.start_step() if callable(self.start_step) else self.start_step
+        for step in range(start, self.max_steps):
+            for a in range(self.A):
+                yield self.micro_batch((step * self.A + a) * self.W + self.r)
+
+
 class PhasedSampler(Sampler[tuple[int, int, int]]):
     """The phases of the length schedule one after the other, as (phase, epoch, index) keys for `PhasedDataset`.
 
@@ -216,10 +274,12 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler, batches: bool = False) -> DataLoader:
+        """A loader over `sampler`'s items in micro-batches of micro_size, or over its micro-batches (`batches`)."""
         workers = self.cfg.batch.num_workers
+        how = {"batch_sampler": sampler} if batches else {"batch_size": self.cfg.batch.micro_size, "sampler": sampler}
         return DataLoader(
-            dataset, batch_size=self.cfg.batch.micro_size, sampler=sampler, collate_fn=self.collator,
+            dataset, **how, collate_fn=self.collator,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if workers > 0 else None,
             # its own generator: creating an iterator must not draw from the global one that dropout uses
@@ -231,10 +291,17 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = self.trainer
         assert self.train_phases, "setup() first"
         b, max_steps = self.cfg.batch, self.cfg.trainer.max_steps
+        start = (lambda: trainer.global_step) if trainer is not None else 0
+        if b.by_tokens:
+            split = self.train_phases[0]
+            sampler = TokenBudgetSampler(split.block_lengths(), self.cfg.seed, b.micro_size * split.seq_len,
+                                         batch_geometry(b.global_size, b.micro_size, world), world, rank, start,
+                                         max_steps)
+            return self._loader(BlockDataset(split), sampler, batches=True)
         firsts = [first for first, _ in length_schedule(self.cfg)]
         phases = [StepSampler(split.num_blocks, self.cfg.seed, b.global_size, b.micro_size, world, rank, 0, end, first)
                   for split, first, end in zip(self.train_phases, firsts, [*firsts[1:], max_steps], strict=True)]
-        sampler = PhasedSampler(phases, (lambda: trainer.global_step) if trainer is not None else 0)
+        sampler = PhasedSampler(phases, start)
         return self._loader(PhasedDataset(self.train_phases), sampler)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from data_prep.config import ConfigError
-from pretrain.data import StepSampler, ValidSampler, batch_geometry, epoch_permutation
+from pretrain.data import (
+    StepSampler,
+    TokenBudgetSampler,
+    ValidSampler,
+    batch_geometry,
+    epoch_permutation,
+    token_bins,
+)
 from pretrain.model import RobertaConfig, RobertaForMLM
 from pretrain.module import lr_lambda, param_groups
 
@@ -138,3 +145,40 @@ def test_sparse_loss_equals_the_dense_loss_of_transformers_and_its_gradients() -
                                hf.roberta.embeddings.word_embeddings.weight.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ours["encoder.layers.0.attn.query.weight"].grad,
                                hf.roberta.encoder.layer[0].attention.self.query.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_token_bins_are_greedy_runs_within_the_budget() -> None:
+    lengths = np.array([30, 30, 40, 100, 200, 10, 10, 10, 5])
+    bounds = token_bins(lengths, 100)
+    # [30 30 40] = 100, [100], [200] alone (over budget by itself), [10 10 10 5]
+    assert bounds.tolist() == [0, 3, 4, 5, 9]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 129, 5000)
+    bounds = token_bins(lengths, 8 * 128)
+    sums = np.add.reduceat(lengths, bounds[:-1])
+    assert bounds[0] == 0 and bounds[-1] == 5000 and (np.diff(bounds) > 0).all()
+    assert sums.max() <= 8 * 128
+    # greedy: the next block would not have fitted
+    assert all(sums[j] + lengths[bounds[j + 1]] > 8 * 128 for j in range(len(sums) - 1))
+
+
+def test_token_budget_sampler_splits_steps_by_rank_and_resumes_in_place() -> None:
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(8, 65, 300)  # short and long blocks: micro-batches of 2 to 16 blocks
+    budget, steps, A = 4 * 64, 60, 2   # 60 steps x 2 micro-batches x 2 ranks: several epochs
+    one = list(TokenBudgetSampler(lengths, 7, budget, 2 * A, 1, 0, 0, steps))
+    ranks = [list(TokenBudgetSampler(lengths, 7, budget, A, 2, r, 0, steps)) for r in range(2)]
+    assert len(one) == steps * 2 * A and all(len(r) == steps * A for r in ranks)
+    for s in range(steps):  # the same micro-batches per step on 1 device (x4 accumulation) or 2 (x2)
+        single = one[s * 2 * A : (s + 1) * 2 * A]
+        split = [ranks[r][s * A + a] for a in range(A) for r in range(2)]
+        assert single == split
+    for mb in one:
+        assert sum(lengths[i] for _, i in mb) <= budget and len({e for e, _ in mb}) == 1
+    # each epoch's micro-batches are its permutation, cut into pieces, in order
+    epoch0 = [i for mb in one if mb[0][0] == 0 for _, i in mb]
+    assert epoch0 == epoch_permutation(7, 0, 300).tolist()
+    assert {e for mb in one for e, _ in mb} >= {0, 1, 2}
+    # a resume at step 37 yields what the uninterrupted run yields from there
+    resumed = list(TokenBudgetSampler(lengths, 7, budget, 2 * A, 1, 0, 37, steps))
+    assert resumed == one[37 * 2 * A :]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,31 @@ def test_logged_training_metrics_cover_every_micro_batch_of_a_step(shards, corpu
     assert len(logged[8]) == len(logged[4]) == 1
     for key in ("train/loss", "train/mlm_acc", "mask/rate", "mask/mask", "mask/random", "mask/kept"):
         assert float(logged[4][0][key]) == pytest.approx(float(logged[8][0][key]), abs=1e-5), key
+
+
+def test_doc_sentences_by_tokens_trains_and_resumes_bitwise(corpus_file: Path, tmp_path: Path) -> None:
+    """batch.by_tokens: micro-batches of varying size (short DOC-SENTENCES blocks come more per batch), each within
+    micro_size x seq_len tokens, and a resume is exact."""
+    from pretrain.data import ShardDataModule
+
+    extra = ["--data.packing=doc_sentences", "--batch.by_tokens=true", "--trainer.max_steps=12",
+             "--checkpoint.every_n_steps=3"]
+    full_cfg = config(tmp_path / "full", corpus_file, *extra)
+    meta = prepare_data(full_cfg, log=lambda *_: None)
+    dm = ShardDataModule(full_cfg, meta)
+    dm.setup("fit")
+    sizes, tokens = [], []
+    for batch in itertools.islice(dm.train_dataloader(), 24):
+        sizes.append(batch["input_ids"].shape[0])
+        tokens.append(int(batch["attention_mask"].sum()))
+    assert max(tokens) <= 4 * 32 and len(set(sizes)) > 1 and max(sizes) > 4, (sizes, tokens)
+
+    full = fit(full_cfg, meta, resume=False, **QUIET)
+    expected = final_weights(full)
+    run = tmp_path / "stopped"
+    fit(config(run, corpus_file, *extra), meta, resume=False, max_steps=6, **QUIET)
+    resumed = fit(config(run, corpus_file, *extra), meta, resume=True, **QUIET)
+    assert resumed.global_step == 12
+    got = final_weights(resumed)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert losses(run) == losses(tmp_path / "full")
