@@ -337,7 +337,21 @@ def _blocks(meta: dict[str, Any], split: str) -> tuple[int, int]:
 def tokens_seen(c: ExperimentConfig, meta: dict[str, Any], meta_path: Path | None,
                 step: int) -> tuple[int, float, int]:
     """(sequences, tokens about, tokens at most) of `step` steps, phase by phase of the length schedule: each
-    phase's sequences times the mean block length of its shards (its block length when they cannot be read)."""
+    phase's sequences times the mean block length of its shards (its block length when they cannot be read).
+    With batch.by_tokens a step has global_size / micro_size micro-batches of the size epoch 0's have on average."""
+    if c.batch.by_tokens and meta_path is not None:
+        from .data import epoch_permutation, token_bins
+
+        try:
+            lengths = open_split(meta_path, "train").block_lengths()
+        except (ShardError, OSError, KeyError, ValueError):
+            lengths = None
+        if lengths is not None and len(lengths):
+            budget = c.batch.micro_size * c.data.seq_len
+            bins = len(token_bins(lengths[epoch_permutation(c.seed, 0, len(lengths))], budget)) - 1
+            micro_batches = step * c.batch.global_size // c.batch.micro_size
+            return (round(micro_batches * len(lengths) / bins), micro_batches * float(lengths.sum()) / bins,
+                    micro_batches * budget)
     schedule = length_schedule(c)
     ends = [first for first, _ in schedule[1:]] + [max(step, c.trainer.max_steps)]
     short = None
