@@ -17,8 +17,6 @@ from pretrain.evaluate import Yardstick, load_model
 
 from .conftest import make_documents, write_txt
 
-pytestmark = pytest.mark.timeout(240)
-
 BASE = {
     "seed": 0,
     "corpus": {"valid_fraction": 0.1},

@@ -22,7 +22,6 @@ from pretrain.train import fit
 from .conftest import WORDS, make_documents, write_txt
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.timeout(120)
 
 SEQ_LEN = 32
 FAST = [

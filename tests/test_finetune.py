@@ -32,7 +32,6 @@ from pretrain.train import fit
 from .conftest import WORDS, make_documents, write_txt
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.timeout(120)
 
 PRETRAIN = [
     "--corpus.valid_fraction=0.1", "--tokenizer.vocab_size=600", "--data.seq_len=64", "--model.hidden_size=32",
