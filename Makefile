@@ -9,7 +9,7 @@ ARGS   ?=
 # on a GPU machine pass e.g. TORCH="torch==2.13.0" with your platform's index, or TORCH=torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup tokenizer data pretrain resume export finetune ablation bench bench-data bench-train test lint clean help
+.PHONY: setup tokenizer data pretrain resume export finetune ablation bench bench-tokenizer bench-data bench-train test lint clean help
 
 help:
 	@echo "make pretrain | test | setup | tokenizer | data | resume | export | finetune | ablation | bench | lint   (CONFIG=... ARGS=...)"
@@ -46,13 +46,16 @@ finetune: setup
 ablation: setup
 	$(PY) -m pretrain ablation --config $(if $(filter configs/tiny.yaml,$(CONFIG)),configs/ablation-tiny.yaml,$(CONFIG)) $(ARGS)
 
+bench-tokenizer: setup
+	$(PY) bench/bench_tokenizer.py $(ARGS)
+
 bench-data: setup
 	$(PY) bench/bench_data.py $(ARGS)
 
 bench-train: setup
 	$(PY) bench/bench_train.py $(ARGS)
 
-bench: bench-data bench-train
+bench: bench-tokenizer bench-data bench-train
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -9,8 +9,9 @@ Both sides turn the same raw text file into blocks of `seq_len` tokens with the 
   fresh `datasets` cache, as the script does on a first run.
 Each side runs in its own subprocess, so each peak memory is its own: the peak of the sum of the resident sets of
 the side's process tree (workers included), sampled every 50 ms. Prints MB/s of raw text for both and their
-ratio; writes the figures as JSON under bench/results/. The tokenizer is trained first if the run_dir has none
-(not timed).
+ratio, then runs our side again on the corpus read `--scale` times over (10 by default) to show that its
+memory stays flat as the corpus grows; writes the figures to bench/results/data.json and data.md. The tokenizer is
+trained first if the run_dir has none (not timed).
 """
 
 from __future__ import annotations
@@ -19,20 +20,19 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, SHARED_CORPUS, default_corpus, run_side
 
 
 def config(args: argparse.Namespace):
     from data_prep.config import load_config
 
-    return load_config(None, [f"--run_dir={args.run_dir}", f"--corpus.train={args.corpus}",
+    # --_copies N reads the same file N times over: a corpus N times larger with the same statistics
+    train = "[" + ",".join([json.dumps(args.corpus)] * max(1, args._copies)) + "]"
+    return load_config(None, [f"--run_dir={args.run_dir}", f"--corpus.train={train}",
                               "--corpus.valid_fraction=0", f"--tokenizer.vocab_size={args.vocab_size}",
                               f"--data.seq_len={args.seq_len}", f"--data.num_proc={args.num_proc}"])
 
@@ -94,66 +94,27 @@ def side_hf(args: argparse.Namespace) -> dict:
             "dropped_tokens": stream - blocks * L, "workers": workers}
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(d))
-            except (OSError, IndexError, ValueError):
-                pass
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            pass
-    return total / 2**20
-
-
-def run_side(side: str, argv: list[str]) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--_side", side, *argv], stdout=subprocess.PIPE,
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    peak = [0.0]
-    if os.path.isdir("/proc"):
-        def sample() -> None:
-            while proc.poll() is None:
-                peak[0] = max(peak[0], tree_rss_mb(proc.pid))
-                time.sleep(0.05)
-
-        threading.Thread(target=sample, daemon=True).start()
-    out, _ = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"bench_data: the {side} side failed (exit {proc.returncode})")
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    result["peak_rss_mb"] = round(peak[0], 1) if peak[0] else None
-    return result
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=str(ROOT.parent / "shared/corpus/kernel_docs.txt"), help="raw text file")
+    p.add_argument("--corpus", default=str(SHARED_CORPUS), help="raw text file (default: the embedded corpus when absent)")
     p.add_argument("--run_dir", default=str(ROOT / "runs/bench-data"), help="where the tokenizer lives")
     p.add_argument("--vocab_size", type=int, default=50265)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--num_proc", type=int, default=0, help="processes for both sides; 0: all cores")
     p.add_argument("--repeat", type=int, default=1, help="runs per side; the fastest counts")
+    p.add_argument("--scale", type=int, default=10,
+                   help="also run ours on the corpus this many times over, to compare peak memory; 0: skip")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     p.add_argument("--_side", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--_copies", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.corpus = str(Path(args.corpus).resolve())
     if args._side:
         print(json.dumps((side_ours if args._side == "ours" else side_hf)(args)))
         return
 
     from data_prep.tokenizer import tokenizer_dir, train_tokenizer
 
+    args.corpus = default_corpus(args.corpus)
     cfg = config(args)
     if not (tokenizer_dir(cfg) / "tokenizer.json").is_file():
         train_tokenizer(cfg)
@@ -162,7 +123,7 @@ def main() -> None:
     mb = Path(args.corpus).stat().st_size / 1e6
     results = {}
     for side in ("ours", "hf"):
-        runs = [run_side(side, argv) for _ in range(args.repeat)]
+        runs = [run_side(__file__, side, argv) for _ in range(args.repeat)]
         best = min(runs, key=lambda r: r["seconds"])
         best["mb_per_s"] = round(mb / best["seconds"], 3)
         best["all_seconds"] = [round(r["seconds"], 3) for r in runs]
@@ -172,19 +133,38 @@ def main() -> None:
               "workers": results["ours"]["workers"], "cpus": os.cpu_count(), "machine": platform.platform(),
               "python": platform.python_version(), "ours": results["ours"], "run_mlm": results["hf"],
               "ratio": round(ratio, 3), "target_ratio": 2.0}
-    print(f"data prep, {mb:.1f} MB of text, seq_len {args.seq_len}, {report['workers']} worker(s):")
-    for name, key in (("ours (full_sentences)", "ours"), ("run_mlm.py (group_texts)", "hf")):
-        r = results[key]
-        print(f"  {name:26} {r['mb_per_s']:7.2f} MB/s  {r['seconds']:7.2f} s  {r['blocks']:>9,} blocks  "
-              f"padding {r['padding_fraction']:.2%}  dropped {r['dropped_tokens']:,} tokens  "
-              f"peak {r['peak_rss_mb']} MB")
-    print(f"  ratio {ratio:.2f}x (target >= 2x)")
+    if args.scale > 1:
+        scaled = run_side(__file__, "ours", [*argv, f"--_copies={args.scale}"])
+        scaled["mb_per_s"] = round(mb * args.scale / scaled["seconds"], 3)
+        report["ours_scaled"] = {"copies": args.scale, **scaled}
+    lines = [f"data prep, {mb:.1f} MB of text, seq_len {args.seq_len}, {report['workers']} worker(s):"]
+    rows = [("ours (full_sentences)", results["ours"], mb), ("run_mlm.py (group_texts)", results["hf"], mb)]
+    if "ours_scaled" in report:
+        rows.append((f"ours, corpus x{args.scale}", report["ours_scaled"], mb * args.scale))
+    table = ["| side | MB of text | MB/s | seconds | blocks | padding | dropped tokens | peak memory (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r, size in rows:
+        lines.append(f"  {name:26} {r['mb_per_s']:7.2f} MB/s  {r['seconds']:7.2f} s  {r['blocks']:>9,} blocks  "
+                     f"padding {r['padding_fraction']:.2%}  dropped {r['dropped_tokens']:,} tokens  "
+                     f"peak {r['peak_rss_mb']} MB")
+        table.append(f"| {name} | {size:.1f} | {r['mb_per_s']:.2f} | {r['seconds']:.1f} | {r['blocks']:,} | "
+                     f"{r['padding_fraction']:.2%} | {r['dropped_tokens']:,} | {r['peak_rss_mb']} |")
+    lines.append(f"  ratio {ratio:.2f}x (target >= 2x)")
+    if "ours_scaled" in report and report["ours_scaled"]["peak_rss_mb"] and results["ours"]["peak_rss_mb"]:
+        growth = report["ours_scaled"]["peak_rss_mb"] / results["ours"]["peak_rss_mb"]
+        report["memory_growth"] = round(growth, 3)
+        lines.append(f"  peak memory x{growth:.2f} for a corpus x{args.scale} (flat: about x1)")
+    print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"data-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"  wrote {path}")
-
+    (out / "data.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = [f"Data prep of {Path(args.corpus).name} ({mb:.1f} MB), seq_len {args.seq_len}, {report['workers']} "
+          f"worker(s) on {os.cpu_count()} CPUs, same tokenizer (vocab {args.vocab_size}) on both sides.", "",
+          *table, "", f"Throughput ratio ours / run_mlm.py: **{ratio:.2f}x** (target >= 2x)."]
+    if "memory_growth" in report:
+        md.append(f"Peak memory for the corpus x{args.scale}: x{report['memory_growth']:.2f} of the 1x run.")
+    (out / "data.md").write_text("\n".join(md) + "\n")
+    print(f"  wrote {out / 'data.json'} and {out / 'data.md'}")
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ from .corpus import Corpus, CorpusStats
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3; <mask> is added last
 MASK = "<mask>"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trained on whole documents, newlines included (was: line by line)
 FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -86,15 +86,36 @@ def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
             "tokenizers": tokenizers.__version__, "format": FORMAT_VERSION}
 
 
-def _batches(docs: Iterator[list[str]], stats: CorpusStats, bar: Any, size: int = 4096) -> Iterator[list[str]]:
-    """Lines in batches, so the Rust trainer parallelises over them; the progress bar follows bytes read."""
-    batch: list[str] = []
-    seen = 0
+def _document_texts(docs: Iterator[list[str]], size: int) -> Iterator[str]:
+    """Each document as the shards encode it: its lines joined by "\n" (data_prep/pack.py encodes every line
+    after a document's first as "\n" + line). A document longer than `size` characters comes in pieces cut
+    between lines, so no item is larger than about `size` + one line (lines are at most max_line_bytes)."""
     for doc in docs:
-        batch.extend(doc)
-        if len(batch) >= size:
+        piece: list[str] = []
+        chars = 0
+        for line in doc:
+            piece.append(line)
+            chars += len(line) + 1
+            if chars >= size:
+                yield "\n".join(piece)
+                piece, chars = [], 0
+        if piece:
+            yield "\n".join(piece)
+
+
+def _batches(docs: Iterator[list[str]], stats: CorpusStats, bar: Any, size: int = 1 << 20) -> Iterator[list[str]]:
+    """Document texts (`_document_texts`) in batches of about `size` characters. So the merges are learnt on
+    the text the model will see, newlines and indentation included, and the Rust trainer gets few, large items:
+    one item per line made it about 15% slower than `tokenizers` reading the file itself
+    (bench/bench_tokenizer.py). The progress bar follows bytes read."""
+    batch: list[str] = []
+    chars = seen = 0
+    for text in _document_texts(docs, size):
+        batch.append(text)
+        chars += len(text)
+        if chars >= size:
             yield batch
-            batch = []
+            batch, chars = [], 0
             bar.update(stats.bytes - seen)
             seen = stats.bytes
     if batch:
@@ -311,23 +332,26 @@ def save(tok: Tokenizer, directory: Path, model_max_length: int) -> None:
 
 
 def evaluate(tok: Tokenizer, docs: Iterator[list[str]], max_bytes: int = 4_000_000) -> dict[str, Any]:
-    """Bytes per token, tokens per word and the share of text that decodes back exactly (up to `max_bytes`)."""
+    """Bytes per token, tokens per word and the share of text that decodes back exactly, on the first
+    `max_bytes` of validation documents as the shards encode them (lines joined by "\n")."""
     n_bytes = n_tokens = n_words = exact_bytes = 0
-    lines: list[str] = []
-    for doc in docs:
-        lines.extend(doc)
-        if sum(map(len, lines)) >= max_bytes:
+    texts: list[str] = []
+    total = 0
+    for text in _document_texts(docs, 1 << 20):
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
             break
-    for start in range(0, len(lines), 1024):
-        batch = lines[start : start + 1024]
+    for start in range(0, len(texts), 64):
+        batch = texts[start : start + 64]
         encs = tok.encode_batch(batch, add_special_tokens=False)
         decoded = tok.decode_batch([e.ids for e in encs], skip_special_tokens=False)
-        for line, enc, back in zip(batch, encs, decoded, strict=True):
-            size = len(line.encode("utf-8"))
+        for text, enc, back in zip(batch, encs, decoded, strict=True):
+            size = len(text.encode("utf-8"))
             n_bytes += size
             n_tokens += len(enc.ids)
-            n_words += len(line.split())
-            exact_bytes += size if back == line else 0
+            n_words += len(text.split())
+            exact_bytes += size if back == text else 0
     return {
         "valid_bytes": n_bytes,
         "bytes_per_token": round(n_bytes / max(n_tokens, 1), 3),

@@ -38,7 +38,7 @@ import yaml
 from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, option
 
 from .metrics import CLASSIFICATION, REGRESSION, compute
-from .module import lr_lambda, param_groups
+from .module import adamw, lr_lambda
 
 
 class FinetuneError(ValueError):
@@ -453,8 +453,7 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         ft = self.ft
-        optimizer = torch.optim.AdamW(param_groups(self.model, ft.weight_decay), lr=ft.peak_lr,
-                                      betas=tuple(ft.betas), eps=ft.eps)
+        optimizer = adamw(self.model, ft.peak_lr, ft.betas, ft.eps, ft.weight_decay, ft.precision)
         warmup, total = round(ft.warmup_ratio * self.total_steps), self.total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -60,6 +60,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+          precision: str = "32-true", grad_clip: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, with torch's fused kernel where it runs (CPU and CUDA tensors).
+
+    Fused is one pass over each parameter instead of a dozen elementwise kernels: on a CPU it makes the update
+    of a base model's 125M parameters about 3x faster than the default per-tensor loop (torch picks the loop for
+    CPU tensors; `transformers.Trainer` defaults to fused), and it is deterministic, so resume stays bitwise.
+    Not with fp16 loss scaling plus clipping: a fused optimizer unscales gradients itself, so Lightning cannot
+    unscale them before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) and not (
+        str(precision).startswith("16") and grad_clip > 0)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+                             fused=fused or None)
+
+
 class MLMModule(pl.LightningModule):
     def __init__(self, config: dict[str, Any], meta: dict[str, Any]):
         """`config` is the experiment as a plain dict (so checkpoints carry it); `meta` the shards' meta.json."""
@@ -201,10 +217,8 @@ class MLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg.optim
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps,
-            fused=False,  # the default foreach path is bitwise reproducible on CPU; fused is CUDA-only anyway
-        )
+        optimizer = adamw(self.model, o.peak_lr, o.betas, o.eps, o.weight_decay, self.cfg.trainer.precision,
+                          o.grad_clip)
         warmup, total = o.warmup_steps, self.cfg.trainer.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,116 @@
+"""Tokenizer training, side by side: `make tokenizer`'s trainer against calling `tokenizers` directly.
+
+    python bench/bench_tokenizer.py [--corpus ../shared/corpus/kernel_docs.txt] [--vocab_size 50265] [--rounds 3]
+
+Both sides train the same byte-level BPE (RoBERTa's pre-tokenizer, special tokens, vocabulary size and minimum
+frequency) on the same text file, each in its own process, alternating (ours, direct, ours, direct, ...) so that
+machine noise hits both:
+- ours: `data_prep.tokenizer.train_tokenizer`, the streaming corpus reader feeding `train_from_iterator`, timed
+  to the end of training (the quality report on the validation text, which `tokenizers` does not make, is not
+  timed; its validation text is one line here);
+- direct: `Tokenizer.train([file], BpeTrainer(...))`, the Rust reader, what a user of `tokenizers` would write.
+Reports median seconds, the ratio (direct / ours: above 1 means ours is faster), and peak memory (the process
+tree's resident set), also on the corpus read `--scale` times over: BPE training holds word counts, not text,
+so memory should stay flat as the corpus grows. Writes bench/results/tokenizer.json and tokenizer.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, SHARED_CORPUS, default_corpus, run_side
+
+
+def side_ours(args: argparse.Namespace) -> dict:
+    from data_prep.config import load_config
+    from data_prep.tokenizer import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as run:
+        valid = Path(run) / "valid.txt"
+        valid.write_text("A line of validation text.\n")
+        train = "[" + ",".join([json.dumps(args.corpus)] * args._copies) + "]"
+        cfg = load_config(None, [f"--run_dir={run}", f"--corpus.train={train}", f"--corpus.valid=[{valid}]",
+                                 f"--tokenizer.vocab_size={args.vocab_size}",
+                                 f"--tokenizer.min_frequency={args.min_frequency}"])
+        out = train_tokenizer(cfg, force=True, log=lambda _: None)
+        report = json.loads((out / "quality.json").read_text())
+    return {"seconds": report["train_seconds"], "vocab_size": report["vocab_size"]}
+
+
+def side_direct(args: argparse.Namespace) -> dict:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    start = time.perf_counter()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size - 1, min_frequency=args.min_frequency,
+                                  special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([args.corpus] * args._copies, trainer=trainer)
+    tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    return {"seconds": time.perf_counter() - start, "vocab_size": tok.get_vocab_size()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=str(SHARED_CORPUS), help="raw text file")
+    p.add_argument("--vocab_size", type=int, default=50265)
+    p.add_argument("--min_frequency", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="alternating (ours, direct) rounds on the corpus")
+    p.add_argument("--scale", type=int, default=4, help="one more round on the corpus this many times over; 0: skip")
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    p.add_argument("--_side", choices=["ours", "direct"], help=argparse.SUPPRESS)
+    p.add_argument("--_copies", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._side:
+        print(json.dumps((side_ours if args._side == "ours" else side_direct)(args)))
+        return
+    args.corpus = default_corpus(args.corpus)
+    argv = [f"--corpus={args.corpus}", f"--vocab_size={args.vocab_size}", f"--min_frequency={args.min_frequency}"]
+    runs: dict[str, list[dict]] = {"ours": [], "direct": []}
+    for _ in range(args.rounds):
+        for side in runs:
+            runs[side].append(run_side(__file__, side, argv))
+    mb = Path(args.corpus).stat().st_size / 1e6
+    report = {"corpus": args.corpus, "corpus_mb": round(mb, 2), "vocab_size": args.vocab_size,
+              "cpus": os.cpu_count(), "sides": {}}
+    for side, rs in runs.items():
+        report["sides"][side] = {"median_seconds": round(statistics.median(r["seconds"] for r in rs), 2),
+                                 "all_seconds": [round(r["seconds"], 2) for r in rs],
+                                 "peak_rss_mb": max(r["peak_rss_mb"] or 0 for r in rs),
+                                 "vocab_size": rs[0]["vocab_size"]}
+    if args.scale > 1:
+        for side in runs:
+            r = run_side(__file__, side, [*argv, f"--_copies={args.scale}"])
+            report["sides"][side].update(scaled_seconds=round(r["seconds"], 2), scaled_peak_rss_mb=r["peak_rss_mb"])
+        report["scale"] = args.scale
+    ours, direct = report["sides"]["ours"], report["sides"]["direct"]
+    report["ratio"] = round(direct["median_seconds"] / ours["median_seconds"], 3)
+    table = ["| side | median s | peak MB | " + (f"s at x{args.scale} | peak MB at x{args.scale} |" if args.scale > 1
+                                                 else ""),
+             "|---|---|---|" + ("---|---|" if args.scale > 1 else "")]
+    for name, r in (("ours (make tokenizer)", ours), ("tokenizers direct", direct)):
+        row = f"| {name} | {r['median_seconds']} | {r['peak_rss_mb']} |"
+        if args.scale > 1:
+            row += f" {r['scaled_seconds']} | {r['scaled_peak_rss_mb']} |"
+        table.append(row)
+    md = [f"Byte-level BPE training on {Path(args.corpus).name} ({mb:.1f} MB), vocab {args.vocab_size}, "
+          f"{os.cpu_count()} CPUs, {args.rounds} alternating rounds.", "", *table, "",
+          f"Speed ratio direct / ours: **{report['ratio']:.2f}x** (target >= 1: no slower than `tokenizers`)."]
+    print("\n".join(md))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "tokenizer.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out / 'tokenizer.json'} and {out / 'tokenizer.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""What the benchmarks share: running one side in its own process and measuring that process tree's peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_CORPUS = ROOT.parent / "shared" / "corpus" / "kernel_docs.txt"
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+    return total / 2**20
+
+
+def run_side(script: str | Path, side: str, argv: list[str]) -> dict:
+    """Run `script --_side SIDE ARGV...` in a fresh process; its last stdout line is a JSON result, to which
+    `peak_rss_mb` is added: the peak of the summed resident sets of its process tree, sampled every 50 ms."""
+    proc = subprocess.Popen([sys.executable, str(script), "--_side", side, *argv], stdout=subprocess.PIPE,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    peak = [0.0]
+    if os.path.isdir("/proc"):
+        def sample() -> None:
+            while proc.poll() is None:
+                peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+                time.sleep(0.05)
+
+        threading.Thread(target=sample, daemon=True).start()
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{Path(script).name}: the {side} side failed (exit {proc.returncode})")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["peak_rss_mb"] = round(peak[0], 1) if peak[0] else None
+    return result
+
+
+def default_corpus(path: str) -> str:
+    """`path` when it exists, else the embedded corpus file (built on first use), so a fresh clone can bench."""
+    if Path(path).is_file():
+        return str(Path(path).resolve())
+    from data_prep.default_corpus import python_docs_path
+
+    print(f"{path} does not exist; using the embedded corpus")
+    return str(python_docs_path())
