@@ -320,11 +320,13 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
         model, info = load_model(ckpt)
         check_compatible(ref_meta, info["meta"], str(ckpt))
         score = yardstick.score(model, ref_batches)
-        curve.append({"step": info["step"], "tokens": round(info["step"] * per_step), **score})
+        # "tokens" in a score is the number of masked tokens scored; the training tokens are "trained_tokens"
+        curve.append({"step": info["step"], **score, "trained_tokens": round(info["step"] * per_step)})
     final = max(curve, key=lambda c: c["step"]) if curve else None
     if final is None or final["step"] != steps:
         model, info = load_model(vdir / "checkpoints" / "last.ckpt")
-        final = {"step": info["step"], "tokens": round(info["step"] * per_step), **yardstick.score(model, ref_batches)}
+        final = {"step": info["step"], **yardstick.score(model, ref_batches),
+                 "trained_tokens": round(info["step"] * per_step)}
         curve.append(final)
     downstream = _downstream(cfg, st, seed, log) if st.task else None
     result = {"variant": v.name, "seed": seed, "what": v.what, "changes": v.changes, "steps": steps,
@@ -463,7 +465,8 @@ def plot_curves(results: list[dict[str, Any]], out_png: Path) -> Path | None:
         points: dict[int, list[tuple[float, float]]] = {}
         for r in runs:
             for c in r["curve"]:
-                points.setdefault(c["step"], []).append((c["tokens"], c["loss"]))
+                # from the step, not a stored count: results written before "trained_tokens" existed plot too
+                points.setdefault(c["step"], []).append((c["step"] * r["tokens"] / r["steps"], c["loss"]))
         steps = sorted(points)
         ax.plot([np.mean([t for t, _ in points[s]]) / 1e6 for s in steps],
                 [np.mean([loss for _, loss in points[s]]) for s in steps], marker="o", label=name)

@@ -90,6 +90,11 @@ def test_the_yardstick_is_the_same_blocks_and_masks_for_every_variant(finished) 
     results = [json.loads(p.read_text()) for p in sorted((root / "ablation").glob("*/seed-0/result.json"))]
     assert len(results) == len(VARIANTS)
     assert len({r["heldout"]["tokens"] for r in results}) == 1 and results[0]["heldout"]["blocks"] == 16
+    for r in results:  # the curves' x axis: training tokens at each checkpoint, not the scored count
+        trained = [c["trained_tokens"] for c in r["curve"]]
+        expected = [c["step"] * r["tokens"] / r["steps"] for c in r["curve"]]
+        assert all(abs(t - e) <= 1 for t, e in zip(trained, expected, strict=True)), r["variant"]
+        assert trained == sorted(set(trained)) and trained[-1] == r["tokens"], r["variant"]
     # rescoring a checkpoint reproduces the recorded number exactly: fixed blocks, fixed masks
     r = next(r for r in results if r["variant"] == "segment-pair-nsp")
     ref = next(m for m in (root / "data").glob("*/meta.json") if json.loads(m.read_text())["packing"] == "full_sentences")
