@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,19 @@ def test_checkpoint_from_another_model_is_refused(shards, corpus_file: Path, tmp
     fit(config(run, corpus_file), meta, resume=False, max_steps=5, **QUIET)
     with pytest.raises(ConfigError, match=r"different configuration: model.hidden_size \(checkpoint 32, config 64\)"):
         fit(config(run, corpus_file, "--model.hidden_size=64"), meta, resume=True, **QUIET)
+
+
+def test_checkpoint_from_another_tokenizer_is_refused(shards, corpus_file: Path, tmp_path: Path) -> None:
+    _, meta = shards
+    run = tmp_path / "retokenized"
+    fit(config(run, corpus_file), meta, resume=False, max_steps=5, **QUIET)
+    other = tmp_path / "other-shards"
+    shutil.copytree(meta.parent, other)
+    changed = json.loads((other / "meta.json").read_text())
+    changed["tokenizer_sha256"] = "0" * 64  # shards of the same sizes from a retrained tokenizer
+    (other / "meta.json").write_text(json.dumps(changed))
+    with pytest.raises(ConfigError, match=r"trained on shards of another tokenizer .* restore that tokenizer"):
+        fit(config(run, corpus_file), other / "meta.json", resume=True, **QUIET)
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
