@@ -5,7 +5,8 @@
 - `PreemptionCheckpoint` turns SIGTERM (and SIGUSR1, unless Lightning's SLURM requeue owns it) into "save at the
   next optimizer-step boundary, then stop", so a preempted job resumes exactly.
 - `resumable_checkpoint` picks the newest checkpoint that loads, reporting any truncated or corrupt one by path.
-- `check_compatible` refuses a checkpoint whose model differs from the config, naming the differing keys.
+- `check_compatible` refuses a checkpoint whose model differs from the config, naming the differing keys, or
+  whose shards came from another tokenizer.
 """
 
 from __future__ import annotations
@@ -119,8 +120,18 @@ def resumable_checkpoint(directory: Path, log=print) -> tuple[Path, int] | None:
     return None
 
 
-def check_compatible(saved: dict[str, Any], cfg: ExperimentConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint whose model (or data geometry) differs from the config."""
+def check_compatible(saved: dict[str, Any], cfg: ExperimentConfig, path: Path, saved_meta: dict[str, Any] | None = None,
+                     meta: dict[str, Any] | None = None) -> None:
+    """Refuse to resume a checkpoint whose model (or data geometry) differs from the config, or whose shards
+    (`saved_meta`, its meta.json) came from another tokenizer than the run's shards now (`meta`)."""
+    # the same sizes are not enough: ids from another tokenizer mean other tokens (e.g. after `make tokenizer
+    # ARGS=--force` in a run_dir that has checkpoints)
+    was, now = (saved_meta or {}).get("tokenizer_sha256"), (meta or {}).get("tokenizer_sha256")
+    if was and now and was != now:
+        raise ConfigError(
+            f"{path} was trained on shards of another tokenizer (tokenizer.json sha256 {was[:12]}..., the "
+            f"run's tokenizer is now {now[:12]}...): restore that tokenizer, or use a new run_dir to start afresh"
+        )
     differing = []
     # the length schedule decides which shards each step reads, so it is part of the data geometry
     data_keys = ("seq_len", "packing", "short_seq_len", "short_fraction")

@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from data_prep.config import ConfigError, ExperimentConfig, config_from_dict
+from data_prep.config import ExperimentConfig, config_from_dict
 
 from .checkpoint import check_compatible
 from .data import seq_len_at
@@ -69,8 +69,7 @@ def adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: fl
     CPU tensors; `transformers.Trainer` defaults to fused), and it is deterministic, so resume stays bitwise.
     Not with fp16 loss scaling plus clipping: a fused optimizer unscales gradients itself, so Lightning cannot
     unscale them before clipping."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.device.type in ("cpu", "cuda") for p in params) and not (
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) and not (
         str(precision).startswith("16") and grad_clip > 0)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
                              fused=fused or None)
@@ -106,18 +105,9 @@ class MLMModule(pl.LightningModule):
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {}).get("config", {})
-        path = Path(self.trainer.ckpt_path) if self._trainer else Path("checkpoint")
-        check_compatible(saved, self.cfg, path)
-        # the same sizes are not enough: ids from another tokenizer mean other tokens (e.g. after `make tokenizer
-        # ARGS=--force` in a run_dir that has checkpoints)
-        was = checkpoint.get("hyper_parameters", {}).get("meta", {}).get("tokenizer_sha256")
-        now = self.meta.get("tokenizer_sha256")
-        if was and now and was != now:
-            raise ConfigError(
-                f"{path} was trained on shards of another tokenizer (tokenizer.json sha256 {was[:12]}..., the "
-                f"run's tokenizer is now {now[:12]}...): restore that tokenizer, or use a new run_dir to start afresh"
-            )
+        saved = checkpoint.get("hyper_parameters", {})
+        check_compatible(saved.get("config", {}), self.cfg,
+                         Path(self.trainer.ckpt_path) if self._trainer else Path("checkpoint"), saved.get("meta"), self.meta)
         self._restored_rng = checkpoint.get("rng")
         # The whole run is one Lightning epoch whose stream ends at max_steps, so the checkpoint of a finished
         # run says "last batch seen". Resumed with a larger max_steps, the epoch goes on: the sampler starts
