@@ -24,15 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED_CORPUS, default_corpus, run_side
+from common import ROOT, SHARED_CORPUS, default_corpus, repeated_corpus, run_side, write_results
 
 
 def config(args: argparse.Namespace):
     from data_prep.config import load_config
 
-    # --_copies N reads the same file N times over: a corpus N times larger with the same statistics
-    train = "[" + ",".join([json.dumps(args.corpus)] * max(1, args._copies)) + "]"
-    return load_config(None, [f"--run_dir={args.run_dir}", f"--corpus.train={train}",
+    return load_config(None, [f"--run_dir={args.run_dir}", f"--corpus.train={repeated_corpus(args.corpus, args._copies)}",
                               "--corpus.valid_fraction=0", f"--tokenizer.vocab_size={args.vocab_size}",
                               f"--data.seq_len={args.seq_len}", f"--data.num_proc={args.num_proc}"])
 
@@ -155,16 +153,13 @@ def main() -> None:
         report["memory_growth"] = round(growth, 3)
         lines.append(f"  peak memory x{growth:.2f} for a corpus x{args.scale} (flat: about x1)")
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data.json").write_text(json.dumps(report, indent=2) + "\n")
     md = [f"Data prep of {Path(args.corpus).name} ({mb:.1f} MB), seq_len {args.seq_len}, {report['workers']} "
           f"worker(s) on {os.cpu_count()} CPUs, same tokenizer (vocab {args.vocab_size}) on both sides.", "",
           *table, "", f"Throughput ratio ours / run_mlm.py: **{ratio:.2f}x** (target >= 2x)."]
     if "memory_growth" in report:
         md.append(f"Peak memory for the corpus x{args.scale}: x{report['memory_growth']:.2f} of the 1x run.")
-    (out / "data.md").write_text("\n".join(md) + "\n")
-    print(f"  wrote {out / 'data.json'} and {out / 'data.md'}")
+    write_results(args.out, "data", report, md)
+
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED_CORPUS, default_corpus, run_side
+from common import ROOT, SHARED_CORPUS, default_corpus, repeated_corpus, run_side, write_results
 
 
 def side_ours(args: argparse.Namespace) -> dict:
@@ -34,8 +34,8 @@ def side_ours(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as run:
         valid = Path(run) / "valid.txt"
         valid.write_text("A line of validation text.\n")
-        train = "[" + ",".join([json.dumps(args.corpus)] * args._copies) + "]"
-        cfg = load_config(None, [f"--run_dir={run}", f"--corpus.train={train}", f"--corpus.valid=[{valid}]",
+        cfg = load_config(None, [f"--run_dir={run}", f"--corpus.train={repeated_corpus(args.corpus, args._copies)}",
+                                 f"--corpus.valid=[{valid}]",
                                  f"--tokenizer.vocab_size={args.vocab_size}",
                                  f"--tokenizer.min_frequency={args.min_frequency}"])
         out = train_tokenizer(cfg, force=True, log=lambda _: None)
@@ -105,11 +105,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {args.rounds} alternating rounds.", "", *table, "",
           f"Speed ratio direct / ours: **{report['ratio']:.2f}x** (target >= 1: no slower than `tokenizers`)."]
     print("\n".join(md))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "tokenizer.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {out / 'tokenizer.json'} and {out / 'tokenizer.md'}")
+    write_results(args.out, "tokenizer", report, md)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,18 @@ def default_corpus(path: str) -> str:
 
     print(f"{path} does not exist; using the embedded corpus")
     return str(python_docs_path())
+
+
+def repeated_corpus(path: str, copies: int) -> str:
+    """A `--corpus.train=` value reading `path` `copies` times over: a corpus that many times larger with the
+    same statistics (the benchmarks' memory-flatness runs)."""
+    return "[" + ",".join([json.dumps(path)] * max(1, copies)) + "]"
+
+
+def write_results(out: str | Path, name: str, report: dict, markdown: list[str]) -> None:
+    """bench/results/NAME.json and NAME.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(markdown) + "\n")
+    print(f"wrote {out / f'{name}.json'} and {out / f'{name}.md'}")
