@@ -176,6 +176,15 @@ class OptimConfig:
     weight_decay: float = option(0.01, "Decoupled weight decay, not applied to biases and LayerNorm.")
     warmup_steps: int = option(24000, "Linear warmup steps, then linear decay to zero at trainer.max_steps.")
     grad_clip: float = option(0.0, "Gradient-norm clipping; 0: off, as in the paper.")
+    max_rollbacks: int = option(
+        3, "A non-finite or spiking loss rolls the run back to its last checkpoint and skips the data of the bad "
+        "steps, at most this many times; then the run stops. 0: stop at the first bad step.")
+    spike_factor: float = option(
+        2.0, "A step whose loss exceeds this multiple of the mean of the last spike_window good steps is a spike "
+        "(rolled back like a NaN); 0: only non-finite losses count.")
+    spike_window: int = option(50, "Good steps the spike test averages over; no spike is called before that many.")
+    rollback_lr_factor: float = option(
+        1.0, "The learning rate (the whole schedule) is multiplied by this at each rollback, e.g. 0.5; 1: unchanged.")
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -184,6 +193,14 @@ class OptimConfig:
             raise ConfigError("optim.peak_lr and optim.eps must be positive, weight_decay and grad_clip >= 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.max_rollbacks < 0 or self.spike_factor < 0 or self.spike_window < 1:
+            raise ConfigError(f"optim.max_rollbacks={self.max_rollbacks} and optim.spike_factor={self.spike_factor} "
+                              f"must be >= 0, optim.spike_window={self.spike_window} at least 1")
+        if self.spike_factor and self.spike_factor <= 1:
+            raise ConfigError(f"optim.spike_factor={self.spike_factor} must be above 1 (a multiple of the recent mean "
+                              "loss), or 0 to turn spike detection off")
+        if not 0 < self.rollback_lr_factor <= 1:
+            raise ConfigError(f"optim.rollback_lr_factor={self.rollback_lr_factor} must be in (0, 1]")
 
 
 @dataclass
@@ -267,6 +284,9 @@ class ExperimentConfig:
         return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
+        if self.optim is not None and self.trainer is not None and self.optim.warmup_steps > self.trainer.max_steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} is more than trainer.max_steps="
+                              f"{self.trainer.max_steps}: the rate would never reach its peak nor zero; lower it")
         if self.batch is not None and self.data is not None and self.batch.by_tokens and self.data.short_seq_len:
             raise ConfigError("batch.by_tokens with data.short_seq_len is not supported: BERT's length schedule "
                               "counts sequences (set batch.by_tokens=false)")

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.tokenizer import train_tokenizer
 
     from .export import ExportError, check_init_from, export
-    from .train import NothingToResume, fit, plot_losses
+    from .train import NothingToResume, TrainingIncomplete, fit, plot_losses
 
     try:
         cfg = load_config(args.config, overrides)
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, NothingToResume, FloatingPointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingIncomplete as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         logs = cfg.run_path / "logs"
         png = plot_losses(logs / "metrics.csv", logs / "loss.png")
         val = trainer.callback_metrics.get("val/loss")
-        print(f"\ndone: {trainer.global_step} steps" + (f", validation loss {float(val):.4f} nats" if val is not None else ""))
+        state = "done" if trainer.global_step >= trainer.max_steps else "stopped by a signal"
+        print(f"\n{state}: {trainer.global_step} of {trainer.max_steps} steps" + (f", validation loss {float(val):.4f} nats" if val is not None else ""))
         print(f"  checkpoint  {cfg.run_path / 'checkpoints' / 'last.ckpt'}")
         print(f"  logs        {logs / 'metrics.csv'}")
         if png:

@@ -54,6 +54,7 @@ class PreemptionCheckpoint(pl.Callback):
     def __init__(self, last_path: Path):
         self.last_path = last_path
         self.received: int | None = None
+        self.stopped = False  # a signal stopped the run (train.fit then does not call it incomplete)
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -70,12 +71,17 @@ class PreemptionCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # only at optimizer-step boundaries: one collective per step, not per micro-batch
         received = self.received
         if trainer.world_size > 1:  # every rank must agree, or the collective save would hang
             flag = torch.tensor([1 if received else 0], device=pl_module.device)
             received = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
-        if not received or (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if not received:
             return
+        self.stopped = True
+        if hasattr(pl_module, "raise_if_diverged"):
+            pl_module.raise_if_diverged()  # never save weights from after a bad step (rollback.py)
         trainer.save_checkpoint(self.last_path)
         if trainer.global_rank == 0:
             print(f"\npreempted (signal {self.received}): saved {self.last_path} at step {trainer.global_step}; "
@@ -135,7 +141,10 @@ def check_compatible(saved: dict[str, Any], cfg: ExperimentConfig, path: Path, s
     differing = []
     # the length schedule decides which shards each step reads, so it is part of the data geometry
     data_keys = ("seq_len", "packing", "short_seq_len", "short_fraction")
-    for section, keys in (("model", None), ("data", data_keys), ("tokenizer", ("vocab_size",))):
+    # the global batch decides which data each step reads (with by_tokens, the micro-batch too: it is the token
+    # budget); the device count and accumulation may change (elastic resume, module.on_load_checkpoint)
+    batch_keys = ("global_size", "by_tokens", "micro_size") if cfg.batch.by_tokens else ("global_size", "by_tokens")
+    for section, keys in (("model", None), ("data", data_keys), ("tokenizer", ("vocab_size",)), ("batch", batch_keys)):
         new_section = getattr(cfg, section)
         old, new = saved.get(section, {}), new_section.__dict__
         # keys added after a checkpoint was written read as their defaults

@@ -21,6 +21,7 @@ Validation always uses the long valid blocks.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,15 @@ from data_prep.config import ConfigError, ExperimentConfig
 from data_prep.shards import ShardError, ShardSplit, open_split, read_meta, short_phase
 
 from .masking import MaskingCollator
+from .steps import data_step
+
+Skips = list[list[int]]
+"""Rollbacks' data skips, (optimizer step, count) pairs (steps.py); samplers take them or a callable."""
+
+
+def _now(value: Any) -> Any:
+    """A sampler argument that may be a callable read when iteration begins (after a checkpoint is restored)."""
+    return value() if callable(value) else value
 
 
 class BlockDataset(Dataset):
@@ -52,6 +62,12 @@ class BlockDataset(Dataset):
             item["nsp_label"] = int(self.split.nsp_labels[index])
         return item
 
+    def block(self, key: tuple[int, int]) -> np.ndarray:
+        return self.split.block(key[1])
+
+    def __getitems__(self, keys: list) -> list[dict[str, Any]]:
+        return _items(self, keys)
+
 
 class PhasedDataset(Dataset):
     """Items from one split per phase of the length schedule: indexed by (phase, epoch, block index)."""
@@ -65,6 +81,29 @@ class PhasedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         phase, epoch, index = key
         return self.phases[phase][epoch, index]
+
+    def block(self, key: tuple[int, int, int]) -> np.ndarray:
+        return self.phases[key[0]].split.block(key[2])
+
+    def __getitems__(self, keys: list) -> list[dict[str, Any]]:
+        return _items(self, keys)
+
+
+class MicroBatch(list):
+    """The keys of one micro-batch. The first micro-batch of each optimizer step also carries `step_keys`, the
+    keys of every micro-batch of the step on this rank, so that the collator can count the step's targets
+    before the step's first forward pass (the loss is normalised by the step's count, module.py)."""
+
+    step_keys: list | None = None
+
+
+def _items(dataset: BlockDataset | PhasedDataset, keys: list) -> list[dict[str, Any]]:
+    """DataLoader's batched fetch: the items of a micro-batch, the first also holding the step's blocks."""
+    items = [dataset[k] for k in keys]
+    step_keys = getattr(keys, "step_keys", None)
+    if step_keys is not None and items:
+        items[0]["step_blocks"] = [dataset.block(k) for k in step_keys]
+    return items
 
 
 def length_schedule(cfg: ExperimentConfig) -> list[tuple[int, int]]:
@@ -95,11 +134,13 @@ class StepSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, num_blocks: int, seed: int, global_size: int, micro_size: int, world_size: int,
-                 rank: int, start_step: int | Callable[[], int], max_steps: int, first_step: int = 0):
+                 rank: int, start_step: int | Callable[[], int], max_steps: int, first_step: int = 0,
+                 skips: Skips | Callable[[], Skips] = ()):
         assert global_size % (micro_size * world_size) == 0, "checked by batch_geometry"
         assert num_blocks > 0, "no training blocks"
         self.n, self.seed, self.G, self.m, self.W, self.r = num_blocks, seed, global_size, micro_size, world_size, rank
         self.start_step, self.max_steps, self.first_step = start_step, max_steps, first_step
+        self.skips = skips
         self.accumulation = global_size // (micro_size * world_size)
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -113,19 +154,19 @@ class StepSampler(Sampler[tuple[int, int]]):
         return epoch, int(self._perm[1][i])
 
     def positions(self, step: int) -> Iterator[int]:
-        """This rank's global positions for optimizer step `step`, in micro-batch order."""
+        """This rank's global positions for data step `step`, in micro-batch order."""
         for a in range(self.accumulation):
             start = (step - self.first_step) * self.G + (a * self.W + self.r) * self.m
             yield from range(start, start + self.m)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        start = self.start_step() if callable(self.start_step) else self.start_step
-        yield from self.iter_from(start)
+        yield from self.iter_from(_now(self.start_step))
 
     def iter_from(self, start: int) -> Iterator[tuple[int, int]]:
-        """The pairs of steps [max(start, first_step), max_steps)."""
+        """The pairs of optimizer steps [max(start, first_step), max_steps), each reading its data step's."""
+        skips = _now(self.skips)
         for step in range(max(start, self.first_step), self.max_steps):
-            for g in self.positions(step):
+            for g in self.positions(data_step(step, skips)):
                 yield self._at(g)
 
 
@@ -153,11 +194,11 @@ class TokenBudgetSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, lengths: np.ndarray, seed: int, budget: int, accumulation: int, world_size: int, rank: int,
-                 start_step: int | Callable[[], int], max_steps: int):
+                 start_step: int | Callable[[], int], max_steps: int, skips: Skips | Callable[[], Skips] = ()):
         assert len(lengths) > 0, "no training blocks"
         self.lengths, self.seed, self.budget = np.asarray(lengths, np.int64), seed, budget
         self.A, self.W, self.r = accumulation, world_size, rank
-        self.start_step, self.max_steps = start_step, max_steps
+        self.start_step, self.max_steps, self.skips = start_step, max_steps, skips
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, permutation, bin boundaries)
         self._first_bin: list[int] = [0]  # the global index of each epoch's first micro-batch, as far as known
 
@@ -181,10 +222,11 @@ class TokenBudgetSampler(Sampler[list[tuple[int, int]]]):
         return [(epoch, int(i)) for i in perm[bounds[j] : bounds[j + 1]]]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        start = self.start_step() if callable(self.start_step) else self.start_step
-        for step in range(start, self.max_steps):
+        skips = _now(self.skips)
+        for step in range(_now(self.start_step), self.max_steps):
+            d = data_step(step, skips)
             for a in range(self.A):
-                yield self.micro_batch((step * self.A + a) * self.W + self.r)
+                yield self.micro_batch((d * self.A + a) * self.W + self.r)
 
 
 class PhasedSampler(Sampler[tuple[int, int, int]]):
@@ -204,10 +246,43 @@ class PhasedSampler(Sampler[tuple[int, int, int]]):
         return sum(len(p) for p in self.phases)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        start = self.start_step() if callable(self.start_step) else self.start_step
+        start = _now(self.start_step)
         for phase, sampler in enumerate(self.phases):
             for epoch, index in sampler.iter_from(start):
                 yield phase, epoch, index
+
+
+class StepBatches(Sampler[MicroBatch]):
+    """A batch sampler: `sampler`'s keys in micro-batches of `micro_size` (or its micro-batches as they come,
+    with `micro_size=None`), grouped by optimizer step, `accumulation` micro-batches each; the first micro-batch
+    of a step carries the keys of the whole step (`MicroBatch.step_keys`)."""
+
+    def __init__(self, sampler: Sampler, micro_size: int | None, accumulation: int):
+        self.sampler, self.m, self.A = sampler, micro_size, accumulation
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.m if self.m else len(self.sampler)
+
+    def _micro_batches(self) -> Iterator[list]:
+        if self.m is None:
+            yield from self.sampler
+            return
+        keys = iter(self.sampler)
+        while chunk := list(itertools.islice(keys, self.m)):
+            yield chunk
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        step: list[list] = []
+        for micro in self._micro_batches():
+            step.append(micro)
+            if len(step) == self.A:
+                for a, keys in enumerate(step):
+                    batch = MicroBatch(keys)
+                    if a == 0:
+                        batch.step_keys = [k for mb in step for k in mb]
+                    yield batch
+                step = []
+        assert not step, f"the sampler ended inside an optimizer step ({len(step)} of {self.A} micro-batches)"
 
 
 class ValidSampler(Sampler[tuple[int, int]]):
@@ -275,7 +350,8 @@ class ShardDataModule(pl.LightningDataModule):
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def _loader(self, dataset: Dataset, sampler: Sampler, batches: bool = False) -> DataLoader:
-        """A loader over `sampler`'s items in micro-batches of micro_size, or over its micro-batches (`batches`)."""
+        """A loader over `sampler`'s items in micro-batches of micro_size, or over the micro-batches of a batch
+        sampler (`batches`)."""
         workers = self.cfg.batch.num_workers
         how = {"batch_sampler": sampler} if batches else {"batch_size": self.cfg.batch.micro_size, "sampler": sampler}
         return DataLoader(
@@ -292,17 +368,21 @@ class ShardDataModule(pl.LightningDataModule):
         assert self.train_phases, "setup() first"
         b, max_steps = self.cfg.batch, self.cfg.trainer.max_steps
         start = (lambda: trainer.global_step) if trainer is not None else 0
+        # read when iteration begins, after a checkpoint (and its rollback record) is restored
+        module = trainer.lightning_module if trainer is not None else None
+        skips = (lambda: module.rollbacks.skips) if module is not None and hasattr(module, "rollbacks") else ()
+        accumulation = batch_geometry(b.global_size, b.micro_size, world)
         if b.by_tokens:
             split = self.train_phases[0]
             sampler = TokenBudgetSampler(split.block_lengths(), self.cfg.seed, b.micro_size * split.seq_len,
-                                         batch_geometry(b.global_size, b.micro_size, world), world, rank, start,
-                                         max_steps)
-            return self._loader(BlockDataset(split), sampler, batches=True)
+                                         accumulation, world, rank, start, max_steps, skips)
+            return self._loader(BlockDataset(split), StepBatches(sampler, None, accumulation), batches=True)
         firsts = [first for first, _ in length_schedule(self.cfg)]
-        phases = [StepSampler(split.num_blocks, self.cfg.seed, b.global_size, b.micro_size, world, rank, 0, end, first)
+        phases = [StepSampler(split.num_blocks, self.cfg.seed, b.global_size, b.micro_size, world, rank, 0, end, first,
+                              skips)
                   for split, first, end in zip(self.train_phases, firsts, [*firsts[1:], max_steps], strict=True)]
-        sampler = PhasedSampler(phases, start)
-        return self._loader(PhasedDataset(self.train_phases), sampler)
+        batches = StepBatches(PhasedSampler(phases, start), b.micro_size, accumulation)
+        return self._loader(PhasedDataset(self.train_phases), batches, batches=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.valid is None or self.valid.num_blocks == 0:

@@ -99,13 +99,23 @@ class MaskingCollator:
         counter = np.array([0, 0, epoch, _STREAM], dtype=np.uint64)
         return np.random.Generator(np.random.Philox(key=key, counter=counter))
 
+    def num_targets(self, n: int) -> int:
+        """How many of a sequence's n non-special tokens are chosen: round(probability x n), at least 1."""
+        return min(n, max(1, math.floor(self.probability * n + 0.5))) if n else 0  # round half up, not to even
+
+    def step_counts(self, blocks: list[Any]) -> tuple[int, int]:
+        """(targets, sequences) of an optimizer step's blocks, without masking them: the divisors of the
+        step's token-weighted loss, known before its first micro-batch runs."""
+        targets = sum(self.num_targets(int((~self._is_special[np.asarray(b, dtype=np.int64)]).sum())) for b in blocks)
+        return targets, len(blocks)
+
     def mask_sequence(self, ids: Any, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One sequence -> (masked ids (L,), sorted chosen positions (K,), original ids there (K,)), int64."""
         ids = np.asarray(ids, dtype=np.int64)
         assert ids.ndim == 1, f"sequence {index}: expected a 1-d sequence of ids, got shape {ids.shape}"
         candidates = np.flatnonzero(~self._is_special[ids])  # (n,) positions that may be chosen
         n = candidates.size
-        k = min(n, max(1, math.floor(self.probability * n + 0.5))) if n else 0  # round half up, not to even
+        k = self.num_targets(n)
         rng = self._generator(index, epoch)
         # 1) which tokens: k of the n candidates, uniformly without replacement
         positions = candidates[np.sort(rng.choice(n, size=k, replace=False, shuffle=False))]  # (k,)
@@ -122,7 +132,9 @@ class MaskingCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """A batch: `input_ids` (B, T) padded to the longest, `attention_mask` (B, T) 1 for real tokens,
         `masked_positions` (N,) sorted indices into the flattened B*T positions, `masked_targets` (N,) the
-        original ids there, and `nsp_labels` (B,) when the items carry `nsp_label`."""
+        original ids there, `nsp_labels` (B,) when the items carry `nsp_label`, and `step_counts` (2,), the
+        targets and sequences of the whole optimizer step on this rank, when the first item carries
+        `step_blocks` (the first micro-batch of a step, data.py)."""
         assert items, "MaskingCollator got an empty batch"
         masked = [self.mask_sequence(it["input_ids"], it["index"], it["epoch"]) for it in items]
         B, T = len(items), max(m[0].size for m in masked)
@@ -142,4 +154,6 @@ class MaskingCollator:
         }
         if "nsp_label" in items[0]:
             batch["nsp_labels"] = torch.tensor([it["nsp_label"] for it in items], dtype=torch.long)
+        if "step_blocks" in items[0]:
+            batch["step_counts"] = torch.tensor(self.step_counts(items[0]["step_blocks"]), dtype=torch.long)
         return batch

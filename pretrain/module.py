@@ -10,12 +10,10 @@ to 0 at `max_steps`; gradient clipping is off unless `optim.grad_clip > 0` (Ligh
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -25,6 +23,8 @@ from data_prep.config import ExperimentConfig, config_from_dict
 from .checkpoint import check_compatible
 from .data import seq_len_at
 from .model import RobertaConfig, RobertaForMLM
+from .rollback import Diverged, DivergenceMonitor, RollbackState
+from .steps import step_seed
 
 PAIR_PACKINGS = ("segment_pair", "sentence_pair")
 
@@ -43,10 +43,12 @@ def model_config(cfg: ExperimentConfig, meta: dict[str, Any]) -> RobertaConfig:
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int) -> float:
-    """Multiplier of the peak rate at optimizer step `step` (the rate used for the update that makes step+1)."""
+    """Multiplier of the peak rate at optimizer step `step` (the rate used for the update that makes step+1),
+    as `transformers.get_linear_schedule_with_warmup` and fairseq: 0 for the first update, the peak at the end of
+    warmup (update warmup_steps + 1), 0 at max_steps."""
     # 1) linear warmup from 0 to 1 over warmup_steps
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return step / warmup_steps
     # 2) linear decay from 1 to 0 at max_steps
     return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
@@ -67,10 +69,9 @@ def adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: fl
     Fused is one pass over each parameter instead of a dozen elementwise kernels: on a CPU it makes the update
     of a base model's 125M parameters about 3x faster than the default per-tensor loop (torch picks the loop for
     CPU tensors; `transformers.Trainer` defaults to fused), and it is deterministic, so resume stays bitwise.
-    Not with fp16 loss scaling plus clipping: a fused optimizer unscales gradients itself, so Lightning cannot
-    unscale them before clipping."""
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) and not (
-        str(precision).startswith("16") and grad_clip > 0)
+    Not with fp16 loss scaling: a fused optimizer unscales gradients itself, inside its step, so Lightning could
+    neither clip nor report the true gradient norm before it (it would see the gradients x the loss scale)."""
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) and not str(precision).startswith("16")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
                              fused=fused or None)
 
@@ -88,96 +89,154 @@ class MLMModule(pl.LightningModule):
 
             init_from_hf(self.model, self.cfg)
         self.mask_id = meta["special_ids"]["mask"]
-        self._tokens_since = 0
+        o = self.cfg.optim
+        self.rollbacks = RollbackState()
+        """Rollbacks so far and the data they skipped; restored from the checkpoint (train.fit may override)."""
+        self.rollback_override: RollbackState | None = None
+        self.monitor = DivergenceMonitor(o.spike_factor, o.spike_window)
+        self._tokens_since: torch.Tensor | int = 0
         self._step_sums: dict[str, torch.Tensor] = {}  # name -> (numerator, denominator) over the step's micro-batches
+        self._step_log: dict[str, torch.Tensor] = {}  # the finished step's sums over all ranks, to log
+        self._step_counts: torch.Tensor | None = None  # (targets, sequences) of the step over all ranks
         self._t_last: float | None = None
-        self._restored_rng: dict[str, Any] | None = None
 
-    # --- exact resume: the random state travels with the checkpoint ----------------------------------------
+    # --- checkpoints: what a step computes is a function of the step, so no RNG state is stored -------------
+
+    def geometry(self) -> dict[str, Any]:
+        b = self.cfg.batch
+        trainer = self._trainer
+        return {"global_size": b.global_size, "micro_size": b.micro_size, "by_tokens": b.by_tokens,
+                "seq_len": self.cfg.data.seq_len,
+                "world_size": trainer.world_size if trainer else 1,
+                "accumulation": trainer.accumulate_grad_batches if trainer else b.global_size // b.micro_size}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Dropout draws from torch's global generator; the data order and masks need no state (see data.py).
         # Plain types only, so Lightning's weights_only loading accepts the checkpoint.
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-        if torch.cuda.is_available():
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["geometry"] = self.geometry()
+        checkpoint["rollbacks"] = self.rollbacks.to_dict()
+        checkpoint["divergence_monitor"] = self.monitor.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {})
-        check_compatible(saved.get("config", {}), self.cfg,
-                         Path(self.trainer.ckpt_path) if self._trainer else Path("checkpoint"), saved.get("meta"), self.meta)
-        self._restored_rng = checkpoint.get("rng")
+        path = Path(self.trainer.ckpt_path) if self._trainer else Path("checkpoint")
+        check_compatible(saved.get("config", {}), self.cfg, path, saved.get("meta"), self.meta)
+        self.rollbacks = self.rollback_override or RollbackState.from_dict(checkpoint.get("rollbacks"))
+        if "divergence_monitor" in checkpoint:
+            self.monitor.load_state_dict(checkpoint["divergence_monitor"])
+        loops = checkpoint.get("loops", {}).get("fit_loop", {})
+        progress = loops.get("epoch_loop.batch_progress")
+        if progress is None:
+            return
         # The whole run is one Lightning epoch whose stream ends at max_steps, so the checkpoint of a finished
         # run says "last batch seen". Resumed with a larger max_steps, the epoch goes on: the sampler starts
         # at the saved step (data.py), and Lightning must not think the epoch is over.
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-        if progress is not None and checkpoint.get("global_step", 0) < self.cfg.trainer.max_steps:
+        step = int(checkpoint.get("global_step", 0))
+        if step < self.cfg.trainer.max_steps:
             progress["is_last_batch"] = False
+        # Elastic resume: Lightning counts micro-batches, whose number per step changes with the device count
+        # (accumulation = global batch / (micro-batch x devices)). Rescale its counters to the new
+        # accumulation, or it would end the epoch early (at the old count of micro-batches).
+        old = checkpoint.get("geometry", {}).get("accumulation") or (
+            progress["total"]["ready"] // step if step else 1)
+        new = self.trainer.accumulate_grad_batches if self._trainer else old
+        if old != new:
+            for counters in (progress["total"], progress["current"]):
+                for key, value in counters.items():
+                    counters[key] = value - step * old + step * new
 
     def on_train_start(self) -> None:
-        # Applied here, not in on_load_checkpoint: nothing between here and the first step draws from it.
-        rng, self._restored_rng = self._restored_rng, None
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        kind, keys, pos, has_gauss, cached = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.monitor.to(self.device)
+        # The learning rate of the next update, from the schedule (x the rollbacks' factor), not the restored
+        # optimizer's value: equal on a plain resume, lowered after a rollback.
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                                          strict=True)]  # as LambdaLR.get_lr
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
 
-    # --- loss --------------------------------------------------------------------------------------------
+    def raise_if_diverged(self) -> None:
+        """Reads the divergence flag (a host sync): raises `Diverged` when a bad step was seen."""
+        found = self.monitor.poll()
+        if found is not None:
+            raise Diverged(found[0], self.global_step - 1, found[1])
+
+    # --- loss ---------------------------------------------------------------------------------------------
 
     def _losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sums over the micro-batch (the step normalises them): MLM loss and correct predictions over the
+        masked tokens, NSP loss and correct predictions over the sequences; `mlm_loss` is the mean."""
         hidden = self.model.encode(batch["input_ids"], batch["attention_mask"])  # (B, T, C)
         logits = self.model.mlm_logits(hidden, batch["masked_positions"])  # (N, V): sparse prediction
         targets = batch["masked_targets"]
-        out = {"mlm_loss": F.cross_entropy(logits.float(), targets), "n_masked": targets.numel()}
+        out = {"mlm_sum": F.cross_entropy(logits.float(), targets, reduction="sum"), "n_masked": targets.numel()}
+        out["mlm_loss"] = out["mlm_sum"] / max(1, out["n_masked"])
         with torch.no_grad():
-            out["mlm_acc"] = (logits.argmax(-1) == targets).float().mean()
-        out["loss"] = out["mlm_loss"]
+            out["mlm_correct"] = (logits.argmax(-1) == targets).sum()
         if self.model.nsp_head is not None and "nsp_labels" in batch:
             nsp_logits = self.model.nsp_logits(hidden)  # (B, 2)
-            out["nsp_loss"] = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"])
-            out["nsp_acc"] = (nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean()
-            out["loss"] = out["loss"] + out["nsp_loss"]
+            out["nsp_sum"] = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"], reduction="sum")
+            out["nsp_correct"] = (nsp_logits.argmax(-1) == batch["nsp_labels"]).sum()
         return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        A, W = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        a = batch_idx % A
+        if "step_counts" in batch:  # the step's first micro-batch: the divisors of the whole step
+            assert a == 0, f"step counts on micro-batch {a} of {A}: the sampler is out of step"
+            counts = batch["step_counts"].to(self.device, torch.float64)
+            self._step_counts = self.trainer.strategy.reduce(counts, reduce_op="sum") if W > 1 else counts
+        assert self._step_counts is not None, "a training batch without step counts (data.py's StepBatches)"
+        # dropout as a function of (seed, step, micro-batch over all ranks): steps.py
+        torch.manual_seed(step_seed(self.cfg.seed, self.global_step, a * W + self.global_rank))
         out = self._losses(batch)
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(
-                f"loss is {out['loss'].item()} at step {self.global_step}: stopping; the last good checkpoint "
-                "is kept (lower optim.peak_lr, raise optim.warmup_steps or set optim.grad_clip)"
-            )
-        self._tokens_since += int(batch["attention_mask"].sum())
+        # fairseq's token-weighted mean over the whole step: the sum of per-token losses of every micro-batch
+        # and rank over the step's target count. x A undoes Lightning's division by the accumulation, x W
+        # DDP's mean over ranks; the NSP term is the mean over the step's sequences.
+        targets, sequences = self._step_counts.clamp(min=1.0).unbind()
+        loss = out["mlm_sum"] * (A * W / targets).float()
+        if "nsp_sum" in out:
+            loss = loss + out["nsp_sum"] * (A * W / sequences).float()
+        self._tokens_since = self._tokens_since + batch["attention_mask"].sum()  # stays on the device
         self._add_step_sums(batch, out)
-        return out["loss"]
+        return loss
 
     @torch.no_grad()
     def _add_step_sums(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
-        """Adds this micro-batch's numerators and denominators to the optimizer step's, so the logged training
-        metrics cover every micro-batch of an accumulated step (token-weighted), not only the last one."""
+        """Adds this micro-batch's numerators and denominators to the optimizer step's; at the step's end they
+        are summed over the ranks, so the logged metrics are the step's token-weighted means."""
         n, b = out["n_masked"], batch["input_ids"].shape[0]
         pos, targets = batch["masked_positions"], batch["masked_targets"]
         seen = batch["input_ids"].flatten()[pos]
         as_mask, kept = (seen == self.mask_id).sum(), (seen == targets).sum()
         real = batch["attention_mask"].sum() - 2 * b  # <s> and </s> of each row
-        sums = {"train/loss": (out["mlm_loss"] * n, n), "train/mlm_acc": (out["mlm_acc"] * n, n),
+        sums = {"train/loss": (out["mlm_sum"], n), "train/mlm_acc": (out["mlm_correct"], n),
                 # the realised mask rate and 80/10/10 split, so a misconfigured collator shows in the logs
                 "mask/rate": (n, real), "mask/mask": (as_mask, n), "mask/random": (n - as_mask - kept, n),
                 "mask/kept": (kept, n)}
-        if "nsp_loss" in out:
-            sums.update({"train/nsp_loss": (out["nsp_loss"] * b, b), "train/nsp_acc": (out["nsp_acc"] * b, b)})
+        if "nsp_sum" in out:
+            sums.update({"train/nsp_loss": (out["nsp_sum"], b), "train/nsp_acc": (out["nsp_correct"], b)})
         for name, (num, den) in sums.items():  # tensors on the device: no host sync per micro-batch
             pair = torch.stack([torch.as_tensor(num, dtype=torch.float64, device=self.device),
                                 torch.as_tensor(den, dtype=torch.float64, device=self.device)])
             self._step_sums[name] = self._step_sums[name] + pair if name in self._step_sums else pair
 
-    def _log_step_means(self) -> None:
+    def _finish_step(self) -> None:
+        """After the step's last backward: its sums over all ranks (one all-reduce), and the divergence check
+        of its loss, on the device."""
         sums, self._step_sums = self._step_sums, {}
+        if not sums:
+            return
+        names = sorted(sums)
+        stacked = torch.stack([sums[k] for k in names])  # (metrics, 2)
+        if self.trainer.world_size > 1:
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
+        self._step_log = dict(zip(names, stacked.unbind(), strict=True))
+        loss_sum, n = self._step_log["train/loss"]
+        self.monitor.update(loss_sum / n.clamp(min=1.0), self.global_step)
+
+    def _log_step_means(self) -> None:
+        sums, self._step_log = self._step_log, {}
         log = {name: (pair[0] / pair[1].clamp(min=1.0)).float() for name, pair in sums.items()}
         if "train/loss" not in log:
             return
@@ -196,8 +255,8 @@ class MLMModule(pl.LightningModule):
         out = self._losses(batch)
         n, b = out["n_masked"], batch["input_ids"].shape[0]
         self._val_sums += torch.stack([
-            out["mlm_loss"].double() * n, out["mlm_acc"].double() * n, torch.tensor(float(n), device=self.device),
-            out["nsp_loss"].double() * b if "nsp_loss" in out else torch.zeros((), device=self.device),
+            out["mlm_sum"].double(), out["mlm_correct"].double(), torch.tensor(float(n), device=self.device),
+            out["nsp_sum"].double() if "nsp_sum" in out else torch.zeros((), device=self.device),
             torch.tensor(float(b), device=self.device),
         ]).to(self._val_sums)
 
@@ -220,10 +279,17 @@ class MLMModule(pl.LightningModule):
         optimizer = adamw(self.model, o.peak_lr, o.betas, o.eps, o.weight_decay, self.cfg.trainer.precision,
                           o.grad_clip)
         warmup, total = o.warmup_steps, self.cfg.trainer.max_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total))
+
+        def rate(step: int) -> float:  # x rollback_lr_factor per rollback so far (rollback.py)
+            return lr_lambda(step, warmup, total) * o.rollback_lr_factor ** len(self.rollbacks.events)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this after the step's last backward and the unscaling of fp16 gradients (fused
+        # AdamW is not used under 16-mixed, see `adamw`), before clipping: the norm logged is the true one.
+        self._finish_step()
         if self.global_step % max(1, self.cfg.trainer.log_every_n_steps):
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -238,5 +304,6 @@ class MLMModule(pl.LightningModule):
         self._log_step_means()
         now = time.perf_counter()
         if self._t_last is not None and now > self._t_last:
-            self.log("train/tokens_per_s", self._tokens_since * self.trainer.world_size / (now - self._t_last))
+            self.log("train/tokens_per_s", torch.as_tensor(self._tokens_since, dtype=torch.float64)
+                     * self.trainer.world_size / (now - self._t_last))
         self._t_last, self._tokens_since = now, 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.utilities import rank_zero_only
 
 from data_prep.config import ExperimentConfig, dump_config
 
@@ -19,10 +21,15 @@ from .checkpoint import AtomicCheckpointIO, PreemptionCheckpoint, resumable_chec
 from .data import ShardDataModule, batch_geometry
 from .export import HFExportCallback
 from .module import MLMModule
+from .rollback import Diverged, RollbackGuard, RollbackState, TrainingDiverged
 
 
 class NothingToResume(FileNotFoundError):
     """`make resume` on a run without checkpoints."""
+
+
+class TrainingIncomplete(RuntimeError):
+    """Training stopped before max_steps for a reason other than a signal: never reported as done."""
 
 
 def checkpoint_dir(cfg: ExperimentConfig) -> Path:
@@ -87,10 +94,14 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        # Only at the end of an optimizer step. Lightning's own test (global_step % every_n_steps, not yet saved at
+        # this step) also fires on the first micro-batch after a resume at a checkpoint step, since it does not
+        # restore the step it last saved at: that file, saved mid-step, would resume out of step.
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         final = trainer.max_steps > 0 and trainer.global_step == trainer.max_steps
         if (final and trainer.global_step != self._last_global_step_saved
-                and (batch_idx + 1) % trainer.accumulate_grad_batches == 0
                 and not self._should_skip_saving_checkpoint(trainer)):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
@@ -107,6 +118,8 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
         save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
     ), PreemptionCheckpoint(checkpoint_dir(cfg) / "last.ckpt")]
     exporting = [HFExportCallback(cfg)] if saving and cfg.checkpoint.export_hf else []  # run_dir/hf per save
+    # before every checkpoint callback (Lightning runs ModelCheckpoints last): no save after a bad step
+    guard = [RollbackGuard(cfg.checkpoint.every_n_steps, t.log_every_n_steps)]
     kwargs: dict[str, Any] = dict(
         # One Lightning epoch is the whole run: the sampler's stream already spans the data epochs (data.py).
         max_steps=t.max_steps, max_epochs=1, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
@@ -116,7 +129,7 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=cfg.optim.grad_clip or None,
         use_distributed_sampler=False,  # our samplers split the data by rank themselves (see data.py)
         num_sanity_val_steps=0, default_root_dir=str(cfg.run_path), logger=make_loggers(cfg, resume_step),
-        callbacks=[*saving, *exporting, *(callbacks or [])],
+        callbacks=[*guard, *saving, *exporting, *(callbacks or [])],
         plugins=[AtomicCheckpointIO()], enable_model_summary=True,
     )
     kwargs.update(overrides)
@@ -125,18 +138,50 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
 
 def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, callbacks: list[pl.Callback] | None = None,
         **trainer_overrides: Any) -> pl.Trainer:
-    """Train. resume=None: continue from last.ckpt when there is one; True: require it; False: start fresh."""
+    """Train. resume=None: continue from last.ckpt when there is one; True: require it; False: start fresh.
+
+    A bad step (non-finite or spiking loss, rollback.py) rolls the run back to its newest checkpoint (or its
+    start) with the bad steps' data skipped, up to `optim.max_rollbacks` times. A run that ends before
+    max_steps without a signal raises `TrainingIncomplete`, never returns as if done."""
     found = last_checkpoint(cfg) if resume is not False else None
     if resume and found is None:
         raise NothingToResume(f"{checkpoint_dir(cfg)}/last.ckpt does not exist: nothing to resume (run `make pretrain`)")
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = ShardDataModule(cfg, meta_path)
-    module = MLMModule(cfg.to_dict(), datamodule.meta)
-    if cfg.trainer.compile:
-        module.model = torch.compile(module.model)
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     (cfg.run_path / "logs").mkdir(exist_ok=True)
     (cfg.run_path / "logs" / "config.yaml").write_text(dump_config(cfg))
+    override: RollbackState | None = None
+    while True:
+        try:
+            trainer = _fit_once(cfg, meta_path, found, override, callbacks, trainer_overrides)
+            break
+        except Diverged as d:
+            state = override or _rollback_state_of(found)
+            previous = found
+            found = last_checkpoint(cfg)
+            if found is not None and previous is not None and found[1] < previous[1]:
+                found = previous  # never behind the checkpoint this attempt started from
+            if len(state.events) >= cfg.optim.max_rollbacks:
+                where = f"{found[0]} (step {found[1]})" if found else "none (no checkpoint was written)"
+                raise TrainingDiverged(
+                    f"{d} after {len(state.events)} rollback(s) (optim.max_rollbacks={cfg.optim.max_rollbacks}): "
+                    f"stopping. Last good checkpoint: {where}. Lower optim.peak_lr, raise optim.warmup_steps or "
+                    "set optim.grad_clip (or optim.rollback_lr_factor)") from None
+            override = state.after(d, found[1] if found else 0)
+            _report_rollback(cfg, d, override)
+    _check_complete(cfg, trainer)
+    return trainer
+
+
+def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | None,
+              rollbacks: RollbackState | None, callbacks: list[pl.Callback] | None,
+              trainer_overrides: dict[str, Any]) -> pl.Trainer:
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initialisation; steps reseed (steps.py)
+    datamodule = ShardDataModule(cfg, meta_path)
+    module = MLMModule(cfg.to_dict(), datamodule.meta)
+    if rollbacks is not None:  # replaces the checkpoint's record when it is loaded
+        module.rollbacks = module.rollback_override = rollbacks
+    if cfg.trainer.compile:
+        module.model = torch.compile(module.model)
     ckpt, step = found if found else (None, None)
     trainer = make_trainer(cfg, callbacks, resume_step=step, **trainer_overrides)
     with warnings.catch_warnings():
@@ -147,6 +192,39 @@ def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, call
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return trainer
+
+
+def _rollback_state_of(found: tuple[Path, int] | None) -> RollbackState:
+    if found is None:
+        return RollbackState()
+    return RollbackState.from_dict(torch.load(found[0], map_location="cpu", weights_only=True).get("rollbacks"))
+
+
+def _report_rollback(cfg: ExperimentConfig, d: Diverged, state: RollbackState) -> None:
+    """One line on the console and one JSON line in logs/rollbacks.jsonl (rank 0)."""
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    event = state.events[-1]
+    first, last = event["skipped_data_steps"]
+    print(f"\nrollback {len(state.events)}/{cfg.optim.max_rollbacks}: {d}; resuming from step "
+          f"{event['resumed_from']} with the data of steps {first}..{last} skipped"
+          + (f", learning rate x{cfg.optim.rollback_lr_factor ** len(state.events):g}"
+             if cfg.optim.rollback_lr_factor != 1 else ""), flush=True)
+    with open(cfg.run_path / "logs" / "rollbacks.jsonl", "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def _check_complete(cfg: ExperimentConfig, trainer: pl.Trainer) -> None:
+    """Raise `TrainingIncomplete` when the run stopped before its max_steps and no signal asked it to."""
+    if trainer.global_step >= trainer.max_steps:
+        return
+    if any(isinstance(c, PreemptionCheckpoint) and c.stopped for c in trainer.callbacks):
+        return
+    why = ("Lightning ended its epoch (max_epochs=1): the data loader ran out" if trainer.current_epoch >= 1
+           else "Lightning stopped it (trainer.should_stop)")
+    raise TrainingIncomplete(
+        f"training stopped at step {trainer.global_step} of trainer.max_steps={trainer.max_steps}: {why}; "
+        f"the newest checkpoint is in {checkpoint_dir(cfg)} (`make resume` continues from it)")
 
 
 def plot_losses(metrics_csv: Path, out_png: Path) -> Path | None:

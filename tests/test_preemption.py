@@ -70,7 +70,7 @@ def test_sigterm_saves_stops_and_resumes_exactly(corpus_file: Path, tmp_path: Pa
     assert 10 <= stopped_at < STEPS
     resumed = subprocess.run(cli("resume", run, corpus_file), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"done: {STEPS} steps" in resumed.stdout
+    assert f"done: {STEPS} of {STEPS} steps" in resumed.stdout
     assert_same(reference, weights(run / "checkpoints" / "last.ckpt"))
 
 

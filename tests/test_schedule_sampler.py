@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -21,29 +19,44 @@ from pretrain.model import RobertaConfig, RobertaForMLM
 from pretrain.module import lr_lambda, param_groups
 
 
-def test_lr_schedule_warmup_then_linear_decay_to_zero() -> None:
-    warmup, total = 10, 110
-    lrs = [lr_lambda(s, warmup, total) for s in range(total + 1)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[4] == pytest.approx(0.5)
-    assert lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
-    assert lrs[60] == pytest.approx(0.5)
-    assert lrs[109] == pytest.approx(0.01) and lrs[110] == 0.0
-    assert all(a <= b for a, b in itertools.pairwise(lrs[:10]))
-    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
-    assert lr_lambda(5, 0, 10) == pytest.approx(0.5)  # no warmup
+@pytest.mark.parametrize(("warmup", "total"), [(10, 110), (4, 12), (0, 10), (7, 8)])
+def test_the_schedule_equals_get_linear_schedule_with_warmup_step_for_step(warmup: int, total: int) -> None:
+    """The module's scheduler against transformers': lr 0 for the first update, the peak at the end of warmup,
+    0 at max_steps; the same rate for every update."""
+    from transformers import get_linear_schedule_with_warmup
 
+    from data_prep.config import load_config
+    from pretrain.module import MLMModule
 
-def test_lr_reaches_the_optimizer_through_lambda_lr() -> None:
+    cfg = load_config(None, ["--model.hidden_size=16", "--model.num_layers=1", "--model.num_heads=2",
+                             "--model.intermediate_size=32", "--optim.peak_lr=1e-3",
+                             f"--optim.warmup_steps={warmup}", f"--trainer.max_steps={total}"])
+    meta = {"vocab_size": 50, "seq_len": 16, "packing": "full_sentences",
+            "special_ids": {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 49}}
+    ours = MLMModule(cfg.to_dict(), meta).configure_optimizers()
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([p], lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, 4, 12))
+    hf_opt = torch.optim.AdamW([p], lr=1e-3)
+    hf = get_linear_schedule_with_warmup(hf_opt, warmup, total)
     seen = []
-    for _ in range(12):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
-    assert seen[-1] == pytest.approx(1e-3 / 8)
+    for _ in range(total + 1):
+        lr = ours["optimizer"].param_groups[0]["lr"]
+        assert lr == hf_opt.param_groups[0]["lr"]
+        seen.append(lr)
+        ours["optimizer"].step()
+        hf_opt.step()
+        ours["lr_scheduler"]["scheduler"].step()
+        hf.step()
+    assert seen[0] == (0.0 if warmup else 1e-3) and seen[-1] == 0.0
+    assert seen[warmup] == pytest.approx(1e-3) and max(seen) == pytest.approx(1e-3)
+    assert lr_lambda(warmup, warmup, total) == 1.0
+
+
+def test_warmup_longer_than_the_run_is_refused() -> None:
+    from data_prep.config import load_config
+
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps=30 is more than trainer.max_steps=20: the rate would "
+                       "never reach its peak nor zero"):
+        load_config(None, ["--optim.warmup_steps=30", "--trainer.max_steps=20"])
 
 
 def test_no_weight_decay_on_biases_and_layernorm() -> None:

@@ -161,28 +161,6 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch:
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file is left behind"
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(shards, corpus_file: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from pretrain.module import MLMModule
-
-    _, meta = shards
-    run = tmp_path / "nan"
-    original = MLMModule._losses
-
-    def diverging(self, batch):
-        out = original(self, batch)
-        if self.training and self.global_step >= 7:
-            out["loss"] = out["mlm_loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(MLMModule, "_losses", diverging)
-    with pytest.raises(FloatingPointError, match="loss is nan at step 7: stopping; the last good checkpoint is kept"):
-        fit(config(run, corpus_file), meta, resume=False, **QUIET)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step-0000005.ckpt"]
-    monkeypatch.setattr(MLMModule, "_losses", original)
-    assert fit(config(run, corpus_file), meta, resume=True, **QUIET).global_step == 20
-
-
 def test_bf16_mixed_precision_trains(shards, corpus_file: Path, tmp_path: Path) -> None:
     """The GPU default precision runs too (here through CPU autocast); the loss stays finite and falls."""
     _, meta = shards
@@ -216,7 +194,7 @@ def test_logged_training_metrics_cover_every_micro_batch_of_a_step(shards, corpu
     for micro in (8, 4):
         run = tmp_path / f"micro{micro}"
         cfg = config(run, corpus_file, f"--batch.micro_size={micro}", "--model.dropout=0",
-                     "--model.attention_dropout=0", "--trainer.max_steps=1")
+                     "--model.attention_dropout=0", "--trainer.max_steps=1", "--optim.warmup_steps=1")
         fit(cfg, meta, resume=False, **QUIET)
         with open(run / "logs" / "metrics.csv") as f:
             logged[micro] = [r for r in csv.DictReader(f) if r.get("train/loss")]

@@ -143,7 +143,7 @@ def test_bert_tiny_recipe_trains_with_balanced_nsp(repo_root: Path, tmp_path: Pa
         f"--run_dir={run}", f"--corpus.train={corpus_file}", "--corpus.valid_fraction=0.1",
         "--tokenizer.vocab_size=300", "--data.seq_len=128", "--data.short_seq_len=64",
         "--model.hidden_size=32", "--model.intermediate_size=64", "--batch.global_size=8", "--batch.micro_size=4",
-        "--batch.num_workers=0", "--trainer.max_steps=10", "--trainer.val_check_interval=10",
+        "--batch.num_workers=0", "--trainer.max_steps=10", "--optim.warmup_steps=2", "--trainer.val_check_interval=10",
         "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", "--checkpoint.every_n_steps=10",
     ])
     assert cfg.data.packing == "segment_pair" and not cfg.masking.dynamic and cfg.masking.static_copies == 10

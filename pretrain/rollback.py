@@ -1,0 +1,125 @@
+"""Divergence: detect a non-finite or spiking loss on the device, and roll the run back past its data.
+
+Detection costs no host sync inside a step: `DivergenceMonitor.update` compares each step's token-weighted loss
+(the same on every rank, module.py) with the mean of the last `optim.spike_window` good steps on the device and
+remembers the first bad step. `RollbackGuard` reads that flag (one host sync) every `trainer.log_every_n_steps`
+and always before a checkpoint is written, so no checkpoint ever holds weights from after a bad step; every rank
+reads the same flag at the same step, so all of them raise `Diverged` together.
+
+`train.fit` catches `Diverged`, restores the newest checkpoint (or the initial weights) and skips the data of
+the steps from the first bad one to the one where it was seen: data is a function of the step (steps.py), so the
+skip is exact, and it is recorded in `RollbackState`, which every later checkpoint carries. The learning rate
+can be lowered per rollback (`optim.rollback_lr_factor`); after `optim.max_rollbacks` rollbacks the run stops.
+
+Lightning's `SpikeDetection` callback was not used: it checks every micro-batch with a barrier and host syncs,
+counts micro-batches rather than optimizer steps, and only writes the batches to skip to a file, leaving the
+restart to the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from .steps import data_step
+
+
+class Diverged(FloatingPointError):
+    """Raised out of `trainer.fit` on every rank when a bad step is seen; `train.fit` rolls back."""
+
+    def __init__(self, first_bad_step: int, detected_step: int, loss: float):
+        super().__init__(f"loss {loss:.4g} at step {first_bad_step} (seen at step {detected_step})")
+        self.first_bad_step, self.detected_step, self.loss = first_bad_step, detected_step, loss
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss diverged again after `optim.max_rollbacks` rollbacks: the run stops."""
+
+
+@dataclasses.dataclass
+class RollbackState:
+    """The run's rollbacks: what was skipped and why. Plain data, saved in every checkpoint."""
+
+    skips: list[list[int]] = dataclasses.field(default_factory=list)
+    """(optimizer step, count): from that step on, the data moves `count` steps further (steps.data_step)."""
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """One dict per rollback: the bad step, its loss, where it was seen, the checkpoint step resumed from and
+    the data steps skipped."""
+
+    def after(self, d: Diverged, resumed_from: int) -> RollbackState:
+        """The state once `d` is rolled back to the checkpoint of step `resumed_from`."""
+        first = max(d.first_bad_step, resumed_from)
+        count = d.detected_step - first + 1
+        event = {"step": d.first_bad_step, "loss": d.loss, "detected_at": d.detected_step,
+                 "resumed_from": resumed_from,
+                 "skipped_data_steps": [data_step(first, self.skips), data_step(d.detected_step, self.skips)]}
+        return RollbackState([*self.skips, [first, count]], [*self.events, event])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> RollbackState:
+        return cls([list(s) for s in (d or {}).get("skips", [])], list((d or {}).get("events", [])))
+
+
+class DivergenceMonitor:
+    """Device-side: the last `window` good step losses and the first bad step since the run (re)started."""
+
+    def __init__(self, spike_factor: float, window: int):
+        self.factor, self.window = spike_factor, window
+        self.history = torch.zeros(window, dtype=torch.float64)  # newest last
+        self.filled = torch.zeros((), dtype=torch.long)
+        self.bad_step = torch.full((), -1, dtype=torch.long)
+        self.bad_loss = torch.zeros((), dtype=torch.float64)
+
+    def to(self, device: torch.device) -> DivergenceMonitor:
+        for name in ("history", "filled", "bad_step", "bad_loss"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Step `step`'s loss (a 0-d tensor): bad when not finite, or above spike_factor x the mean of the last
+        `window` good steps (once there are that many)."""
+        loss = loss.to(self.history)
+        bad = ~torch.isfinite(loss)
+        if self.factor > 0:
+            bad = bad | ((self.filled >= self.window) & (loss > self.factor * self.history.mean()))
+        first = bad & (self.bad_step < 0)
+        self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+        self.history = torch.where(bad, self.history, torch.cat([self.history[1:], loss.reshape(1)]))
+        self.filled = self.filled + (~bad).long()
+
+    def poll(self) -> tuple[int, float] | None:
+        """(first bad step, its loss), or None. Reads the device: call it at logging and checkpoint steps only."""
+        step = int(self.bad_step)
+        return None if step < 0 else (step, float(self.bad_loss))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"history": self.history.cpu(), "filled": self.filled.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["history"].numel() == self.window:  # a changed window starts afresh
+            self.history = state["history"].to(self.history)
+            self.filled = state["filled"].to(self.filled)
+
+
+class RollbackGuard(pl.Callback):
+    """Raises `Diverged` at the end of an optimizer step when the monitor has seen a bad step, checking every
+    `log_every_n_steps` and before every checkpoint (Lightning runs checkpoint callbacks after this one)."""
+
+    def __init__(self, every_n_steps: int, log_every_n_steps: int):
+        self.intervals = (max(1, every_n_steps), max(1, log_every_n_steps))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        step = trainer.global_step
+        if step >= trainer.max_steps or any(step % n == 0 for n in self.intervals):
+            pl_module.raise_if_diverged()

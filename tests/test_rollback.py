@@ -1,0 +1,120 @@
+"""A non-finite or spiking loss is rolled back: the run restores its last checkpoint, skips the bad steps' data
+exactly, and finishes; after optim.max_rollbacks it stops with a message. Also the device-side monitor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.module import MLMModule
+from pretrain.rollback import DivergenceMonitor, RollbackState, TrainingDiverged
+from pretrain.steps import data_step
+from pretrain.train import fit
+
+from .test_train import QUIET, config, corpus_file, final_weights, shards  # noqa: F401 - fixtures
+
+
+def poison(monkeypatch: pytest.MonkeyPatch, bad, factor: float = float("nan")) -> list[int]:
+    """Multiply the loss of the steps for which bad(optimizer step, data step) holds by `factor`; returns the
+    list of (optimizer) steps poisoned, one entry per micro-batch."""
+    original, hits = MLMModule._losses, []
+
+    def losses(self, batch):
+        out = original(self, batch)
+        step = self.global_step
+        if self.training and bad(step, data_step(step, self.rollbacks.skips)):
+            hits.append(step)
+            out["mlm_sum"] = out["mlm_sum"] * factor
+        return out
+
+    monkeypatch.setattr(MLMModule, "_losses", losses)
+    return hits
+
+
+def test_a_nan_from_bad_data_is_rolled_back_past_that_data_and_the_run_finishes(
+        shards, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    _, meta = shards
+    run = tmp_path / "nan"
+    hits = poison(monkeypatch, lambda step, data: data == 7)  # the data of step 7 is "corrupt"
+    trainer = fit(config(run, corpus_file), meta, resume=False, **QUIET)
+    assert trainer.global_step == 20 and hits == [7, 7]  # 2 micro-batches of step 7, once
+    events = [json.loads(line) for line in (run / "logs" / "rollbacks.jsonl").read_text().splitlines()]
+    assert len(events) == 1 and events[0]["step"] == 7 and events[0]["detected_at"] == 7
+    assert events[0]["resumed_from"] == 5 and events[0]["skipped_data_steps"] == [7, 7]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["rollbacks"]["skips"] == [[7, 1]] and len(last["rollbacks"]["events"]) == 1
+    assert all(torch.isfinite(v).all() for v in final_weights(trainer).values())
+    # exact: a run that is told from the start to skip step 7's data ends with the same weights
+    monkeypatch.undo()
+    from pretrain import train
+
+    reference = train._fit_once(config(tmp_path / "told", corpus_file), meta, None,
+                                RollbackState([[7, 1]], []), None, dict(QUIET))
+    expected = final_weights(reference)
+    assert all(torch.equal(final_weights(trainer)[k], v) for k, v in expected.items())
+
+
+def test_divergence_that_persists_stops_after_max_rollbacks(
+        shards, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    _, meta = shards
+    run = tmp_path / "persist"
+    poison(monkeypatch, lambda step, data: step >= 7)  # the model, not the data: every step from 7 on
+    with pytest.raises(TrainingDiverged, match=r"loss nan at step 7 \(seen at step 7\) after 2 rollback\(s\) "
+                       r"\(optim.max_rollbacks=2\): stopping. Last good checkpoint: .*last.ckpt \(step 5\)"):
+        fit(config(run, corpus_file, "--optim.max_rollbacks=2", "--checkpoint.keep_last=5"), meta, resume=False,
+            **QUIET)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step-0000005.ckpt"]
+    assert len((run / "logs" / "rollbacks.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_spike_is_rolled_back_and_the_rate_lowered(
+        shards, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    _, meta = shards
+    run = tmp_path / "spike"
+    poison(monkeypatch, lambda step, data: data == 12, factor=5.0)
+    trainer = fit(config(run, corpus_file, "--optim.spike_window=3", "--optim.spike_factor=2",
+                         "--optim.rollback_lr_factor=0.5"), meta, resume=False, **QUIET)
+    assert trainer.global_step == 20
+    event = json.loads((run / "logs" / "rollbacks.jsonl").read_text())
+    assert event["step"] == 12 and event["resumed_from"] == 10 and event["loss"] > 2 * 3
+    # the schedule after the rollback is the normal one x 0.5
+    from pretrain.module import lr_lambda
+
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(3e-3 * lr_lambda(20, 4, 20) * 0.5, abs=1e-12)
+
+
+def test_monitor_flags_the_first_nonfinite_or_spiking_step_on_the_device() -> None:
+    m = DivergenceMonitor(spike_factor=2.0, window=3)
+    for step, loss in enumerate([6.0, 5.0, 4.0, 7.9]):  # 7.9 < 2 x mean(6, 5, 4) = 10: no spike
+        m.update(torch.tensor(loss, dtype=torch.float64), step)
+    assert m.poll() is None
+    m.update(torch.tensor(13.0), 4)  # > 2 x mean(5, 4, 7.9)
+    m.update(torch.tensor(float("nan")), 5)
+    assert m.poll() == (4, 13.0)  # the first bad step, and bad steps never enter the window
+    assert m.history.tolist() == [5.0, 4.0, 7.9]
+    early = DivergenceMonitor(spike_factor=2.0, window=3)
+    early.update(torch.tensor(1.0), 0)
+    early.update(torch.tensor(100.0), 1)  # no spike before the window is full
+    assert early.poll() is None
+    early.update(torch.tensor(float("inf")), 2)
+    assert early.poll() == (2, float("inf"))
+
+
+def test_data_steps_skip_past_each_rollback() -> None:
+    skips = RollbackState().after(_diverged(7, 9), resumed_from=5).skips  # steps 7..9's data skipped
+    assert skips == [[7, 3]]
+    assert [data_step(s, skips) for s in range(5, 10)] == [5, 6, 10, 11, 12]
+    state = RollbackState(skips, [])
+    later = state.after(_diverged(11, 11), resumed_from=10)  # optimizer step 11 read data step 14
+    assert later.skips == [[7, 3], [11, 1]] and later.events[0]["skipped_data_steps"] == [14, 14]
+    assert [data_step(s, later.skips) for s in range(9, 13)] == [12, 13, 15, 16]
+
+
+def _diverged(first: int, seen: int):
+    from pretrain.rollback import Diverged
+
+    return Diverged(first, seen, float("nan"))
