@@ -220,8 +220,8 @@ def _check_complete(cfg: ExperimentConfig, trainer: pl.Trainer) -> None:
         return
     if any(isinstance(c, PreemptionCheckpoint) and c.stopped for c in trainer.callbacks):
         return
-    why = ("Lightning ended its epoch (max_epochs=1): the data loader ran out" if trainer.current_epoch >= 1
-           else "Lightning stopped it (trainer.should_stop)")
+    why = ("Lightning stopped it (trainer.should_stop)" if trainer.should_stop
+           else "Lightning ended its epoch (max_epochs=1): the data loader ran out")
     raise TrainingIncomplete(
         f"training stopped at step {trainer.global_step} of trainer.max_steps={trainer.max_steps}: {why}; "
         f"the newest checkpoint is in {checkpoint_dir(cfg)} (`make resume` continues from it)")

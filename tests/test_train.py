@@ -234,3 +234,20 @@ def test_doc_sentences_by_tokens_trains_and_resumes_bitwise(corpus_file: Path, t
     got = final_weights(resumed)
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     assert losses(run) == losses(tmp_path / "full")
+
+
+def test_a_run_that_stops_early_without_a_signal_is_an_error_not_done(shards, corpus_file: Path,
+                                                                      tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    from pretrain.train import TrainingIncomplete
+
+    class StopAtFive(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 5:
+                trainer.should_stop = True
+
+    _, meta = shards
+    with pytest.raises(TrainingIncomplete, match=r"training stopped at step 5 of trainer.max_steps=20: Lightning "
+                       r"stopped it \(trainer.should_stop\); the newest checkpoint is in .*`make resume` continues"):
+        fit(config(tmp_path / "early", corpus_file), meta, resume=False, callbacks=[StopAtFive()], **QUIET)
