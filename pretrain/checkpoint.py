@@ -5,6 +5,9 @@
 - `PreemptionCheckpoint` turns SIGTERM (and SIGUSR1, unless Lightning's SLURM requeue owns it) into "save at the
   next optimizer-step boundary, then stop", so a preempted job resumes exactly.
 - `resumable_checkpoint` picks the newest checkpoint that loads, reporting any truncated or corrupt one by path.
+- `ShardedFSDPStrategy` is Lightning's FSDP with sharded checkpoints (a directory of per-rank shards in
+  `torch.distributed.checkpoint` format plus `meta.pt`), written into a temporary directory and swapped in, so
+  that they are as safe as the single-file ones.
 - `check_compatible` refuses a checkpoint whose model differs from the config, naming the differing keys, or
   whose shards came from another tokenizer.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -21,6 +25,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.load import _METADATA_FILENAME
+from pytorch_lightning.strategies import FSDPStrategy
 
 from data_prep.config import ConfigError, ExperimentConfig
 
@@ -39,11 +45,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardedFSDPStrategy(FSDPStrategy):
+    """FSDP (`trainer.strategy: fsdp`) whose checkpoints stay sharded: every rank writes its own shard, no rank
+    gathers the whole model. Lightning writes a sharded checkpoint straight into its target directory, so a crash
+    mid-write would leave a mixed one; here the ranks write into `.NAME.tmp`, then rank 0 swaps it in (the old
+    directory is renamed aside and removed only once the new one is in place)."""
+
+    def __init__(self, **kwargs: Any):
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        from .model import Layer
+
+        kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy({Layer}))  # one FSDP unit per encoder layer
+        super().__init__(state_dict_type="sharded", **kwargs)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+        if self.is_global_zero:
+            for stale in (tmp, old):
+                if stale.exists():
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        self.barrier("sharded-checkpoint-clean")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("sharded-checkpoint-written")
+        if self.is_global_zero:
+            for f in tmp.iterdir():  # the shards and meta.pt are durable before the swap
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        self.barrier("sharded-checkpoint-swapped")
 
 
 class PreemptionCheckpoint(pl.Callback):
@@ -95,7 +142,10 @@ class PreemptionCheckpoint(pl.Callback):
 
 
 def probe(path: Path) -> tuple[int | None, str | None]:
-    """(global step, None) when the checkpoint at `path` reads back completely; else (None, why not)."""
+    """(global step, None) when the checkpoint at `path` reads back completely; else (None, why not). A sharded
+    (FSDP) checkpoint is a directory: its meta.pt and the shards' index must read."""
+    if path.is_dir():
+        return _probe_sharded(path)
     try:
         # mmap reads the archive's index and maps the tensors: a truncated file fails here without a full load
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -104,6 +154,38 @@ def probe(path: Path) -> tuple[int | None, str | None]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return None, "not a training checkpoint of this project"
     return int(ckpt["global_step"]), None
+
+
+def _probe_sharded(path: Path) -> tuple[int | None, str | None]:
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        FileSystemReader(path).read_metadata()
+        meta = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged directory fails in many ways
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not isinstance(meta, dict) or "global_step" not in meta:
+        return None, "not a training checkpoint of this project"
+    return int(meta["global_step"]), None
+
+
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """Everything of a checkpoint but weights and optimizer state need not be read: a file is mapped, of a
+    sharded directory only meta.pt is read."""
+    if path.is_dir():
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def load_full(path: Path) -> dict[str, Any]:
+    """A checkpoint as one dict on the CPU (`state_dict`, `global_step`, `hyper_parameters`, ...), also from a
+    sharded (FSDP) directory, whose shards are gathered here (the whole model must fit in memory)."""
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from lightning_fabric.utilities.load import _load_distributed_checkpoint
+    from pytorch_lightning.utilities.consolidate_checkpoint import _format_checkpoint
+
+    return _format_checkpoint(_load_distributed_checkpoint(path))
 
 
 def _step_of(path: Path) -> int:
@@ -117,7 +199,7 @@ def resumable_checkpoint(directory: Path, log=print) -> tuple[Path, int] | None:
     """(path, step) of the newest checkpoint in `directory` that loads: last.ckpt, else step checkpoints."""
     candidates = [directory / "last.ckpt"] + sorted(directory.glob("step-*.ckpt"), key=_step_of, reverse=True)
     for path in candidates:
-        if not path.is_file():
+        if not path.exists():
             continue
         step, problem = probe(path)
         if problem is None:

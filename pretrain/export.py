@@ -41,7 +41,7 @@ from data_prep.prepare import sha256_file
 from data_prep.shards import ShardError, open_split, read_meta, short_phase
 from data_prep.tokenizer import FILES, HF_WEIGHTS, load_tokenizer, read_hf_dir, special_ids, tokenizer_dir
 
-from .checkpoint import resumable_checkpoint
+from .checkpoint import load_full, resumable_checkpoint
 from .data import length_schedule
 from .model import RobertaConfig, RobertaForMLM, from_hf_state_dict, to_hf_state_dict
 from .module import model_config
@@ -164,10 +164,10 @@ def export(cfg: ExperimentConfig, ckpt: str | Path | None = None, out: str | Pat
                               "(`make pretrain`) or pass CKPT=path/to/file.ckpt")
         ckpt = found[0]
     ckpt = Path(ckpt)
-    if not ckpt.is_file():
+    if not ckpt.exists():
         raise ExportError(f"checkpoint {ckpt} does not exist")
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = load_full(ckpt)  # a file, or a sharded (FSDP) directory gathered here
         hp, step = state["hyper_parameters"], int(state["global_step"])
         weights = {k.removeprefix("model.").removeprefix("_orig_mod."): v for k, v in state["state_dict"].items()
                    if k.startswith("model.")}
@@ -176,13 +176,16 @@ def export(cfg: ExperimentConfig, ckpt: str | Path | None = None, out: str | Pat
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     run_cfg = config_from_dict(hp["config"])
     return export_weights(weights, run_cfg, hp["meta"], Path(out) if out else export_dir(cfg),
-                          tokenizer_dir(cfg), step=step, run_path=cfg.run_path, source=str(ckpt), log=log)
+                          tokenizer_dir(cfg), step=step, run_path=cfg.run_path, source=str(ckpt), log=log,
+                          rollbacks=(state.get("rollbacks") or {}).get("events", []))
 
 
 def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, meta: dict[str, Any], out: Path,
                    tok_dir: Path, *, step: int, run_path: Path, source: str,
-                   metrics: dict[str, float] | None = None, meta_path: Path | None = None, log=print) -> Path:
-    """Write, verify and swap in the export of `weights` (this project's names) trained with `run_cfg`."""
+                   metrics: dict[str, float] | None = None, meta_path: Path | None = None, log=print,
+                   rollbacks: list[dict[str, Any]] | None = None) -> Path:
+    """Write, verify and swap in the export of `weights` (this project's names) trained with `run_cfg`;
+    `rollbacks`: the run's rollback events (rollback.py), for the model card."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -224,7 +227,8 @@ def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, 
                 f"{out} was left as it was"
             )
         metrics = metrics if metrics is not None else validation_metrics(run_path / "logs" / "metrics.csv", step)
-        (tmp / "README.md").write_text(model_card(run_cfg, meta, mcfg, step, metrics, check, meta_path, source))
+        (tmp / "README.md").write_text(model_card(run_cfg, meta, mcfg, step, metrics, check, meta_path, source,
+                                                       rollbacks or []))
 
         # 3) swap it in
         if out.exists():
@@ -372,8 +376,13 @@ def tokens_seen(c: ExperimentConfig, meta: dict[str, Any], meta_path: Path | Non
 
 
 def model_card(run_cfg: ExperimentConfig, meta: dict[str, Any], mcfg: RobertaConfig, step: int,
-               metrics: dict[str, float], check: dict[str, Any], meta_path: Path | None, source: str) -> str:
+               metrics: dict[str, float], check: dict[str, Any], meta_path: Path | None, source: str,
+               rollbacks: list[dict[str, Any]] = ()) -> str:
     c = run_cfg
+    rolled = (f"{len(rollbacks)} (a non-finite or spiking loss restored the last checkpoint and skipped the data of "
+              "steps " + ", ".join(f"{e['skipped_data_steps'][0]}-{e['skipped_data_steps'][1]} "
+                                            f"(loss {e['loss']:.4g} at step {e['step']})" for e in rollbacks) + ")"
+              if rollbacks else "none")
     blocks, tokens = _blocks(meta, "train")
     sequences, seen, most = tokens_seen(c, meta, meta_path, step)
     avg = seen / sequences if sequences else c.data.seq_len
@@ -429,6 +438,7 @@ print(pipeline("fill-mask", model=model, tokenizer=tokenizer)({check['fill_mask'
   gradient clipping {c.optim.grad_clip or 'off'}
 - schedule: linear warmup over {c.optim.warmup_steps:,} steps to {c.optim.peak_lr:g}, linear decay to 0 at {c.trainer.max_steps:,} steps
 - batch: {c.batch.global_size:,} sequences per step (micro-batch {c.batch.micro_size}), precision {c.trainer.precision}, seed {c.seed}
+- rollbacks: {rolled}
 - steps: {step:,}; sequences seen {sequences:,}; tokens seen about {round(seen):,} ({avg:.1f} tokens per block
   on average; at most {most:,})
 
@@ -461,7 +471,8 @@ class HFExportCallback(pl.Callback):
         try:
             export_weights(weights, self.cfg, pl_module.meta, export_dir(self.cfg), tokenizer_dir(self.cfg),
                            step=step, run_path=self.cfg.run_path, source=f"training step {step}", metrics=metrics,
-                           meta_path=getattr(dm, "meta_path", None))
+                           meta_path=getattr(dm, "meta_path", None),
+                           rollbacks=getattr(pl_module, "rollbacks", None) and pl_module.rollbacks.events)
         except Exception as e:  # noqa: BLE001 - an export must never end a long run; the message says why
             print(f"warning: Hugging Face export at step {step} failed ({type(e).__name__}: {e}); "
                   f"{export_dir(self.cfg)} keeps the previous export", file=sys.stderr)

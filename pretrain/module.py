@@ -17,6 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.strategies import FSDPStrategy
 
 from data_prep.config import ExperimentConfig, config_from_dict
 
@@ -293,7 +294,10 @@ class MLMModule(pl.LightningModule):
         if self.global_step % max(1, self.cfg.trainer.log_every_n_steps):
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        squares = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).square().sum()
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard of every gradient
+            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
+        norm = squares.sqrt()
         self.log("train/grad_norm", norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 

@@ -17,7 +17,13 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from data_prep.config import ExperimentConfig, dump_config
 
-from .checkpoint import AtomicCheckpointIO, PreemptionCheckpoint, resumable_checkpoint
+from .checkpoint import (
+    AtomicCheckpointIO,
+    PreemptionCheckpoint,
+    ShardedFSDPStrategy,
+    checkpoint_meta,
+    resumable_checkpoint,
+)
 from .data import ShardDataModule, batch_geometry
 from .export import HFExportCallback
 from .module import MLMModule
@@ -108,6 +114,11 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, candidates)
 
 
+def make_strategy(cfg: ExperimentConfig) -> str | pl.strategies.Strategy:
+    """`trainer.strategy` for Lightning; `fsdp` becomes FSDP with sharded, atomically written checkpoints."""
+    return ShardedFSDPStrategy() if cfg.trainer.strategy == "fsdp" else cfg.trainer.strategy
+
+
 def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = None, resume_step: int | None = None,
                  **overrides: Any) -> pl.Trainer:
     t = cfg.trainer
@@ -123,7 +134,7 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
     kwargs: dict[str, Any] = dict(
         # One Lightning epoch is the whole run: the sampler's stream already spans the data epochs (data.py).
         max_steps=t.max_steps, max_epochs=1, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=t.strategy, accumulate_grad_batches=accumulation,
+        num_nodes=t.num_nodes, strategy=make_strategy(cfg), accumulate_grad_batches=accumulation,
         # Lightning counts validation intervals in micro-batches; the config counts optimizer steps.
         val_check_interval=t.val_check_interval * accumulation, check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=cfg.optim.grad_clip or None,
@@ -197,7 +208,7 @@ def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | 
 def _rollback_state_of(found: tuple[Path, int] | None) -> RollbackState:
     if found is None:
         return RollbackState()
-    return RollbackState.from_dict(torch.load(found[0], map_location="cpu", weights_only=True).get("rollbacks"))
+    return RollbackState.from_dict(checkpoint_meta(found[0]).get("rollbacks"))
 
 
 def _report_rollback(cfg: ExperimentConfig, d: Diverged, state: RollbackState) -> None:
