@@ -63,6 +63,7 @@ def test_different_keys_draw_different_dropout_masks() -> None:
     assert len({step_seed(s, t, m) for s in range(3) for t in range(50) for m in range(8)}) == 3 * 50 * 8
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the 2 -> 1 leg runs in a copy of the run_dir
 def test_one_to_two_to_one_process_resume_runs_to_max_steps_equal_to_uninterrupted(
         shards, corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
     """Dropout on: 1 process (2 micro-batches per step) to step 4, then 2 ranks (1 each) to max_steps; also
@@ -112,7 +113,10 @@ def test_two_rank_sigkill_and_resume_with_dropout_is_bitwise_equal(corpus_file: 
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks, at once
     proc.wait(timeout=60)
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < STEPS
+    from pretrain.checkpoint import resumable_checkpoint
+
+    found = resumable_checkpoint(run / "checkpoints")  # last.ckpt, or step-4 if the kill came before last.ckpt
+    assert found is not None and 4 <= found[1] < STEPS
     run_cli("resume", run, corpus_file, *TWO)
     assert_close(model_weights(full / "checkpoints" / "last.ckpt"), model_weights(run / "checkpoints" / "last.ckpt"),
                  exact=True)
