@@ -143,38 +143,21 @@ class PreemptionCheckpoint(pl.Callback):
 
 def probe(path: Path) -> tuple[int | None, str | None]:
     """(global step, None) when the checkpoint at `path` reads back completely; else (None, why not). A sharded
-    (FSDP) checkpoint is a directory: its meta.pt and the shards' index must read."""
-    if path.is_dir():
-        return _probe_sharded(path)
+    (FSDP) checkpoint is a directory: the shards' index and its meta.pt (everything but the tensors) must read."""
     try:
-        # mmap reads the archive's index and maps the tensors: a truncated file fails here without a full load
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if path.is_dir():
+            from torch.distributed.checkpoint import FileSystemReader
+
+            FileSystemReader(path).read_metadata()
+            ckpt = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+        else:
+            # mmap reads the archive's index and maps the tensors: a truncated file fails here without a full load
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors... for damaged files
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt or ("state_dict" not in ckpt and not path.is_dir()):
         return None, "not a training checkpoint of this project"
     return int(ckpt["global_step"]), None
-
-
-def _probe_sharded(path: Path) -> tuple[int | None, str | None]:
-    try:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        FileSystemReader(path).read_metadata()
-        meta = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged directory fails in many ways
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if not isinstance(meta, dict) or "global_step" not in meta:
-        return None, "not a training checkpoint of this project"
-    return int(meta["global_step"]), None
-
-
-def checkpoint_meta(path: Path) -> dict[str, Any]:
-    """Everything of a checkpoint but weights and optimizer state need not be read: a file is mapped, of a
-    sharded directory only meta.pt is read."""
-    if path.is_dir():
-        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 def load_full(path: Path) -> dict[str, Any]:

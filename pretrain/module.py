@@ -64,7 +64,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-          precision: str = "32-true", grad_clip: float = 0.0) -> torch.optim.AdamW:
+          precision: str = "32-true") -> torch.optim.AdamW:
     """AdamW over `param_groups`, with torch's fused kernel where it runs (CPU and CUDA tensors).
 
     Fused is one pass over each parameter instead of a dozen elementwise kernels: on a CPU it makes the update
@@ -160,7 +160,7 @@ class MLMModule(pl.LightningModule):
         """Reads the divergence flag (a host sync): raises `Diverged` when a bad step was seen."""
         found = self.monitor.poll()
         if found is not None:
-            raise Diverged(found[0], self.global_step - 1, found[1])
+            raise Diverged(found[0], self.global_step - 1, found[1], self.rollbacks)
 
     # --- loss ---------------------------------------------------------------------------------------------
 
@@ -277,8 +277,7 @@ class MLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg.optim
-        optimizer = adamw(self.model, o.peak_lr, o.betas, o.eps, o.weight_decay, self.cfg.trainer.precision,
-                          o.grad_clip)
+        optimizer = adamw(self.model, o.peak_lr, o.betas, o.eps, o.weight_decay, self.cfg.trainer.precision)
         warmup, total = o.warmup_steps, self.cfg.trainer.max_steps
 
         def rate(step: int) -> float:  # x rollback_lr_factor per rollback so far (rollback.py)

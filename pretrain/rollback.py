@@ -28,11 +28,13 @@ from .steps import data_step
 
 
 class Diverged(FloatingPointError):
-    """Raised out of `trainer.fit` on every rank when a bad step is seen; `train.fit` rolls back."""
+    """Raised out of `trainer.fit` on every rank when a bad step is seen; `train.fit` rolls back. Carries the
+    run's rollback record as the module held it, so the rollback needs no checkpoint read."""
 
-    def __init__(self, first_bad_step: int, detected_step: int, loss: float):
+    def __init__(self, first_bad_step: int, detected_step: int, loss: float, rollbacks: RollbackState | None = None):
         super().__init__(f"loss {loss:.4g} at step {first_bad_step} (seen at step {detected_step})")
         self.first_bad_step, self.detected_step, self.loss = first_bad_step, detected_step, loss
+        self.rollbacks = rollbacks if rollbacks is not None else RollbackState()
 
 
 class TrainingDiverged(FloatingPointError):

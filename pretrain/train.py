@@ -21,7 +21,6 @@ from .checkpoint import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
     ShardedFSDPStrategy,
-    checkpoint_meta,
     resumable_checkpoint,
 )
 from .data import ShardDataModule, batch_geometry
@@ -166,11 +165,8 @@ def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, call
             trainer = _fit_once(cfg, meta_path, found, override, callbacks, trainer_overrides)
             break
         except Diverged as d:
-            state = override or _rollback_state_of(found)
-            previous = found
-            found = last_checkpoint(cfg)
-            if found is not None and previous is not None and found[1] < previous[1]:
-                found = previous  # never behind the checkpoint this attempt started from
+            state = d.rollbacks
+            found = last_checkpoint(cfg)  # checkpoints are only written after a check, so this one is good
             if len(state.events) >= cfg.optim.max_rollbacks:
                 where = f"{found[0]} (step {found[1]})" if found else "none (no checkpoint was written)"
                 raise TrainingDiverged(
@@ -203,12 +199,6 @@ def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | 
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return trainer
-
-
-def _rollback_state_of(found: tuple[Path, int] | None) -> RollbackState:
-    if found is None:
-        return RollbackState()
-    return RollbackState.from_dict(checkpoint_meta(found[0]).get("rollbacks"))
 
 
 def _report_rollback(cfg: ExperimentConfig, d: Diverged, state: RollbackState) -> None:
