@@ -21,10 +21,14 @@ Block layouts (n = seq_len; the room for sentence tokens is n - 2):
     segment_pair    BERT: `<s> A </s></s> B </s>`, A and B spans of whole sentences, together at most n - 4
                     tokens; B is the true continuation (NSP label 0) or, half of the time, a span from another
                     document (label 1), as in BERT's `create_pretraining_data.py` (unused sentences go back).
-                    BERT's 10% of shorter targets is left out. Other documents are drawn from a bounded reservoir
-                    of recent documents, so packing streams (holding one document at a time); overlong pairs are
-                    truncated, as in BERT.
+                    BERT's shorter targets are `data.short_seq_prob`. Other documents are drawn from a bounded
+                    reservoir of recent documents, so packing streams (holding one document at a time); overlong
+                    pairs are truncated, as in BERT.
     sentence_pair   the same with single sentences as A and B.
+
+What holds (`PackStats`): full_sentences and doc_sentences are lossless, every stream token in exactly one block.
+The pair packings place every stream token at most once in its own document's pairs and drop what truncation
+cuts; a random B repeats sentences of another document, which are also in that document's own pairs.
 
 NSP labels follow Hugging Face's `BertForPreTraining`: 0 = B follows A, 1 = B is random.
 
@@ -153,10 +157,21 @@ class Blocks:
 
 @dataclass
 class PackStats:
+    """What packing did with the stream. FULL-SENTENCES and DOC-SENTENCES place every stream token once (packed =
+    stream, nothing copied). The pair packings place each of the stream's tokens at most once, in a pair of its
+    own document (A, or the true-continuation B), and drop what BERT's pair truncation cuts (stream - packed);
+    a random B (NSP label 1) is a copy of sentences of another document, counted as copied, not packed."""
+
     stream_tokens: int = 0  # tokens of the corpus stream seen
-    packed_tokens: int = 0  # of those, placed in blocks (all of them, except for BERT's pair truncation)
+    packed_tokens: int = 0  # of those, placed in blocks in their own document's place
+    copied_tokens: int = 0  # pair packings: tokens of random B segments, copies of another document's sentences
     num_blocks: int = 0
     block_tokens: int = 0  # tokens in blocks, special tokens included
+
+    @property
+    def dropped_tokens(self) -> int:
+        """Stream tokens in no block: BERT's pair truncation only (0 for the sentence packings)."""
+        return self.stream_tokens - self.packed_tokens
 
     def padding_fraction(self, seq_len: int) -> float:
         return 1.0 - self.block_tokens / (self.num_blocks * seq_len) if self.num_blocks else 0.0
@@ -346,8 +361,11 @@ class Packer:
             parts += [bos, a, eos, eos, b, eos]
         tokens = np.concatenate(parts) if parts else np.zeros(0, self.dtype)
         len_a = np.array([len(a) for a, _, _ in pairs], np.int64)
-        lengths = len_a + np.array([len(b) for _, b, _ in pairs], np.int64) + 4
-        self._count(int(lengths.sum()) - 4 * len(pairs), lengths)
+        len_b = np.array([len(b) for _, b, _ in pairs], np.int64)
+        lengths = len_a + len_b + 4
+        copied = int(sum(n for n, (_, _, label) in zip(len_b.tolist(), pairs, strict=True) if label == NOT_NEXT))
+        self._count(int(len_a.sum() + len_b.sum()) - copied, lengths)  # A and a true B are the stream's own tokens
+        self.stats.copied_tokens += copied
         return Blocks(tokens.astype(self.dtype, copy=False), lengths,
                       nsp=np.array([label for _, _, label in pairs], np.uint8), b_start=(len_a + 3).astype(np.int32))
 

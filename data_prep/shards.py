@@ -180,7 +180,8 @@ def combine_parts(directory: str | Path) -> dict[str, Any] | None:
     for split in metas[0]["splits"]:
         records = [m["splits"][split] for m in metas]
         total = {k: sum(r.get(k, 0) for r in records) for k in
-                 ("num_blocks", "num_tokens", "documents", "sentences", "stream_tokens", "packed_tokens")}
+                 ("num_blocks", "num_tokens", "documents", "sentences", "stream_tokens", "packed_tokens",
+                  "copied_tokens")}
         slots = total["num_blocks"] * meta["seq_len"]
         total["padding_fraction"] = round(1 - total["num_tokens"] / slots, 6) if slots else 0.0
         meta["splits"][split] = {**total, "parts": records}

@@ -173,6 +173,66 @@ def test_pairs_are_truncated_to_the_block():
     assert len(a) + len(b) == 16 and len(a) == len(b) == 8 and label == IS_NEXT
 
 
+def _packed(docs, seq_len, packing, seed=0):
+    packer = Packer(seq_len, packing, BOS, EOS, np.uint32, seed)
+    blocks = [packer.add(enc) for enc in _encoded_batches(docs, 4)] + [packer.finish()]
+    return packer.stats, [p for b in blocks if b.nsp is not None and len(b.lengths) for p in _pairs(b)]
+
+
+@pytest.mark.parametrize("packing, seq_len, expected", [
+    # doc 1 is two sentences of 3 (a true pair: no other document yet); doc 2's one sentence of 4 gets a random
+    # B, a sentence of doc 1 (3 tokens): 10 stream tokens placed, 3 copied, none dropped (was: -3 dropped)
+    ("sentence_pair", 32, {"stream": 10, "packed": 10, "copied": 3, "dropped": 0}),
+    # room 4: both pairs (3 + 3, 4 + 3) are cut to 2 + 2: 2 tokens of each document dropped, 2 of doc 1 copied
+    ("sentence_pair", 8, {"stream": 10, "packed": 6, "copied": 2, "dropped": 4}),
+])
+def test_pair_packings_count_copied_and_dropped_tokens_apart(packing, seq_len, expected):
+    docs = [[[10, 11, 12], [13, 14, 15]], [[20, 21, 22, 23]]]
+    stats, pairs = _packed(docs, seq_len, packing)
+    assert [label for _, _, label in pairs] == [IS_NEXT, NOT_NEXT]
+    got = {"stream": stats.stream_tokens, "packed": stats.packed_tokens, "copied": stats.copied_tokens,
+           "dropped": stats.dropped_tokens}
+    assert got == expected
+
+
+def test_segment_pair_counts_a_copied_b_segment_as_copied():
+    # doc 1, one sentence of 3: split into halves (no other document yet); doc 2, one sentence of 4: a random B,
+    # doc 1's sentence. seq_len 16 holds both pairs whole
+    stats, pairs = _packed([[[10, 11, 12]], [[20, 21, 22, 23]]], 16, "segment_pair")
+    assert pairs == [([10, 11], [12], IS_NEXT), ([20, 21, 22, 23], [10, 11, 12], NOT_NEXT)]
+    assert (stats.stream_tokens, stats.packed_tokens, stats.copied_tokens, stats.dropped_tokens) == (7, 7, 3, 0)
+
+
+@pytest.mark.parametrize("packing", ["segment_pair", "sentence_pair"])
+def test_pair_packing_counts_match_the_blocks(packing):
+    # every token id is unique, so a block says where each of its tokens comes from
+    rng, docs, next_id = random.Random(7), [], 10
+    for _ in range(200):
+        doc = []
+        for _ in range(rng.randint(1, 6)):
+            n = rng.randint(1, 14)
+            doc.append(list(range(next_id, next_id + n)))
+            next_id += n
+        docs.append(doc)
+    doc_of = {t: i for i, d in enumerate(docs) for s in d for t in s}
+    stats, pairs = _packed(docs, 24, packing, seed=3)
+    own, copied = [], 0
+    for a, b, label in pairs:
+        home = doc_of[a[0]]
+        assert {doc_of[t] for t in a} == {home}
+        if label == NOT_NEXT:
+            assert doc_of[b[0]] != home and len({doc_of[t] for t in b}) == 1
+            copied += len(b)
+        else:
+            assert {doc_of[t] for t in b} == {home}
+            own += b
+        own += a
+    assert len(own) == len(set(own)), "a stream token placed twice in its own document's pairs"
+    assert stats.stream_tokens == next_id - 10
+    assert (stats.packed_tokens, stats.copied_tokens) == (len(own), copied) and copied > 0
+    assert stats.dropped_tokens == stats.stream_tokens - len(own) > 0  # truncation at seq_len 24 drops some
+
+
 def test_sentence_batches_cut_long_documents_between_sentences():
     docs = [["a", "b", "c", "d", "e"], ["f"], ["g", "h"]]
     batches = list(sentence_batches(docs, 2))

@@ -151,6 +151,10 @@ def test_segment_pair_shards_carry_balanced_nsp_labels(tmp_path, trained):
                                       "--corpus.valid_fraction=0"), log=quiet([]))
     split = shards.open_split(meta_path, "train")
     assert 0.3 < split.nsp_labels.mean() < 0.7 and split.num_blocks > 50
+    # the blocks hold the placed stream tokens, the copied random B segments and 4 special tokens each
+    r = json.loads(meta_path.read_text())["splits"]["train"]
+    assert r["num_tokens"] == r["packed_tokens"] + r["copied_tokens"] + 4 * r["num_blocks"]
+    assert r["copied_tokens"] > 0 and 0 <= r["stream_tokens"] - r["packed_tokens"] < r["stream_tokens"]
     b = split.b_start(0)
     block = split.block(0).tolist()
     assert block[0] == 0 and block[b - 2 : b] == [2, 2] and block[-1] == 2
