@@ -9,7 +9,8 @@ Steps, one split after the other (train, then valid):
     2) documents stream from the corpus, in `data.num_proc` encoding workers, through the packer, into a
        `ShardWriter` (temporary names, renamed when complete);
     3) the split's record, then `meta.json`, are written atomically. A rerun after a crash finds the splits
-       whose record and files agree and redoes only the others.
+       whose record and files agree and redoes only the others; a `meta.json` that is not what they make
+       (unreadable, damaged, edited) is written again, never trusted.
 
 With `data.short_seq_len` set (BERT's length schedule), the same corpus is first prepared at that length too,
 with the same tokenizer and packing: the short shards get their own hashed directory (reused like any other), and
@@ -138,19 +139,25 @@ def _prepare_data(cfg: ExperimentConfig, force: bool, log: Callable[[str], None]
     # where the short shards are, relative to this directory, so a run_dir can move
     short = {"seq_len": d.short_seq_len, "meta": os.path.relpath(short_meta, out)} if d.short_seq_len else None
 
-    if not force and part_path.is_file() and all(load_record(out, n) for n in names.values()):
-        log(f"data: {out} is up to date for this corpus, tokenizer and packing settings "
-            "(delete it or pass --force to rebuild)")
-        _link_short(part_path, short)
-        return _finish_slices(out, part_path, d.num_shards, log)
-
-    # 2) each split that is not complete yet
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
     ids = special_ids(tok)
+    complete = {split: load_record(out, names[split]) for split in SPLITS}
+    if not force and part_path.is_file() and all(complete.values()):
+        expected = _meta(cfg, dtype, vocab_size, ids, tok_sha, fingerprint, complete)  # type: ignore[arg-type]
+        found, problem = _read_own_meta(part_path, expected)
+        if problem is None:
+            log(f"data: {out} is up to date for this corpus, tokenizer and packing settings "
+                "(delete it or pass --force to rebuild)")
+            if short and found.get("short") != short:  # point reused shards at this config's short shards
+                write_json_atomic(part_path, {**found, "short": short})
+            return _finish_slices(out, part_path, d.num_shards, log)
+        log(f"data: {part_path} {problem}; its splits are complete, so it is written again")
+
+    # 2) each split that is not complete yet
     records = {}
     for split in SPLITS:
-        record = None if force else load_record(out, names[split])
+        record = None if force else complete[split]
         if record is not None:
             log(f"data: {split}: reusing the complete {out / names[split]}.* from an earlier run")
         else:
@@ -159,7 +166,17 @@ def _prepare_data(cfg: ExperimentConfig, force: bool, log: Callable[[str], None]
         records[split] = record
 
     # 3) metadata, last and atomically
-    meta = {
+    meta = {**_meta(cfg, dtype, vocab_size, ids, tok_sha, fingerprint, records), **({"short": short} if short else {})}
+    write_json_atomic(part_path, meta)
+    log(format_report(meta, out))
+    return _finish_slices(out, part_path, d.num_shards, log)
+
+
+def _meta(cfg: ExperimentConfig, dtype: Any, vocab_size: int, ids: dict[str, int], tok_sha: str,
+          fingerprint: str, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """This slice's meta.json, all but the `short` entry (which a later config may repoint)."""
+    d = cfg.data
+    return {
         "format": FORMAT,
         "dtype": dtype.name,
         "vocab_size": vocab_size,
@@ -173,24 +190,28 @@ def _prepare_data(cfg: ExperimentConfig, force: bool, log: Callable[[str], None]
         "shard_index": d.shard_index,
         "num_shards": d.num_shards,
         "splits": records,
-        **({"short": short} if short else {}),
     }
-    write_json_atomic(part_path, meta)
-    log(format_report(meta, out))
-    return _finish_slices(out, part_path, d.num_shards, log)
+
+
+def _read_own_meta(path: Path, expected: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(meta.json, None) when it is what this prepare would write beside these split records; else (_, what is
+    wrong with it): unreadable, not JSON, or differing keys (a damaged, hand-edited or foreign file)."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return {}, f"is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(found, dict):
+        return {}, f"is not a JSON object ({type(found).__name__})"
+    differ = [k for k, v in json.loads(json.dumps(expected)).items() if found.get(k) != v]
+    if differ:
+        return found, f"does not describe the shards beside it ({', '.join(differ)} differ)"
+    return found, None
 
 
 def short_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The experiment as its short phase sees it: everything equal but the block length."""
     d = cfg.data
     return dataclasses.replace(cfg, data=dataclasses.replace(d, seq_len=d.short_seq_len, short_seq_len=0))
-
-
-def _link_short(part_path: Path, short: dict[str, Any] | None) -> None:
-    """Point reused shards at this config's short shards (a run without the schedule leaves the entry alone)."""
-    meta = json.loads(part_path.read_text())
-    if short and meta.get("short") != short:
-        write_json_atomic(part_path, {**meta, "short": short})
 
 
 def _tokenizer_is_stale(tok_dir: Path, cfg: ExperimentConfig, corpus_fingerprint: str) -> bool:

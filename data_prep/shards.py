@@ -174,7 +174,13 @@ def combine_parts(directory: str | Path) -> dict[str, Any] | None:
     (n, parts), = found.items()
     if sorted(parts) != list(range(n)):
         return None
-    metas = [json.loads(parts[i].read_text()) for i in range(n)]
+    metas = []
+    for i in range(n):
+        try:
+            metas.append(json.loads(parts[i].read_text()))
+        except ValueError as e:
+            raise ShardError(f"{parts[i]}: not valid JSON ({e}); delete it and run `make data` again with "
+                             f"data.shard_index={i}") from None
     meta = {k: v for k, v in metas[0].items() if k not in ("splits", "shard_index")}
     meta["splits"] = {}
     for split in metas[0]["splits"]:

@@ -84,6 +84,40 @@ def test_rerun_reuses_and_says_how_to_rebuild(tmp_path, trained):
     assert any("wrote" in s for s in said)
 
 
+@pytest.mark.parametrize("damage, problem", [
+    (lambda text: "{garbage", "is unreadable (JSONDecodeError"),
+    (lambda text: text[: len(text) // 2], "is unreadable (JSONDecodeError"),  # a write cut short
+    (lambda text: "[1, 2]", "is not a JSON object (list)"),
+    (lambda text: text.replace('"vocab_size": 400', '"vocab_size": 500'), "(vocab_size differ)"),
+], ids=["garbage", "truncated", "list", "edited"])
+def test_a_damaged_meta_json_is_written_again_from_the_complete_splits(tmp_path, trained, capsys, damage, problem):
+    cfg = make_cfg(tmp_path, trained)
+    meta_path = prepare_data(cfg, log=quiet([]))
+    good = meta_path.read_text()
+    stamp = (meta_path.parent / "train.tokens.bin").stat().st_mtime_ns
+    meta_path.write_text(damage(good))
+    # through the CLI: no traceback, one line naming the file, and the shards are reused as they are
+    corpus, _ = trained
+    assert main(["data", f"--run_dir={cfg.run_dir}", f"--corpus.train={corpus}", "--corpus.valid_fraction=0.1",
+                 "--tokenizer.vocab_size=400", "--data.seq_len=32", "--data.num_proc=1"]) == 0
+    out = capsys.readouterr().out
+    line = next(s for s in out.splitlines() if str(meta_path) in s)
+    assert problem in line and line.endswith("its splits are complete, so it is written again")
+    assert "up to date" not in out and "reusing the complete" in out
+    assert meta_path.read_text() == good
+    assert (meta_path.parent / "train.tokens.bin").stat().st_mtime_ns == stamp
+    said: list[str] = []
+    prepare_data(cfg, log=said.append)
+    assert any("up to date" in s for s in said)
+
+
+def test_a_damaged_slice_meta_is_one_line_naming_it(tmp_path, trained):
+    part = prepare_data(make_cfg(tmp_path, trained, "--data.num_shards=2", "--data.shard_index=1"), log=quiet([]))
+    part.write_text("{garbage")
+    with pytest.raises(shards.ShardError, match=r"meta-00001-of-00002.json: not valid JSON .* data.shard_index=1"):
+        prepare_data(make_cfg(tmp_path, trained, "--data.num_shards=2", "--data.shard_index=0"), log=quiet([]))
+
+
 def test_changed_settings_make_a_new_directory(tmp_path, trained):
     base = prepare_data(make_cfg(tmp_path, trained), log=quiet([])).parent
     longer = prepare_data(make_cfg(tmp_path, trained, "--data.seq_len=64"), log=quiet([])).parent
