@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.prepare import prepare_data, run_dir_lock
     from data_prep.tokenizer import train_tokenizer
 
-    from .export import ExportError, check_init_from, export
+    from .export import ExportError, export
+    from .hf import check_init_from
+    from .throughput import Throughput
     from .train import NothingToResume, TrainingIncomplete, fit, plot_losses
 
     try:
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         val = trainer.callback_metrics.get("val/loss")
         state = "done" if trainer.global_step >= trainer.max_steps else "stopped by a signal"
         print(f"\n{state}: {trainer.global_step} of {trainer.max_steps} steps" + (f", validation loss {float(val):.4f} nats" if val is not None else ""))
+        speed = next((c.summary() for c in trainer.callbacks if isinstance(c, Throughput)), None)
+        if speed:
+            print(f"  throughput  {speed}")
         print(f"  checkpoint  {cfg.run_path / 'checkpoints' / 'last.ckpt'}")
         print(f"  logs        {logs / 'metrics.csv'}")
         if png:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from data_prep.config import config_from_dict
 from data_prep.shards import open_split, read_meta
 
+from .hf import model_config
 from .masking import MaskingCollator
 from .model import RobertaForMLM
-from .module import model_config
 
 
 class YardstickError(ValueError):

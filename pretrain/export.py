@@ -1,9 +1,9 @@
-"""Checkpoint -> Hugging Face `RobertaForMaskedLM` directory with proven parity, and back (continued pretraining).
+"""Checkpoint -> Hugging Face `RobertaForMaskedLM` directory, with proven parity.
 
 Export (`make export`, `python -m pretrain export`) writes what `transformers` loads offline with no custom code:
 `config.json`, `model.safetensors`, the run's tokenizer files and a `README.md` model card with the provenance.
-The parameters go through the one name map, `model.HF_NAME_MAP`, in both directions. The export is proven
-before it is kept:
+The parameters go through the one name map, `model.HF_NAME_MAP` (`hf.to_hf`). The export is proven before it
+is kept:
     1) the weights, config, tokenizer and card are written into a temporary directory beside the target;
     2) that directory is loaded with `AutoModelForMaskedLM` and `AutoTokenizer`; the logits on a padded batch
        of real validation blocks must match this project's model to `PARITY_ATOL` in fp32, and the exported
@@ -11,21 +11,15 @@ before it is kept:
     3) only then is it swapped into place (a previous export is replaced in two renames); a failure removes
        the temporary directory and leaves any previous export untouched.
 
-Continued pretraining (`model.init_from: DIR`): `check_init_from` validates the directory against the config
-(one error naming every differing key), the tokenizer step copies DIR's tokenizer (data_prep/tokenizer.py), and
-`init_from_hf` loads DIR's weights into the freshly built model: the rows of the position table this run's
-`seq_len` needs (so an export describes exactly the table it trained), and with `tokenizer.extend_from` the
-appended tokens' rows initialised to the mean of their pieces under the old tokenizer.
+The conversion itself, in both directions, is `hf.py`; the model card is `card.py`.
 
 `transformers` is imported only inside the functions that use it.
 """
 
 from __future__ import annotations
 
-import csv
-import importlib.metadata
+import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -36,15 +30,16 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from data_prep.config import ConfigError, ExperimentConfig, config_from_dict
+from data_prep.config import ExperimentConfig, config_from_dict
 from data_prep.prepare import sha256_file
-from data_prep.shards import ShardError, open_split, read_meta, short_phase
-from data_prep.tokenizer import FILES, HF_WEIGHTS, load_tokenizer, read_hf_dir, special_ids, tokenizer_dir
+from data_prep.shards import ShardError, open_split
+from data_prep.tokenizer import FILES, load_tokenizer, special_ids, tokenizer_dir
 
+from .card import model_card, validation_metrics
+from .card import tokens_seen as tokens_seen  # re-exported: it used to live here
 from .checkpoint import load_full, resumable_checkpoint
-from .data import length_schedule
-from .model import RobertaConfig, RobertaForMLM, from_hf_state_dict, to_hf_state_dict
-from .module import model_config
+from .hf import model_config, to_hf
+from .model import RobertaForMLM
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed in fp32 between this project's model and `transformers`
 
@@ -59,94 +54,6 @@ class ParityError(ExportError):
 
 def export_dir(cfg: ExperimentConfig) -> Path:
     return cfg.run_path / "hf"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hugging Face -> this project (continued pretraining)
-
-
-def check_init_from(cfg: ExperimentConfig) -> dict[str, Any]:
-    """`model.init_from`'s config.json, once it describes the model this config builds; otherwise one ConfigError
-    naming the directory and every differing key."""
-    path = cfg.model.init_from
-    assert path, "check_init_from needs model.init_from"
-    hf = read_hf_dir(path)
-    m, problems = cfg.model, []
-    for ours, theirs in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
-                         ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size")):
-        if hf.get(theirs) != getattr(m, ours):
-            problems.append(f"model.{ours}={getattr(m, ours)} but {theirs}={hf.get(theirs)}")
-    # what this project's RoBERTa fixes (model.py); HF's defaults when config.json leaves them out
-    fixed = {"hidden_act": "gelu", "type_vocab_size": 1, "position_embedding_type": "absolute", "pad_token_id": 1}
-    problems += [f"{k}={hf[k]!r} (this model: {v!r})" for k, v in fixed.items() if k in hf and hf[k] != v]
-    if "layer_norm_eps" in hf and not math.isclose(hf["layer_norm_eps"], 1e-5, rel_tol=1e-3):
-        problems.append(f"layer_norm_eps={hf['layer_norm_eps']} (this model: 1e-05)")
-    positions = hf.get("max_position_embeddings", 514)
-    if positions < cfg.data.seq_len + 2:
-        problems.append(f"data.seq_len={cfg.data.seq_len} needs {cfg.data.seq_len + 2} positions but "
-                        f"max_position_embeddings={positions} (lower data.seq_len to {positions - 2})")
-    vocab = load_tokenizer(path).get_vocab_size()
-    if hf.get("vocab_size") != vocab:
-        problems.append(f"vocab_size={hf.get('vocab_size')} but tokenizer.json has {vocab} tokens")
-    if problems:
-        raise ConfigError(f"model.init_from={path} does not match the config: {'; '.join(problems)} "
-                          "(set the model section to the pretrained model's sizes)")
-    return hf
-
-
-def load_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a Hugging Face directory: model.safetensors, its sharded index, or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
-    d = Path(path)
-    name = next(w for w in HF_WEIGHTS if (d / w).is_file())
-    try:
-        if name == "model.safetensors":
-            return load_file(d / name)
-        if name.endswith(".index.json"):
-            shards = sorted(set(json.loads((d / name).read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load_file(d / shard).items()}
-        return torch.load(d / name, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors, torch and json raise different types for a damaged file
-        raise ConfigError(f"model.init_from={path}: {name} is unreadable ({type(e).__name__}: {e})") from None
-
-
-def init_from_hf(model: RobertaForMLM, cfg: ExperimentConfig) -> None:
-    """Load `model.init_from`'s weights into `model`, built for this run (model_config). The run's tokenizer
-    (run_dir/tokenizer) must be init_from's, or its extension: old ids at their places, new ones after."""
-    path = Path(cfg.model.init_from)
-    check_init_from(cfg)
-    try:
-        sd = from_hf_state_dict(load_hf_weights(path), cfg.model.num_layers)
-    except KeyError as e:
-        raise ConfigError(f"model.init_from={path}: not a RobertaForMaskedLM checkpoint: {e.args[0]}") from None
-
-    # 1) positions: the rows this run's seq_len uses; an export then states exactly the table it trained
-    sd["embeddings.position.weight"] = sd["embeddings.position.weight"][: model.cfg.max_position_embeddings]
-
-    # 2) vocabulary: old rows keep their ids; each appended token (tokenizer.extend_from) starts as the mean
-    #    of the rows of its pieces under the old tokenizer, for the embedding (tied decoder) and the decoder bias
-    old, new = load_tokenizer(path), load_tokenizer(tokenizer_dir(cfg))
-    moved = [t for t, i in old.get_vocab(with_added_tokens=True).items() if new.token_to_id(t) != i]
-    if moved or new.get_vocab_size() != model.cfg.vocab_size:
-        raise ConfigError(
-            f"{tokenizer_dir(cfg)} is not model.init_from's tokenizer or an extension of it ({len(moved)} of its "
-            f"tokens have other ids, e.g. {moved[:3]}): delete {tokenizer_dir(cfg)} and {cfg.run_path / 'data'}, "
-            "then run again"
-        )
-    word, bias = sd["embeddings.word.weight"], sd["lm_head.decoder.bias"]
-    n_old = word.shape[0]
-    if model.cfg.vocab_size > n_old:
-        token_of = {i: t for t, i in new.get_vocab(with_added_tokens=True).items()}
-        pieces = [[t.id for t in old.model.tokenize(token_of[i])] for i in range(n_old, model.cfg.vocab_size)]
-        assert all(pieces), "a new token with no pieces under the old tokenizer"
-        word = torch.cat([word, torch.stack([word[p].mean(0) for p in pieces])])
-        bias = torch.cat([bias, torch.stack([bias[p].mean(0) for p in pieces])])
-    sd["embeddings.word.weight"] = sd["lm_head.decoder.weight"] = word
-    sd["lm_head.decoder.bias"] = bias
-
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.startswith("nsp_head.") for k in missing), f"{missing=} {unexpected=}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,7 +81,8 @@ def export(cfg: ExperimentConfig, ckpt: str | Path | None = None, out: str | Pat
     except Exception as e:  # a truncated or foreign file: torch raises many types
         raise ExportError(f"checkpoint {ckpt} is unreadable or not this project's "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    run_cfg = config_from_dict(hp["config"])
+    # the checkpoint's experiment, with this config's card metadata (stated at export time too)
+    run_cfg = dataclasses.replace(config_from_dict(hp["config"]), card=cfg.card)
     return export_weights(weights, run_cfg, hp["meta"], Path(out) if out else export_dir(cfg),
                           tokenizer_dir(cfg), step=step, run_path=cfg.run_path, source=str(ckpt), log=log,
                           rollbacks=(state.get("rollbacks") or {}).get("events", []))
@@ -206,12 +114,7 @@ def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ids = meta["special_ids"]
-        hf_cfg = transformers.RobertaConfig(**mcfg.hf_config_kwargs(), bos_token_id=ids["bos"],
-                                            eos_token_id=ids["eos"])
-        hf = transformers.RobertaForMaskedLM(hf_cfg)
-        hf.load_state_dict(to_hf_state_dict(ours.state_dict(), mcfg.num_layers), strict=True)
-        hf.save_pretrained(tmp)
+        to_hf(ours, meta["special_ids"]).save_pretrained(tmp)
         for name in FILES:
             shutil.copy2(tok_dir / name, tmp / name)
         tok_config = json.loads((tmp / "tokenizer_config.json").read_text())
@@ -227,8 +130,7 @@ def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, 
                 f"{out} was left as it was"
             )
         metrics = metrics if metrics is not None else validation_metrics(run_path / "logs" / "metrics.csv", step)
-        (tmp / "README.md").write_text(model_card(run_cfg, meta, mcfg, step, metrics, check, meta_path, source,
-                                                       rollbacks or []))
+        model_card(run_cfg, meta, mcfg, step, metrics, check, meta_path, source, rollbacks or []).save(tmp / "README.md")
 
         # 3) swap it in
         if out.exists():
@@ -318,137 +220,6 @@ def verify(directory: Path, ours: RobertaForMLM, tok: Any, meta_path: Path | Non
     top = [{"token": p["token_str"], "score": float(p["score"])} for p in fill(text, top_k=5)]
     return {"max_abs_diff": float(diff), "tokens": int(real.sum()), "batch": what, "same_ids": same_ids,
             "texts": len(texts), "fill_mask": {"text": text, "answer": line[mid], "top": top}}
-
-
-def validation_metrics(metrics_csv: Path, step: int) -> dict[str, float]:
-    """The last validation loss and perplexity logged at or before `step` (run_dir/logs/metrics.csv)."""
-    best: tuple[int, dict[str, float]] | None = None
-    if metrics_csv.is_file():
-        with open(metrics_csv, newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("val/loss") and row.get("step") and int(row["step"]) <= step:
-                    if best is None or int(row["step"]) >= best[0]:
-                        best = (int(row["step"]), {k: float(row[k]) for k in ("val/loss", "val/ppl") if row.get(k)})
-    return best[1] | {"step": best[0]} if best else {}
-
-
-def _blocks(meta: dict[str, Any], split: str) -> tuple[int, int]:
-    rec = meta["splits"].get(split, {})
-    parts = rec.get("parts", [rec])
-    return sum(p.get("num_blocks", 0) for p in parts), sum(p.get("num_tokens", 0) for p in parts)
-
-
-def tokens_seen(c: ExperimentConfig, meta: dict[str, Any], meta_path: Path | None,
-                step: int) -> tuple[int, float, int]:
-    """(sequences, tokens about, tokens at most) of `step` steps, phase by phase of the length schedule: each
-    phase's sequences times the mean block length of its shards (its block length when they cannot be read).
-    With batch.by_tokens a step has global_size / micro_size micro-batches of the size epoch 0's have on average."""
-    if c.batch.by_tokens and meta_path is not None:
-        from .data import epoch_permutation, token_bins
-
-        try:
-            lengths = open_split(meta_path, "train").block_lengths()
-        except (ShardError, OSError, KeyError, ValueError):
-            lengths = None
-        if lengths is not None and len(lengths):
-            budget = c.batch.micro_size * c.data.seq_len
-            bins = len(token_bins(lengths[epoch_permutation(c.seed, 0, len(lengths))], budget)) - 1
-            micro_batches = step * c.batch.global_size // c.batch.micro_size
-            return (round(micro_batches * len(lengths) / bins), micro_batches * float(lengths.sum()) / bins,
-                    micro_batches * budget)
-    schedule = length_schedule(c)
-    ends = [first for first, _ in schedule[1:]] + [max(step, c.trainer.max_steps)]
-    short = None
-    if len(schedule) > 1 and meta_path is not None:
-        try:
-            found = short_phase(meta_path)
-            short = read_meta(found[1]) if found else None
-        except (ShardError, OSError, KeyError, ValueError):
-            short = None
-    sequences, seen, most = 0, 0.0, 0
-    for p, ((first, length), end) in enumerate(zip(schedule, ends, strict=True)):
-        n = (min(step, end) - min(step, first)) * c.batch.global_size
-        phase_meta = meta if p == len(schedule) - 1 else short
-        blocks, tokens = _blocks(phase_meta, "train") if phase_meta else (0, 0)
-        sequences, most = sequences + n, most + n * length
-        seen += n * (tokens / blocks if blocks else length)
-    return sequences, seen, most
-
-
-def model_card(run_cfg: ExperimentConfig, meta: dict[str, Any], mcfg: RobertaConfig, step: int,
-               metrics: dict[str, float], check: dict[str, Any], meta_path: Path | None, source: str,
-               rollbacks: list[dict[str, Any]] = ()) -> str:
-    c = run_cfg
-    rolled = (f"{len(rollbacks)} (a non-finite or spiking loss restored the last checkpoint and skipped the data of "
-              "steps " + ", ".join(f"{e['skipped_data_steps'][0]}-{e['skipped_data_steps'][1]} "
-                                            f"(loss {e['loss']:.4g} at step {e['step']})" for e in rollbacks) + ")"
-              if rollbacks else "none")
-    blocks, tokens = _blocks(meta, "train")
-    sequences, seen, most = tokens_seen(c, meta, meta_path, step)
-    avg = seen / sequences if sequences else c.data.seq_len
-    loss = metrics.get("val/loss")
-    val = (f"{loss:.4f} nats ({loss / math.log(2):.4f} bits), perplexity {math.exp(loss):.2f}"
-           + (f" (at step {metrics['step']})" if "step" in metrics else "")) if loss is not None else (
-        f"not measured (no validation by step {step}; trainer.val_check_interval={c.trainer.val_check_interval})")
-    params = sum(p.numel() for n, p in RobertaForMLM(mcfg).named_parameters() if not n.startswith("nsp_head."))
-    try:
-        version = importlib.metadata.version("roberta-pretrain")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    import transformers
-
-    m = c.masking
-    origin = (f"continued from `{c.model.init_from}`" + (f", vocabulary extended from `{c.tokenizer.extend_from}`"
-                                                        if c.tokenizer.extend_from else "")
-              if c.model.init_from else "trained from scratch")
-    top = ", ".join(f"`{p['token']!r}` {p['score']:.3f}" for p in check["fill_mask"]["top"])
-    return f"""---
-library_name: transformers
-pipeline_tag: fill-mask
-tags: [roberta, fill-mask, masked-lm]
----
-
-# {Path(c.run_dir).name}
-
-A RoBERTa masked-language model ({mcfg.num_layers} layers, hidden {mcfg.hidden_size}, {mcfg.num_heads} heads,
-FFN {mcfg.intermediate_size}, {params / 1e6:.2f}M parameters, vocabulary {mcfg.vocab_size}, up to {mcfg.max_seq_len}
-tokens), {origin}, exported by roberta-pretrain {version} from `{source}` (transformers {transformers.__version__}).
-
-```python
-from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
-
-model = AutoModelForMaskedLM.from_pretrained("path/to/this/directory")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
-print(pipeline("fill-mask", model=model, tokenizer=tokenizer)({check['fill_mask']['text']!r}))
-```
-
-## Training data
-
-- corpus: train {c.corpus.train}, valid {c.corpus.valid or f'a seeded {c.corpus.valid_fraction:.1%} document split of train'}
-- corpus fingerprint: `{meta.get('corpus_fingerprint')}`
-- shards: `{meta_path.parent.name if meta_path else 'run_dir/data/<hash> (not found at export time)'}` ({blocks:,} train blocks, {tokens:,} tokens)
-- tokenizer: byte-level BPE, {mcfg.vocab_size} tokens, sha256 of tokenizer.json `{meta['tokenizer_sha256']}`
-- packing: {meta['packing']}, {meta['seq_len']} tokens per block
-
-## Recipe
-
-- masking: {m.probability:.0%} of non-special tokens; of those {m.mask_fraction:.0%} `<mask>`, {m.random_fraction:.0%} random,
-  {1 - m.mask_fraction - m.random_fraction:.0%} unchanged; {'dynamic (a new mask every epoch)' if m.dynamic else f'static ({m.static_copies} copies)'}
-- optimiser: AdamW, betas {tuple(c.optim.betas)}, eps {c.optim.eps:g}, weight decay {c.optim.weight_decay:g} (not on biases and LayerNorm),
-  gradient clipping {c.optim.grad_clip or 'off'}
-- schedule: linear warmup over {c.optim.warmup_steps:,} steps to {c.optim.peak_lr:g}, linear decay to 0 at {c.trainer.max_steps:,} steps
-- batch: {c.batch.global_size:,} sequences per step (micro-batch {c.batch.micro_size}), precision {c.trainer.precision}, seed {c.seed}
-- rollbacks: {rolled}
-- steps: {step:,}; sequences seen {sequences:,}; tokens seen about {round(seen):,} ({avg:.1f} tokens per block
-  on average; at most {most:,})
-
-## Evaluation
-
-- validation MLM loss: {val}
-- parity: max |logit difference| {check['max_abs_diff']:.2e} between this directory in `transformers` and the
-  training code, over {check['tokens']} tokens of {check['batch']} (fp32); tokenizer ids equal
-- fill-mask: "{check['fill_mask']['text']}" (answer `{check['fill_mask']['answer']}`): {top}
-"""
 
 
 class HFExportCallback(pl.Callback):

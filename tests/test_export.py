@@ -4,6 +4,7 @@ pretraining from a `transformers` directory, vocabulary extension, and clear err
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 from data_prep.config import ConfigError, ExperimentConfig, load_config
 from data_prep.prepare import prepare_data
 from data_prep.tokenizer import FILES, load_tokenizer, train_tokenizer
-from pretrain import export as export_mod
+from pretrain import hf as hf_mod
+from pretrain.card import hub_datasets
 from pretrain.export import ParityError, export, parity_batch
 from pretrain.model import to_hf_state_dict
 from pretrain.module import MLMModule
@@ -102,7 +104,10 @@ def test_trained_run_exports_and_transformers_reproduces_it(trained, tmp_path: P
     during = cfg.run_path / "hf"  # written by the callback at each checkpoint
     assert (during / "config.json").is_file() and "steps: 6" in (during / "README.md").read_text()
 
-    out = export(cfg, out=tmp_path / "hf", log=lambda *_: None)
+    # the card's metadata is stated at export time
+    card_args = ["--card.language=[en]", "--card.license=apache-2.0"]
+    out = export(config(cfg.run_path, Path(cfg.corpus.train[0]), *card_args), out=tmp_path / "hf",
+                 log=lambda *_: None)
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["config.json", "model.safetensors", "README.md", *FILES])
     hf_cfg = json.loads((out / "config.json").read_text())
@@ -137,6 +142,25 @@ def test_trained_run_exports_and_transformers_reproduces_it(trained, tmp_path: P
                    "validation MLM loss: ", "perplexity", "AdamW", "dynamic", "from_pretrained"]:
         assert needle in card, f"model card lacks {needle!r}"
 
+    # the metadata block, as the Hub reads it
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data
+    assert data.language == ["en"] and data.license == "apache-2.0" and data.library_name == "transformers"
+    assert data.pipeline_tag == "fill-mask" and {"roberta", "fill-mask"} <= set(data.tags)
+    assert data.metrics == ["perplexity"] and data.datasets is None  # a local corpus is no Hub dataset
+    loss = [r for r in data.eval_results if r.metric_type == "loss"][0].metric_value
+    ppl = [r for r in data.eval_results if r.metric_type == "perplexity"][0].metric_value
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-3) and f"validation MLM loss: {loss:.4f}" in card
+    assert {r.task_type for r in data.eval_results} == {"fill-mask"} and data.model_name == cfg.run_path.name
+
+
+def test_hub_datasets_are_the_hf_sources_of_the_corpus(tmp_path: Path) -> None:
+    (tmp_path / "saved").mkdir()
+    sources = ["hf:wikitext/wikitext-103-raw-v1:train", "data/*.txt", "hf:owner/name/config", "hf:bookcorpus",
+               f"hf:{tmp_path / 'saved'}", "hf:wikitext/wikitext-2-raw-v1:validation", "builtin:python-docs"]
+    assert hub_datasets(sources) == ["wikitext", "owner/name", "bookcorpus"]
+
 
 def test_failing_parity_check_leaves_the_previous_export(trained, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,7 +172,7 @@ def test_failing_parity_check_leaves_the_previous_export(trained, tmp_path: Path
         sd = to_hf_state_dict(state_dict, num_layers)
         return sd | {"lm_head.dense.bias": sd["lm_head.dense.bias"] + 1e-2}
 
-    monkeypatch.setattr(export_mod, "to_hf_state_dict", broken)
+    monkeypatch.setattr(hf_mod, "to_hf_state_dict", broken)
     with pytest.raises(ParityError, match=r"failed its parity check \(max \|logit difference\| .* left as it was"):
         export(cfg, out=out, log=lambda *_: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

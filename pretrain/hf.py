@@ -1,0 +1,156 @@
+"""Hugging Face RoBERTa <-> this project, in both directions: the one module that knows both formats.
+
+Below the LightningModule (module.py), the export command (export.py) and fine-tuning (finetune.py), above the
+plain-torch model (model.py, whose `HF_NAME_MAP` is the name map both directions use):
+
+- `model_config`: the architecture of a run, sizes from the experiment and vocabulary and ids from the shards'
+  metadata; `RobertaConfig.hf_config_kwargs` is the same network as `transformers.RobertaConfig`.
+- `to_hf`: this project's model as a `transformers.RobertaForMaskedLM` (export).
+- `max_seq_len`: the longest input a Hugging Face RoBERTa config.json covers (fine-tuning).
+- Continued pretraining (`model.init_from: DIR`): `check_init_from` validates the directory against the config
+  (one error naming every differing key), the tokenizer step copies DIR's tokenizer (data_prep/tokenizer.py), and
+  `init_from_hf` loads DIR's weights into the freshly built model: the rows of the position table this run's
+  `seq_len` needs (so an export describes exactly the table it trained), and with `tokenizer.extend_from` the
+  appended tokens' rows initialised to the mean of their pieces under the old tokenizer.
+
+`transformers` is imported only inside the functions that use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_prep.config import ConfigError, ExperimentConfig
+from data_prep.pack import PAIR_PACKINGS
+from data_prep.tokenizer import HF_WEIGHTS, load_tokenizer, read_hf_dir, tokenizer_dir
+
+from .model import RobertaConfig, RobertaForMLM, from_hf_state_dict, to_hf_state_dict
+
+
+def model_config(cfg: ExperimentConfig, meta: dict[str, Any]) -> RobertaConfig:
+    """The architecture: sizes from the experiment, vocabulary and ids from the shards' metadata."""
+    m = cfg.model
+    return RobertaConfig(
+        vocab_size=meta["vocab_size"],
+        max_position_embeddings=meta["seq_len"] + meta["special_ids"]["pad"] + 1,
+        pad_token_id=meta["special_ids"]["pad"],
+        hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        intermediate_size=m.intermediate_size, dropout=m.dropout, attention_dropout=m.attention_dropout,
+        nsp=meta["packing"] in PAIR_PACKINGS,
+    )
+
+
+def max_seq_len(hf_config: dict[str, Any]) -> int:
+    """Tokens per input a Hugging Face RoBERTa config.json covers: its positions start at pad_token_id + 1
+    (`RobertaConfig.max_seq_len` for this project's configs); transformers' defaults when keys are missing."""
+    return hf_config.get("max_position_embeddings", 514) - hf_config.get("pad_token_id", 1) - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# This project -> Hugging Face
+
+
+def to_hf(model: RobertaForMLM, special_ids: dict[str, int]) -> Any:
+    """`model` as a `transformers.RobertaForMaskedLM` with the same weights (through `HF_NAME_MAP`); the NSP
+    head of the pair packings has no place there and is left out."""
+    import transformers
+
+    c = model.cfg
+    hf_cfg = transformers.RobertaConfig(**c.hf_config_kwargs(), bos_token_id=special_ids["bos"],
+                                        eos_token_id=special_ids["eos"])
+    hf = transformers.RobertaForMaskedLM(hf_cfg)
+    hf.load_state_dict(to_hf_state_dict(model.state_dict(), c.num_layers), strict=True)
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face -> this project (continued pretraining)
+
+
+def check_init_from(cfg: ExperimentConfig) -> dict[str, Any]:
+    """`model.init_from`'s config.json, once it describes the model this config builds; otherwise one ConfigError
+    naming the directory and every differing key."""
+    path = cfg.model.init_from
+    assert path, "check_init_from needs model.init_from"
+    hf = read_hf_dir(path)
+    m, problems = cfg.model, []
+    for ours, theirs in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                         ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size")):
+        if hf.get(theirs) != getattr(m, ours):
+            problems.append(f"model.{ours}={getattr(m, ours)} but {theirs}={hf.get(theirs)}")
+    # what this project's RoBERTa fixes (model.py); HF's defaults when config.json leaves them out
+    fixed = {"hidden_act": "gelu", "type_vocab_size": 1, "position_embedding_type": "absolute", "pad_token_id": 1}
+    problems += [f"{k}={hf[k]!r} (this model: {v!r})" for k, v in fixed.items() if k in hf and hf[k] != v]
+    if "layer_norm_eps" in hf and not math.isclose(hf["layer_norm_eps"], 1e-5, rel_tol=1e-3):
+        problems.append(f"layer_norm_eps={hf['layer_norm_eps']} (this model: 1e-05)")
+    positions = hf.get("max_position_embeddings", 514)
+    if positions < cfg.data.seq_len + 2:
+        problems.append(f"data.seq_len={cfg.data.seq_len} needs {cfg.data.seq_len + 2} positions but "
+                        f"max_position_embeddings={positions} (lower data.seq_len to {positions - 2})")
+    vocab = load_tokenizer(path).get_vocab_size()
+    if hf.get("vocab_size") != vocab:
+        problems.append(f"vocab_size={hf.get('vocab_size')} but tokenizer.json has {vocab} tokens")
+    if problems:
+        raise ConfigError(f"model.init_from={path} does not match the config: {'; '.join(problems)} "
+                          "(set the model section to the pretrained model's sizes)")
+    return hf
+
+
+def load_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a Hugging Face directory: model.safetensors, its sharded index, or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    name = next(w for w in HF_WEIGHTS if (d / w).is_file())
+    try:
+        if name == "model.safetensors":
+            return load_file(d / name)
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads((d / name).read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(d / shard).items()}
+        return torch.load(d / name, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, torch and json raise different types for a damaged file
+        raise ConfigError(f"model.init_from={path}: {name} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def init_from_hf(model: RobertaForMLM, cfg: ExperimentConfig) -> None:
+    """Load `model.init_from`'s weights into `model`, built for this run (model_config). The run's tokenizer
+    (run_dir/tokenizer) must be init_from's, or its extension: old ids at their places, new ones after."""
+    path = Path(cfg.model.init_from)
+    check_init_from(cfg)
+    try:
+        sd = from_hf_state_dict(load_hf_weights(path), cfg.model.num_layers)
+    except KeyError as e:
+        raise ConfigError(f"model.init_from={path}: not a RobertaForMaskedLM checkpoint: {e.args[0]}") from None
+
+    # 1) positions: the rows this run's seq_len uses; an export then states exactly the table it trained
+    sd["embeddings.position.weight"] = sd["embeddings.position.weight"][: model.cfg.max_position_embeddings]
+
+    # 2) vocabulary: old rows keep their ids; each appended token (tokenizer.extend_from) starts as the mean
+    #    of the rows of its pieces under the old tokenizer, for the embedding (tied decoder) and the decoder bias
+    old, new = load_tokenizer(path), load_tokenizer(tokenizer_dir(cfg))
+    moved = [t for t, i in old.get_vocab(with_added_tokens=True).items() if new.token_to_id(t) != i]
+    if moved or new.get_vocab_size() != model.cfg.vocab_size:
+        raise ConfigError(
+            f"{tokenizer_dir(cfg)} is not model.init_from's tokenizer or an extension of it ({len(moved)} of its "
+            f"tokens have other ids, e.g. {moved[:3]}): delete {tokenizer_dir(cfg)} and {cfg.run_path / 'data'}, "
+            "then run again"
+        )
+    word, bias = sd["embeddings.word.weight"], sd["lm_head.decoder.bias"]
+    n_old = word.shape[0]
+    if model.cfg.vocab_size > n_old:
+        token_of = {i: t for t, i in new.get_vocab(with_added_tokens=True).items()}
+        pieces = [[t.id for t in old.model.tokenize(token_of[i])] for i in range(n_old, model.cfg.vocab_size)]
+        assert all(pieces), "a new token with no pieces under the old tokenizer"
+        word = torch.cat([word, torch.stack([word[p].mean(0) for p in pieces])])
+        bias = torch.cat([bias, torch.stack([bias[p].mean(0) for p in pieces])])
+    sd["embeddings.word.weight"] = sd["lm_head.decoder.weight"] = word
+    sd["lm_head.decoder.bias"] = bias
+
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith("nsp_head.") for k in missing), f"{missing=} {unexpected=}"
