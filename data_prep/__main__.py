@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, describe_config, load_config
-from .corpus import CorpusError
-from .shards import ShardError
-from .tokenizer import TokenizerError, train_tokenizer
-
-USER_ERRORS = (ConfigError, CorpusError, TokenizerError, ShardError, FileNotFoundError)
+from .cli import run_command
+from .config import describe_config, load_config
+from .tokenizer import train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
     args, overrides = parser.parse_known_args(argv)
-    try:
+
+    def build() -> None:
         cfg = load_config(args.config, overrides)
         if args.command == "tokenizer":
             train_tokenizer(cfg, force=args.force)
@@ -32,13 +30,8 @@ def main(argv: list[str] | None = None) -> int:
             from .prepare import prepare_data
 
             prepare_data(cfg, force=args.force)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(build)
 
 
 if __name__ == "__main__":

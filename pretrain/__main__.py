@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.__main__ import USER_ERRORS
+from data_prep.cli import run_command
 from data_prep.config import describe_config, load_config
 
 
@@ -36,51 +36,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ablation":
         return _ablation(args, overrides)
 
+    from .export import ExportError
+    from .train import NothingToResume, TrainingIncomplete
+
+    return run_command(lambda: _fit_or_export(args, overrides),
+                       {NothingToResume: 2, FloatingPointError: 2, ExportError: 2, TrainingIncomplete: 3})
+
+
+def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from data_prep.prepare import prepare_data, run_dir_lock
     from data_prep.tokenizer import train_tokenizer
 
-    from .export import ExportError, export
+    from .export import export
     from .hf import check_init_from
-    from .throughput import Throughput
-    from .train import NothingToResume, TrainingIncomplete, fit, plot_losses
+    from .train import NothingToResume, fit, plot_losses
 
-    try:
-        cfg = load_config(args.config, overrides)
-        if args.command == "export":
-            export(cfg, args.ckpt, args.out)
-            return 0
-        if cfg.model.init_from:
-            check_init_from(cfg)  # one clear line before any data work
-            with run_dir_lock(cfg):
-                train_tokenizer(cfg)  # init_from's tokenizer (extended), or "up to date"
-        if args.command == "resume" and not any((cfg.run_path / "checkpoints").glob("*.ckpt")):
-            raise NothingToResume(f"{cfg.run_path}/checkpoints/last.ckpt does not exist: nothing to resume "
-                                  "(run `make pretrain`)")
-        meta = prepare_data(cfg)
-        trainer = fit(cfg, meta, resume=args.command == "resume" or None)
-    except (*USER_ERRORS, NothingToResume, FloatingPointError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingIncomplete as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    cfg = load_config(args.config, overrides)
+    if args.command == "export":
+        export(cfg, args.ckpt, args.out)
+        return
+    if cfg.model.init_from:
+        check_init_from(cfg)  # one clear line before any data work
+        with run_dir_lock(cfg):
+            train_tokenizer(cfg)  # init_from's tokenizer (extended), or "up to date"
+    if args.command == "resume" and not any((cfg.run_path / "checkpoints").glob("*.ckpt")):
+        raise NothingToResume(f"{cfg.run_path}/checkpoints/last.ckpt does not exist: nothing to resume "
+                              "(run `make pretrain`)")
+    meta = prepare_data(cfg)
+    trainer = fit(cfg, meta, resume=args.command == "resume" or None)
     if trainer.global_rank == 0:
         logs = cfg.run_path / "logs"
         png = plot_losses(logs / "metrics.csv", logs / "loss.png")
         val = trainer.callback_metrics.get("val/loss")
         state = "done" if trainer.global_step >= trainer.max_steps else "stopped by a signal"
         print(f"\n{state}: {trainer.global_step} of {trainer.max_steps} steps" + (f", validation loss {float(val):.4f} nats" if val is not None else ""))
-        speed = next((c.summary() for c in trainer.callbacks if isinstance(c, Throughput)), None)
-        if speed:
-            print(f"  throughput  {speed}")
         print(f"  checkpoint  {cfg.run_path / 'checkpoints' / 'last.ckpt'}")
         print(f"  logs        {logs / 'metrics.csv'}")
         if png:
             print(f"  loss curve  {png}")
-    return 0
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -88,18 +81,14 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     from .finetune import FinetuneError, finetune, load_task
 
     task_overrides = [o for o in overrides if o.startswith(("--finetune.", "--task."))]
-    try:
+
+    def run() -> None:
         if args.task is None:
             raise FinetuneError("finetune needs --task configs/tasks/NAME.yaml (make finetune TASK=...)")
         cfg = load_config(args.config, [o for o in overrides if o not in task_overrides])
         finetune(cfg, load_task(args.task, task_overrides))
-    except (*USER_ERRORS, FinetuneError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(run, {FinetuneError: 2, ExportError: 2})
 
 
 def _ablation(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -109,17 +98,13 @@ def _ablation(args: argparse.Namespace, overrides: list[str]) -> int:
     from .finetune import FinetuneError
     from .train import NothingToResume
 
-    try:
+    def run() -> None:
         if args.config is None:
             raise FileNotFoundError("ablation needs --config configs/ablation-NAME.yaml (make ablation CONFIG=...)")
         run_ablation(args.config, overrides)
-    except (*USER_ERRORS, NothingToResume, FloatingPointError, ExportError, FinetuneError, YardstickError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(run, {NothingToResume: 2, FloatingPointError: 2, ExportError: 2, FinetuneError: 2,
+                             YardstickError: 2})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""What the two command lines (`python -m data_prep`, `python -m pretrain`) share: how a command ends.
+
+An error the user can fix is one line, `error: <message>` on stderr (the message names the file or key and the
+fix), and a non-zero exit code; never a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from .config import ConfigError
+from .corpus import CorpusError
+from .shards import ShardError
+from .tokenizer import TokenizerError
+
+USER_ERRORS = (ConfigError, CorpusError, TokenizerError, ShardError, FileNotFoundError)
+"""Errors of every command that the user fixes: exit code 2."""
+
+
+def run_command(body: Callable[[], int | None], errors: dict[type[BaseException], int] | None = None) -> int:
+    """The exit code of `body()` (0 when it returns None). A `USER_ERRORS` error (exit 2) or one of `errors` (type
+    -> exit code; the most specific type of the error decides) is printed as one line; Ctrl-C is `interrupted`,
+    130, as a shell reports SIGINT."""
+    codes: dict[type[BaseException], int] = {kind: 2 for kind in USER_ERRORS} | (errors or {})
+    try:
+        return body() or 0
+    except tuple(codes) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return next(codes[kind] for kind in type(e).__mro__ if kind in codes)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
