@@ -1,15 +1,23 @@
-"""Training throughput, side by side: this project vs Hugging Face's recipe, same architecture, data and batch.
+"""Training throughput, side by side, in one run: this project against Hugging Face's recipe, and against itself.
 
-Hugging Face's recipe is what `run_mlm.py` does: `transformers.RobertaForMaskedLM` + `DataCollatorForLanguageModeling`
-+ `Trainer` (AdamW, same betas/eps/decay, linear schedule). Ours: `pretrain/` through Lightning, with the sparse
-MLM head. Both run in this process, alternating (ours, HF, ours, HF, ...) so that machine noise hits both
-sides; the figures are medians of per-step times after warm-up, and the headline is the ratio.
+Hugging Face's recipe is what `run_mlm.py` does: `transformers.RobertaForMaskedLM` (SDPA attention) +
+`DataCollatorForLanguageModeling` + `Trainer` (AdamW, same betas/eps/decay, linear schedule; `bf16=True` for the
+bf16 rows). Ours: `pretrain/` through Lightning (sparse MLM head, static shapes, unpadded attention). Each row
+compares two configurations, A and B, run alternately in this process (A, B, A, B, ...) so that machine noise
+hits both; the figures are medians of per-step times after warm-up, and the headline is the ratio B/A time.
 
-Also reported: model FLOP/s as a fraction of the best fp32 matmul FLOP/s torch reaches here, and the share
-of our step time spent waiting for data.
+Rows:
+  ours vs HF      the same model, data and batch at fp32, and at bf16-mixed on both sides;
+  compiled        ours with `trainer.compile: true` vs eager (the first step's time, mostly compilation, reported);
+  unpadded        ours on DOC-SENTENCES (rows end at document ends, so batches are padded) with
+                  `trainer.unpad` on vs off.
 
-    python bench/bench_train.py                       # tiny (2x128, vocab 50265, seq 128, micro 32) and base
-    python bench/bench_train.py --sizes tiny --steps 30
+MFU: the MLM objective's FLOPs (LM head on the masked share) x tokens/s over the peak of the row's dtype: the best
+matmul FLOP/s torch reaches here on a CPU, the datasheet figure on a GPU.
+
+    python bench/bench_train.py                                # small (4x256, vocab 50265, 32x128) rows, then base
+    python bench/bench_train.py --sizes small --rows fp32,bf16
+    python bench/bench_train.py --device cuda                  # base, seq 512, bf16: eager, compiled, HF (SDPA)
 """
 
 from __future__ import annotations
@@ -32,73 +40,75 @@ from data_prep.shards import open_split
 ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {
-    # name: (layers, hidden, heads, ffn, seq_len, micro batch, measured steps)
-    "tiny": (2, 128, 2, 512, 128, 32, 20),
-    "base": (12, 768, 12, 3072, 512, 4, 3),
+    # name: (layers, hidden, heads, ffn, seq_len, micro batch, measured steps per round)
+    "small": (4, 256, 4, 1024, 128, 32, 12),
+    "base": (12, 768, 12, 3072, 512, 4, 6),
 }
+GPU_SIZES = {"base": (12, 768, 12, 3072, 512, 32, 30)}
 WARMUP = 3
-
-
-def best_matmul_flops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
+ROWS = {
+    # name: (precision, A, B): a side is "hf" or ours with overrides
+    "fp32": ("32-true", "hf", ()),
+    "bf16": ("bf16-mixed", "hf", ()),
+    "compiled": ("32-true", (), ("--trainer.compile=true",)),
+    "compiled-bf16": ("bf16-mixed", (), ("--trainer.compile=true",)),
+    "unpadded": ("32-true", ("--trainer.unpad=false",), ()),
+}
+ROW_LABEL = {"fp32": "ours vs HF, fp32", "bf16": "ours vs HF, bf16-mixed", "compiled": "ours compiled vs eager, fp32",
+             "compiled-bf16": "ours compiled vs eager, bf16-mixed",
+             "unpadded": "ours DOC-SENTENCES unpadded vs padded, fp32"}
 
 
 def model_flops_per_token(layers: int, hidden: int, ffn: int, seq: int, vocab: int, mask_p: float = 0.15) -> float:
-    """Training FLOPs per token of the MLM objective (forward + backward = 3x forward): the encoder's matmuls
-    and attention, plus the LM head on the masked share only (the work the objective needs)."""
-    per_layer = 2 * (4 * hidden * hidden + 2 * hidden * ffn) + 2 * 2 * seq * hidden
-    head = mask_p * 2 * (hidden * hidden + hidden * vocab)
-    return 3 * (layers * per_layer + head)
+    from pretrain.model import RobertaConfig
+    from pretrain.throughput import flops_per_token
+
+    cfg = RobertaConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=1, intermediate_size=ffn,
+                        max_position_embeddings=seq + 2)
+    return flops_per_token(cfg, seq, mask_p)
 
 
 class StepTimer:
-    """Per optimizer-step wall times and the time spent between steps waiting for the next batch."""
+    """Per optimizer-step wall times (device synchronised, in this benchmark only) and the first step's time."""
 
-    def __init__(self) -> None:
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
         self.ends: list[float] = []
-        self.waits: list[float] = []
-        self._start: float | None = None
-
-    def begin(self) -> None:
-        now = time.perf_counter()
-        if self.ends:
-            self.waits.append(now - self.ends[-1])
-        self._start = now
+        self.start = time.perf_counter()
 
     def end(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
 
     def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.ends[WARMUP - 1 :], self.ends[WARMUP:], strict=False)]
+        return [b - a for a, b in zip(self.ends[WARMUP - 1:], self.ends[WARMUP:], strict=False)]
+
+    def first_step(self) -> float:
+        return self.ends[0] - self.start
 
 
-def run_ours(cfg, meta: Path, steps: int) -> StepTimer:
+def run_ours(cfg, meta: Path, steps: int, cuda: bool) -> tuple[StepTimer, int]:
     import pytorch_lightning as pl
 
     from pretrain.train import fit
 
-    timer = StepTimer()
+    timer, tokens = StepTimer(cuda), []
 
     class Timing(pl.Callback):
-        def on_train_batch_start(self, *args) -> None:
-            timer.begin()
-
-        def on_train_batch_end(self, *args) -> None:
-            timer.end()
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            tokens.append(batch["num_tokens"])
+            if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+                timer.end()
 
     cfg.trainer.max_steps = WARMUP + steps
+    timer.start = time.perf_counter()
     fit(cfg, meta, resume=False, callbacks=[Timing()], enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, logger=False, limit_val_batches=0)
-    return timer
+    return timer, int(statistics.median(tokens))
 
 
-def run_hf(cfg, meta: Path, steps: int, tokenizer_dir: Path) -> StepTimer:
+def run_hf(cfg, meta: Path, steps: int, tokenizer_dir: Path, cuda: bool) -> tuple[StepTimer, int]:
     import transformers
     from transformers import (
         AutoTokenizer,
@@ -117,14 +127,11 @@ def run_hf(cfg, meta: Path, steps: int, tokenizer_dir: Path) -> StepTimer:
     meta_dict = json.loads(Path(meta).read_text())
     arch = model_config(cfg, meta_dict)
     torch.manual_seed(cfg.seed)
-    model = RobertaForMaskedLM(transformers.RobertaConfig(**arch.hf_config_kwargs()))
+    model = RobertaForMaskedLM(transformers.RobertaConfig(**arch.hf_config_kwargs(), attn_implementation="sdpa"))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    timer = StepTimer()
+    timer = StepTimer(cuda)
 
     class Timing(TrainerCallback):
-        def on_step_begin(self, *args, **kwargs):
-            timer.begin()
-
         def on_step_end(self, *args, **kwargs):
             timer.end()
 
@@ -134,68 +141,110 @@ def run_hf(cfg, meta: Path, steps: int, tokenizer_dir: Path) -> StepTimer:
             output_dir=out, per_device_train_batch_size=cfg.batch.micro_size, max_steps=WARMUP + steps,
             learning_rate=o.peak_lr, adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_epsilon=o.eps,
             weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, lr_scheduler_type="linear",
-            max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-            dataloader_num_workers=cfg.batch.num_workers, seed=cfg.seed, disable_tqdm=True,
+            max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=not cuda,
+            bf16=cfg.trainer.precision.startswith("bf16"), dataloader_num_workers=cfg.batch.num_workers,
+            seed=cfg.seed, disable_tqdm=True,
         )
         collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.masking.probability)
+        timer.start = time.perf_counter()
         Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator, processing_class=tokenizer,
                 callbacks=[Timing()]).train()
-    return timer
+    return timer, cfg.batch.micro_size * cfg.data.seq_len
+
+
+def experiment(size: tuple, work: str, corpus: str, precision: str, cuda: bool, packing: str, extra=()):
+    layers, hidden, heads, ffn, seq, micro, _ = size
+    return load_config(None, [
+        f"--run_dir={work}", f"--corpus.train={corpus}", "--corpus.valid_fraction=0.01",
+        "--tokenizer.vocab_size=50265", f"--data.seq_len={seq}", f"--data.packing={packing}",
+        f"--model.num_layers={layers}", f"--model.hidden_size={hidden}", f"--model.num_heads={heads}",
+        f"--model.intermediate_size={ffn}", f"--batch.global_size={micro}", f"--batch.micro_size={micro}",
+        "--batch.num_workers=1", "--optim.warmup_steps=10", f"--trainer.accelerator={'gpu' if cuda else 'cpu'}",
+        "--trainer.devices=1", f"--trainer.precision={precision}", "--logger.wandb=null", *extra,
+    ])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus" / "kernel_docs.txt"))
-    parser.add_argument("--sizes", default="tiny,base")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of (ours, HF) per size")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sizes", default=None, help="comma-separated; default small,base (cuda: base)")
+    parser.add_argument("--rows", default=None, help=f"comma-separated of {','.join(ROWS)}; default all "
+                        "(cuda: bf16,compiled-bf16)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of (A, B) per row")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cuda = args.device == "cuda"
+    sizes_table = GPU_SIZES if cuda else SIZES
+    sizes = (args.sizes or ",".join(sizes_table)).split(",")
+    rows = (args.rows or ("bf16,compiled-bf16" if cuda else ",".join(ROWS))).split(",")
     corpus = args.corpus if Path(args.corpus).exists() else "builtin:python-docs"
-    peak = best_matmul_flops()
-    results = {"machine": {"threads": torch.get_num_threads(), "best_fp32_matmul_gflops": round(peak / 1e9, 1)},
-               "corpus": corpus, "sizes": {}}
-    for size in args.sizes.split(","):
-        layers, hidden, heads, ffn, seq, micro, steps = SIZES[size]
-        cfg = load_config(None, [
-            f"--run_dir={args.work}/{size}", f"--corpus.train={corpus}", "--corpus.valid_fraction=0.01",
-            "--tokenizer.vocab_size=50265", f"--data.seq_len={seq}", f"--model.num_layers={layers}",
-            f"--model.hidden_size={hidden}", f"--model.num_heads={heads}", f"--model.intermediate_size={ffn}",
-            f"--batch.global_size={micro}", f"--batch.micro_size={micro}", "--batch.num_workers=1",
-            "--optim.warmup_steps=10", "--trainer.accelerator=cpu", "--trainer.devices=1",
-            "--trainer.precision=32-true", "--logger.wandb=null",
-        ])
-        meta = prepare_data(cfg)
-        ours_t, hf_t, waits = [], [], []
-        for _ in range(args.rounds):
-            t = run_ours(cfg, meta, steps)
-            ours_t += t.step_times()
-            waits += t.waits[WARMUP:]
-            hf_t += run_hf(cfg, meta, steps, cfg.run_path / "tokenizer").step_times()
-        tokens = micro * seq
-        ours_s, hf_s = statistics.median(ours_t), statistics.median(hf_t)
-        flops = model_flops_per_token(layers, hidden, ffn, seq, 50265) * tokens
-        results["sizes"][size] = {
-            "layers": layers, "hidden": hidden, "seq_len": seq, "micro_batch": micro, "vocab": 50265,
-            "steps_measured": len(ours_t),
-            "ours_tokens_per_s": round(tokens / ours_s), "hf_tokens_per_s": round(tokens / hf_s),
-            "speedup": round(hf_s / ours_s, 2),
-            "ours_mfu": round(flops / ours_s / peak, 3), "hf_mfu": round(flops / hf_s / peak, 3),
-            "data_wait_share": round(statistics.median(waits) / ours_s, 4) if waits else None,
-        }
-        print(json.dumps({size: results["sizes"][size]}), flush=True)
+    from pretrain.throughput import measure_matmul_flops, peak_flops, precision_dtype
+
+    device = torch.device("cuda" if cuda else "cpu")
+    results = {"machine": {"device": torch.cuda.get_device_name() if cuda else "cpu",
+                           "threads": torch.get_num_threads()}, "corpus": corpus, "rows": []}
+    for size_name in sizes:
+        size = sizes_table[size_name]
+        layers, hidden, heads, ffn, seq, micro, steps = size
+        for row in rows:
+            precision, a, b = ROWS[row]
+            packing = "doc_sentences" if row == "unpadded" else "full_sentences"
+            work = f"{args.work}/{size_name}-{packing}"
+            base_cfg = experiment(size, work, corpus, precision, cuda, packing)
+            meta = prepare_data(base_cfg)
+            # measured afresh on a CPU (not the cached figure): the machine's load now is the load of the row
+            peak, source = peak_flops(device, precision) if cuda else (
+                measure_matmul_flops(device, precision_dtype(precision)), "measured")
+            flops = model_flops_per_token(layers, hidden, ffn, seq, 50265)
+            times: dict[str, list[float]] = {"A": [], "B": []}
+            tokens: dict[str, list[int]] = {"A": [], "B": []}
+            first: dict[str, list[float]] = {"A": [], "B": []}
+            memory: dict[str, list[float]] = {"A": [], "B": []}
+            for _ in range(args.rounds):
+                for side, spec in (("A", a), ("B", b)):
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    if spec == "hf":
+                        timer, n = run_hf(base_cfg, meta, steps, base_cfg.run_path / "tokenizer", cuda)
+                    else:
+                        timer, n = run_ours(experiment(size, work, corpus, precision, cuda, packing, spec), meta,
+                                            steps, cuda)
+                    times[side] += timer.step_times()
+                    tokens[side].append(n)
+                    first[side].append(timer.first_step())
+                    if cuda:
+                        memory[side].append(torch.cuda.max_memory_allocated() / 2**30)
+            r = {"row": row, "label": ROW_LABEL[row], "size": size_name, "layers": layers, "hidden": hidden,
+                 "seq_len": seq, "micro_batch": micro, "vocab": 50265, "precision": precision, "packing": packing,
+                 "steps_measured": len(times["A"]), "peak_tflops": round(peak / 1e12, 4), "peak_source": source}
+            for side in ("A", "B"):
+                s = statistics.median(times[side])
+                rate = statistics.median(tokens[side]) / s
+                name = "hf" if (a if side == "A" else b) == "hf" else ("ours_" + side)
+                r[side] = {"who": name, "tokens_per_s": round(rate), "mfu": round(rate * flops / peak, 4),
+                           "first_step_s": round(statistics.median(first[side]), 2),
+                           **({"peak_gib": round(max(memory[side]), 2)} if memory[side] else {})}
+            r["ratio"] = round(r["B"]["tokens_per_s"] / r["A"]["tokens_per_s"], 3)
+            results["rows"].append(r)
+            print(json.dumps(r), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| size | ours tokens/s | HF tokens/s | speedup | ours MFU | HF MFU | data wait |", "|---|---|---|---|---|---|---|"]
-    for size, r in results["sizes"].items():
-        lines.append(f"| {size} ({r['layers']}x{r['hidden']}, seq {r['seq_len']}, micro {r['micro_batch']}) | "
-                     f"{r['ours_tokens_per_s']:,} | {r['hf_tokens_per_s']:,} | {r['speedup']}x | "
-                     f"{r['ours_mfu']:.1%} | {r['hf_mfu']:.1%} | {r['data_wait_share']:.2%} |")
-    table = "\n".join(lines) + f"\n\nBest fp32 matmul: {results['machine']['best_fp32_matmul_gflops']} GFLOP/s " \
-        f"on {results['machine']['threads']} threads. MFU counts the MLM objective's FLOPs (LM head on masked tokens).\n"
-    (out / "train.md").write_text(table)
+    name = "train-cuda" if cuda else "train"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| row | size | B tokens/s | A tokens/s | B / A | B MFU | A MFU | B first step | A first step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        A, B = r["A"], r["B"]
+        lines.append(f"| {r['label']} | {r['size']} ({r['layers']}x{r['hidden']}, seq {r['seq_len']}, micro "
+                     f"{r['micro_batch']}) | {B['tokens_per_s']:,} | {A['tokens_per_s']:,} | {r['ratio']}x | "
+                     f"{B['mfu']:.1%} | {A['mfu']:.1%} | {B['first_step_s']} s | {A['first_step_s']} s |")
+    table = "\n".join(lines) + "\n\nB is the first-named side (ours), A the second; tokens/s are real tokens " \
+        "(no padding). MFU counts the MLM objective's FLOPs (LM head on masked tokens) over the peak of the row's " \
+        f"dtype ({'datasheet' if cuda else 'best matmul FLOP/s measured here'}); {results['machine']}.\n"
+    (out / f"{name}.md").write_text(table)
     print(table)
     return 0
 

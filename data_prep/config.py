@@ -237,13 +237,19 @@ class TrainerConfig:
     val_check_interval: int = option(2000, "Validate every this many optimizer steps.")
     limit_val_batches: int = option(50, "Validation micro-batches per validation run; 0: all.")
     log_every_n_steps: int = option(10, "Log training metrics every this many optimizer steps.")
-    compile: bool = option(False, "torch.compile the model.")
+    compile: bool = option(False, "torch.compile the training objective (model, sparse head, loss): traced once for "
+                           "unpadded batches, whose shapes are static (masking.py).")
+    unpad: bool = option(True, "Run padded batches on their real tokens only (varlen attention); same results.")
+    peak_flops: float = option(0.0, "Peak FLOP/s of one device, the denominator of train/mfu; 0: the GPU's "
+                               "datasheet peak for the precision, else measured once on this machine (cached).")
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ConfigError(f"trainer.max_steps={self.max_steps} must be at least 1")
         if isinstance(self.devices, str) and self.devices != "auto":
             raise ConfigError(f"trainer.devices={self.devices!r} must be an integer or 'auto'")
+        if self.peak_flops < 0:
+            raise ConfigError(f"trainer.peak_flops={self.peak_flops} must be >= 0 (0: known or measured)")
 
 
 @dataclass
@@ -258,6 +264,16 @@ class LoggerConfig:
     wandb: dict[str, Any] | None = option(
         None, "wandb.init arguments, e.g. {project: roberta, mode: offline}; null: no wandb. CSV is always written."
     )
+    tensorboard: bool = option(False, "Also write TensorBoard event files to run_dir/logs/tensorboard "
+                               "(`tensorboard --logdir run_dir/logs`); offline, as many clusters want.")
+
+
+@dataclass
+class CardConfig:
+    language: list[str] = option([], "Languages of the training text, ISO 639-1 codes such as [en]: the `language` "
+                                 "of the exported model card's metadata; empty: not stated.")
+    license: str | None = option(None, "The exported model's license as a Hub license id (apache-2.0, mit, "
+                                 "cc-by-sa-4.0, other): the model card's `license`; null: not stated.")
 
 
 @dataclass
@@ -277,6 +293,7 @@ class ExperimentConfig:
     trainer: TrainerConfig = option(None, "Handed to pytorch_lightning.Trainer.")
     checkpoint: CheckpointConfig = option(None, "Checkpoint frequency and retention.")
     logger: LoggerConfig = option(None, "Metrics logging.")
+    card: CardConfig = option(None, "Metadata of the exported model card (README.md of run_dir/hf).")
 
     @property
     def prep_seed(self) -> int:

@@ -103,9 +103,22 @@ class PreemptionCheckpoint(pl.Callback):
         self.received: int | None = None
         self.stopped = False  # a signal stopped the run (train.fit then does not call it incomplete)
         self._previous: dict[int, Any] = {}
+        self._group: Any = None  # the process group of the stop flag (`_any_rank`)
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.received = signum
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether any rank has the flag: an all-reduce of a host tensor over a gloo group, so that the check
+        costs no device sync (a reduce over NCCL of a device tensor, read on the host, would drain the queue
+        every step)."""
+        import torch.distributed as dist
+
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(t[0])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed after Lightning's own handlers, so ours decide; SLURM's requeue handler on SIGUSR1 is kept.
@@ -122,8 +135,7 @@ class PreemptionCheckpoint(pl.Callback):
             return  # only at optimizer-step boundaries: one collective per step, not per micro-batch
         received = self.received
         if trainer.world_size > 1:  # every rank must agree, or the collective save would hang
-            flag = torch.tensor([1 if received else 0], device=pl_module.device)
-            received = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+            received = self._any_rank(bool(received))
         if not received:
             return
         self.stopped = True

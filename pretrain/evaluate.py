@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from data_prep.config import config_from_dict
 from data_prep.shards import open_split, read_meta
@@ -24,6 +23,7 @@ from data_prep.shards import open_split, read_meta
 from .hf import model_config
 from .masking import MaskingCollator
 from .model import RobertaForMLM
+from .objective import batch_inputs, mlm_objective
 
 
 class YardstickError(ValueError):
@@ -60,12 +60,11 @@ class Yardstick:
         total, correct, count, blocks = 0.0, 0, 0, 0
         device = next(model.parameters()).device
         for batch in batches if batches is not None else self.batches():
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = model.encode(batch["input_ids"], batch["attention_mask"])  # (B, T, C)
-            logits = model.mlm_logits(hidden, batch["masked_positions"]).float()  # (N, V)
-            total += float(F.cross_entropy(logits, batch["masked_targets"], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch["masked_targets"]).sum())
-            count += batch["masked_targets"].numel()
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            out = mlm_objective(model, **batch_inputs(batch))  # padded target slots count nowhere
+            total += float(out["mlm_sum"])
+            correct += int(out["mlm_correct"])
+            count += int(out["n_masked"])
             blocks += batch["input_ids"].shape[0]
         model.train(was_training)
         loss = total / max(count, 1)

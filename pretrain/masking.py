@@ -14,6 +14,12 @@ Per sequence (BERT, arXiv 1810.04805, section 3.1; RoBERTa, arXiv 1907.11692, se
    with `random_fraction`, else stays. A per-token draw rather than exact counts per sequence: 10% of a
    sequence's 3 targets cannot be rounded without biasing the split, while per-token draws are exact in
    expectation at any length.
+A batch that nobody padded (every row as long as the longest, as FULL-SENTENCES blocks are) has its targets
+padded to a bound that depends on its shape only, B x num_targets(T), with `IGNORE` targets: so the
+training step's shapes are the same at every step and `torch.compile` traces it once. A padded batch instead
+carries where its real tokens are (`unpad_index`, `cu_seqlens`, `max_seqlen`), computed here on the host, so
+the encoder runs on them only without a device-to-host sync in the step.
+
 Static masking (dynamic=False) is the same function with `epoch % static_copies` in place of the epoch: each
 sequence has exactly `static_copies` fixed patterns, served in turn, like BERT's data duplicated 10 times.
 """
@@ -29,6 +35,8 @@ import torch
 
 # Names this generator's stream in Philox's counter, so that other users of (seed, index) draw other numbers.
 _STREAM = int.from_bytes(b"mlm-mask", "big")
+IGNORE = -100
+"""Target of a padded target slot: no loss, no accuracy (`torch.nn.functional.cross_entropy`'s ignore_index)."""
 
 
 @dataclass
@@ -129,15 +137,20 @@ class MaskingCollator:
         masked[positions[use_random]] = random_ids[use_random]
         return masked, positions, targets
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """A batch: `input_ids` (B, T) padded to the longest, `attention_mask` (B, T) 1 for real tokens,
-        `masked_positions` (N,) sorted indices into the flattened B*T positions, `masked_targets` (N,) the
-        original ids there, `nsp_labels` (B,) when the items carry `nsp_label`, and `step_counts` (2,), the
-        targets and sequences of the whole optimizer step on this rank, when the first item carries
-        `step_blocks` (the first micro-batch of a step, data.py)."""
+        `masked_positions` (S,) sorted indices into the flattened B*T positions, `masked_targets` (S,) the
+        original ids there, `num_tokens` (int) the real tokens, `num_candidates` (int) those that may be
+        chosen (the denominator of the mask rate); when no row is padded, the S slots are padded
+        to `target_slots(B, T)` with position 0 and target `IGNORE`; when some row is padded, `unpad_index`
+        (N,), `cu_seqlens` (B+1,) and `max_seqlen` (int) say where the real tokens are (`model.Unpadded`).
+        Also `nsp_labels` (B,) when the items carry `nsp_label`, and `step_counts` (2,), the targets and
+        sequences of the whole optimizer step on this rank, when the first item carries `step_blocks` (the
+        first micro-batch of a step, data.py)."""
         assert items, "MaskingCollator got an empty batch"
         masked = [self.mask_sequence(it["input_ids"], it["index"], it["epoch"]) for it in items]
-        B, T = len(items), max(m[0].size for m in masked)
+        lengths = np.array([m[0].size for m in masked])
+        B, T = len(items), int(lengths.max())
         input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((B, T), dtype=np.int64)
         for b, (ids, _, _) in enumerate(masked):
@@ -146,14 +159,32 @@ class MaskingCollator:
         # Row b's positions are sorted and offset by b * T, so the concatenation is sorted too.
         positions = np.concatenate([pos + b * T for b, (_, pos, _) in enumerate(masked)])
         targets = np.concatenate([tgt for _, _, tgt in masked])
-        batch = {
+        padded = bool((lengths < T).any())
+        if not padded:  # static shapes: pad the targets to the shape's bound
+            slots = self.target_slots(B, T)
+            assert targets.size <= slots, f"{targets.size} targets > the bound {slots} of a {B}x{T} batch"
+            positions = np.concatenate([positions, np.zeros(slots - positions.size, dtype=np.int64)])
+            targets = np.concatenate([targets, np.full(slots - targets.size, IGNORE, dtype=np.int64)])
+        batch: dict[str, Any] = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
             "masked_positions": torch.from_numpy(positions),
             "masked_targets": torch.from_numpy(targets),
+            "num_tokens": int(lengths.sum()),
+            "num_candidates": int(sum((~self._is_special[np.asarray(it["input_ids"], dtype=np.int64)]).sum()
+                                      for it in items)),
         }
+        if padded:
+            batch["unpad_index"] = torch.from_numpy(np.flatnonzero(attention_mask))
+            batch["cu_seqlens"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+            batch["max_seqlen"] = T
         if "nsp_label" in items[0]:
             batch["nsp_labels"] = torch.tensor([it["nsp_label"] for it in items], dtype=torch.long)
         if "step_blocks" in items[0]:
             batch["step_counts"] = torch.tensor(self.step_counts(items[0]["step_blocks"]), dtype=torch.long)
         return batch
+
+    def target_slots(self, rows: int, length: int) -> int:
+        """Target slots of an unpadded rows x length batch: the most targets any such batch can have
+        (`num_targets` grows with n; a row's specials make its n smaller than length, by 2 or 3 here)."""
+        return rows * self.num_targets(length)

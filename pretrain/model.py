@@ -11,7 +11,11 @@ What differs from `transformers` is speed, not maths:
 - the LM head runs only on the masked positions when `masked_positions` is given (sparse prediction, as
   fairseq): with a 50K vocabulary the head is a large share of a small or base model's compute;
 - `attention_segments` packs several short blocks into one row with block-diagonal attention and positions
-  that restart per segment, so each block computes exactly what it would alone.
+  that restart per segment, so each block computes exactly what it would alone;
+- a padded batch runs unpadded (`Unpadded`): pad tokens are dropped before the embeddings, every per-token
+  layer (projections, feed-forward, LayerNorm) runs on the real tokens only, and only attention sees the rows
+  again: through a variable-length kernel on CUDA where one applies, else re-padded around
+  `scaled_dot_product_attention` with a key-padding mask. The hidden states are scattered back to (B, T, C).
 
 Reading order: config, embeddings, attention, layer, encoder, LM head, NSP head, the model, the HF name map.
 Shapes: B batch, T sequence length, C hidden size, H heads, D head size, N masked tokens, V vocabulary.
@@ -20,6 +24,7 @@ Shapes: B batch, T sequence length, C hidden size, H heads, D head size, N maske
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +145,62 @@ def position_ids(
     return count * real + pad_token_id
 
 
+class Unpadded(NamedTuple):
+    """Where a padded batch's real tokens are: all the encoder needs to run on them only.
+
+    The collator computes it on the host with the batch (`from_mask` there), so the step needs no `nonzero` on
+    the device (a host sync on a GPU)."""
+
+    index: torch.Tensor
+    """(N,) flat indices into the B*T positions of the real tokens, row by row."""
+    cu_seqlens: torch.Tensor
+    """(B+1,) int32 offsets of each row's tokens in that packed order (the varlen kernels' format)."""
+    max_seqlen: int
+    """The longest row's real tokens."""
+
+    @staticmethod
+    def from_mask(attention_mask: torch.Tensor) -> Unpadded | None:
+        """From a (B, T) mask (nonzero: real token); None when nothing is padded. Reads the mask on the host."""
+        mask = attention_mask.bool()
+        lengths = mask.sum(dim=1)  # (B,)
+        index = mask.flatten().nonzero().squeeze(1)  # (N,)
+        if index.numel() == mask.numel():
+            return None
+        cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
+        cu[1:] = lengths.cumsum(0)
+        return Unpadded(index, cu, int(lengths.max()) if lengths.numel() else 0)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded: Unpadded, key_mask: torch.Tensor,
+                     dropout_p: float) -> torch.Tensor:
+    """Attention of the packed rows (N, H, D) -> (N, H, D): each token sees its own row's real tokens.
+
+    On CUDA without dropout this is torch's variable-length flash kernel over `cu_seqlens` (no padding at all).
+    Elsewhere the rows are re-padded to (B, H, T, D) for `scaled_dot_product_attention` with the key-padding
+    mask, and packed again: attention is the one layer that needs the rows, and at T <= 512 it is a small
+    share of a layer's FLOPs, so the gain of unpadding the projections and the feed-forward stays."""
+    N, H, D = q.shape
+    if q.is_cuda and dropout_p == 0.0 and _varlen_kernel() is not None:  # not run on a GPU yet: see README
+        cu, m = unpadded.cu_seqlens, unpadded.max_seqlen
+        return _varlen_kernel()(q, k, v, cu, cu, m, m)
+    B, T = key_mask.shape[0], key_mask.shape[-1]
+
+    def pad(t: torch.Tensor) -> torch.Tensor:  # (N, H, D) -> (B, H, T, D), zeros at the pads
+        return t.new_zeros(B * T, H, D).index_copy(0, unpadded.index, t).view(B, T, H, D).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_mask, dropout_p=dropout_p)
+    return y.transpose(1, 2).reshape(B * T, H, D).index_select(0, unpadded.index)  # (N, H, D)
+
+
+def _varlen_kernel():
+    """torch's variable-length attention (torch.nn.attention.varlen, CUDA only), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 class Embeddings(nn.Module):
     """Word + position + token-type (one type) embeddings, LayerNorm, dropout."""
 
@@ -155,9 +216,13 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, segments: torch.Tensor | None = None,
+                unpadded: Unpadded | None = None) -> torch.Tensor:
+        """(B, T, C), or (N, C) for the real tokens only with `unpadded`."""
         pos = position_ids(input_ids, self.pad_token_id, segments)  # (B, T)
-        x = self.word(input_ids) + self.token_type.weight[0] + self.position(pos)  # (B, T, C)
+        if unpadded is not None:  # positions are counted on the rows, then both are packed: (N,)
+            input_ids, pos = (t.flatten().index_select(0, unpadded.index) for t in (input_ids, pos))
+        x = self.word(input_ids) + self.token_type.weight[0] + self.position(pos)  # (B, T, C) or (N, C)
         return self.dropout(self.norm(x))
 
 
@@ -174,15 +239,18 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpadded: Unpadded | None = None) -> torch.Tensor:
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if unpadded is not None:  # x (N, C): the real tokens only, mask the (B, 1, 1, T) key-padding mask
+            N, C = x.shape
+            q, k, v = (p(x).view(N, self.num_heads, -1) for p in (self.query, self.key, self.value))  # (N, H, D)
+            return self.out(varlen_attention(q, k, v, unpadded, mask, dropout_p).reshape(N, C))  # (N, C)
         B, T, C = x.shape
         H, D = self.num_heads, C // self.num_heads
         q, k, v = (
             p(x).view(B, T, H, D).transpose(1, 2) for p in (self.query, self.key, self.value)
         )  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0
-        )  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
@@ -198,9 +266,9 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask)))  # (B, T, C)
-        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))  # (B, T, C)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpadded: Unpadded | None = None) -> torch.Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask, unpadded)))  # (B, T, C) or (N, C)
+        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))  # (B, T, C) or (N, C)
 
 
 def attention_bias(
@@ -228,9 +296,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpadded: Unpadded | None = None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, unpadded)
         return x
 
 
@@ -272,6 +340,9 @@ class RobertaForMLM(nn.Module):
         self.encoder = Encoder(cfg)
         self.lm_head = LMHead(cfg)
         self.nsp_head = NSPHead(cfg) if cfg.nsp else None
+        self.unpad = True
+        """Run padded batches on their real tokens only (`Unpadded`); a speed switch (trainer.unpad), not
+        architecture: both paths compute the same function."""
         self.apply(self._init_weights)
         # Tie after init, so the decoder's Linear init cannot undo the zeroed pad row of the embedding.
         self.lm_head.decoder.weight = self.embeddings.word.weight
@@ -295,22 +366,31 @@ class RobertaForMLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         attention_segments: torch.Tensor | None = None,
+        unpadded: Unpadded | None = None,
     ) -> torch.Tensor:
-        """Final hidden states (B, T, C).
+        """Final hidden states (B, T, C); zeros at pad positions when the batch ran unpadded.
 
         input_ids: (B, T) token ids, padded with `pad_token_id`; positions are counted over non-pad tokens.
-        attention_mask: (B, T), nonzero for real tokens; None when nothing is padded. An all-ones mask is
-            dropped (one host sync), so that the flash kernel, which takes no mask, can run.
+        attention_mask: (B, T), nonzero for real tokens; None when nothing is padded.
         attention_segments: (B, T) ints; a token attends only to tokens with the same id, and positions
             restart at each change of id. Each segment must be one contiguous run (rows may reuse ids).
+        unpadded: where the real tokens are (the collator's), with `attention_mask`. Without it, and unless
+            `self.unpad` is False, the mask is read on the host (one sync): an all-ones mask is dropped, so that
+            the flash kernel can run, and a padded batch runs unpadded.
         """
         B, T = input_ids.shape
         assert T <= self.cfg.max_seq_len, f"sequence length {T} > max_seq_len {self.cfg.max_seq_len}"
-        if attention_mask is not None and attention_segments is None and bool(attention_mask.all()):
-            attention_mask = None
+        if attention_mask is not None and attention_segments is None and unpadded is None and self.unpad:
+            unpadded = Unpadded.from_mask(attention_mask)
+            if unpadded is None:
+                attention_mask = None
         mask = attention_bias(attention_mask, attention_segments, T, input_ids.device)
-        x = self.embeddings(input_ids, attention_segments)  # (B, T, C)
-        return self.encoder(x, mask)  # (B, T, C)
+        if unpadded is None:
+            x = self.embeddings(input_ids, attention_segments)  # (B, T, C)
+            return self.encoder(x, mask)  # (B, T, C)
+        assert attention_mask is not None and attention_segments is None, "unpadded needs the attention mask alone"
+        x = self.encoder(self.embeddings(input_ids, None, unpadded), mask, unpadded)  # (N, C)
+        return x.new_zeros(B * T, x.shape[-1]).index_copy(0, unpadded.index, x).view(B, T, -1)  # (B, T, C)
 
     def mlm_logits(self, hidden: torch.Tensor, masked_positions: torch.Tensor | None = None) -> torch.Tensor:
         """LM-head logits: dense (B, T, V) without `masked_positions`; (N, V) with it, N the number of masked

@@ -10,37 +10,23 @@ to 0 at `max_steps`; gradient clipping is off unless `optim.grad_clip > 0` (Ligh
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.strategies import FSDPStrategy
 
-from data_prep.config import ExperimentConfig, config_from_dict
+from data_prep.config import config_from_dict
 
 from .checkpoint import check_compatible
 from .data import seq_len_at
-from .model import RobertaConfig, RobertaForMLM
+from .hf import init_from_hf, model_config  # model_config: also imported from here (bench/, tests)
+from .masking import IGNORE
+from .model import RobertaForMLM
+from .objective import batch_inputs, mlm_objective
 from .rollback import Diverged, DivergenceMonitor, RollbackState
 from .steps import step_seed
-
-PAIR_PACKINGS = ("segment_pair", "sentence_pair")
-
-
-def model_config(cfg: ExperimentConfig, meta: dict[str, Any]) -> RobertaConfig:
-    """The architecture: sizes from the experiment, vocabulary and ids from the shards' metadata."""
-    m = cfg.model
-    return RobertaConfig(
-        vocab_size=meta["vocab_size"],
-        max_position_embeddings=meta["seq_len"] + meta["special_ids"]["pad"] + 1,
-        pad_token_id=meta["special_ids"]["pad"],
-        hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-        intermediate_size=m.intermediate_size, dropout=m.dropout, attention_dropout=m.attention_dropout,
-        nsp=meta["packing"] in PAIR_PACKINGS,
-    )
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int) -> float:
@@ -86,20 +72,21 @@ class MLMModule(pl.LightningModule):
         self.meta = meta
         self.model = RobertaForMLM(model_config(self.cfg, meta))
         if self.cfg.model.init_from:  # continued pretraining; a resumed run's checkpoint then replaces these
-            from .export import init_from_hf
-
             init_from_hf(self.model, self.cfg)
+        self.model.unpad = self.cfg.trainer.unpad
+        # the objective as one function of tensors: compiled, it is one graph with the sparse head and the loss,
+        # and the module's parameters keep their names (no `_orig_mod.` in checkpoints)
+        self.objective = torch.compile(mlm_objective) if self.cfg.trainer.compile else mlm_objective
         self.mask_id = meta["special_ids"]["mask"]
         o = self.cfg.optim
         self.rollbacks = RollbackState()
         """Rollbacks so far and the data they skipped; restored from the checkpoint (train.fit may override)."""
         self.rollback_override: RollbackState | None = None
         self.monitor = DivergenceMonitor(o.spike_factor, o.spike_window)
-        self._tokens_since: torch.Tensor | int = 0
         self._step_sums: dict[str, torch.Tensor] = {}  # name -> (numerator, denominator) over the step's micro-batches
         self._step_log: dict[str, torch.Tensor] = {}  # the finished step's sums over all ranks, to log
         self._step_counts: torch.Tensor | None = None  # (targets, sequences) of the step over all ranks
-        self._t_last: float | None = None
+        self.shown_loss: float | None = None  # the last logged training loss, read at a logging step
 
     # --- checkpoints: what a step computes is a function of the step, so no RNG state is stored -------------
 
@@ -164,20 +151,10 @@ class MLMModule(pl.LightningModule):
 
     # --- loss ---------------------------------------------------------------------------------------------
 
-    def _losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sums over the micro-batch (the step normalises them): MLM loss and correct predictions over the
-        masked tokens, NSP loss and correct predictions over the sequences; `mlm_loss` is the mean."""
-        hidden = self.model.encode(batch["input_ids"], batch["attention_mask"])  # (B, T, C)
-        logits = self.model.mlm_logits(hidden, batch["masked_positions"])  # (N, V): sparse prediction
-        targets = batch["masked_targets"]
-        out = {"mlm_sum": F.cross_entropy(logits.float(), targets, reduction="sum"), "n_masked": targets.numel()}
-        out["mlm_loss"] = out["mlm_sum"] / max(1, out["n_masked"])
-        with torch.no_grad():
-            out["mlm_correct"] = (logits.argmax(-1) == targets).sum()
-        if self.model.nsp_head is not None and "nsp_labels" in batch:
-            nsp_logits = self.model.nsp_logits(hidden)  # (B, 2)
-            out["nsp_sum"] = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"], reduction="sum")
-            out["nsp_correct"] = (nsp_logits.argmax(-1) == batch["nsp_labels"]).sum()
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Sums over the micro-batch (the step normalises them), on the device: objective.py."""
+        out = self.objective(self.model, **batch_inputs(batch, self.model.unpad))
+        out["mlm_loss"] = out["mlm_sum"] / out["n_masked"].clamp(min=1)
         return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -198,7 +175,6 @@ class MLMModule(pl.LightningModule):
         loss = out["mlm_sum"] * (A * W / targets).float()
         if "nsp_sum" in out:
             loss = loss + out["nsp_sum"] * (A * W / sequences).float()
-        self._tokens_since = self._tokens_since + batch["attention_mask"].sum()  # stays on the device
         self._add_step_sums(batch, out)
         return loss
 
@@ -208,19 +184,26 @@ class MLMModule(pl.LightningModule):
         are summed over the ranks, so the logged metrics are the step's token-weighted means."""
         n, b = out["n_masked"], batch["input_ids"].shape[0]
         pos, targets = batch["masked_positions"], batch["masked_targets"]
-        seen = batch["input_ids"].flatten()[pos]
-        as_mask, kept = (seen == self.mask_id).sum(), (seen == targets).sum()
-        real = batch["attention_mask"].sum() - 2 * b  # <s> and </s> of each row
+        seen = batch["input_ids"].flatten()[pos]  # what the model saw at the target slots
+        as_mask = ((seen == self.mask_id) & (targets != IGNORE)).sum()
+        kept = (seen == targets).sum()  # an IGNORE slot never equals its token
         sums = {"train/loss": (out["mlm_sum"], n), "train/mlm_acc": (out["mlm_correct"], n),
-                # the realised mask rate and 80/10/10 split, so a misconfigured collator shows in the logs
-                "mask/rate": (n, real), "mask/mask": (as_mask, n), "mask/random": (n - as_mask - kept, n),
+                # the realised mask rate (over the tokens that may be chosen: no specials, no pads) and the
+                # 80/10/10 split, so a misconfigured collator shows in the logs
+                "mask/rate": (n, batch["num_candidates"]), "mask/mask": (as_mask, n), "mask/random": (n - as_mask - kept, n),
                 "mask/kept": (kept, n)}
         if "nsp_sum" in out:
             sums.update({"train/nsp_loss": (out["nsp_sum"], b), "train/nsp_acc": (out["nsp_correct"], b)})
-        for name, (num, den) in sums.items():  # tensors on the device: no host sync per micro-batch
-            pair = torch.stack([torch.as_tensor(num, dtype=torch.float64, device=self.device),
-                                torch.as_tensor(den, dtype=torch.float64, device=self.device)])
+        for name, (num, den) in sums.items():  # on the device: no host sync per micro-batch
+            pair = torch.stack([self._device_scalar(num), self._device_scalar(den)])
             self._step_sums[name] = self._step_sums[name] + pair if name in self._step_sums else pair
+
+    def _device_scalar(self, value: torch.Tensor | float) -> torch.Tensor:
+        """A float64 scalar on the device. A host number is filled in by a kernel, not copied: a blocking
+        host-to-device copy waits for the device queue to drain, as a read does."""
+        if torch.is_tensor(value):
+            return value.to(torch.float64)
+        return torch.scalar_tensor(value, dtype=torch.float64, device=self.device)
 
     def _finish_step(self) -> None:
         """After the step's last backward: its sums over all ranks (one all-reduce), and the divergence check
@@ -237,7 +220,12 @@ class MLMModule(pl.LightningModule):
         self.monitor.update(loss_sum / n.clamp(min=1.0), self.global_step)
 
     def _log_step_means(self) -> None:
+        """At logging steps only: Lightning turns a host number logged into a device tensor with a blocking copy,
+        and its progress bar reads the value it shows (a host sync); values logged between logging steps would
+        be dropped anyway."""
         sums, self._step_log = self._step_log, {}
+        if self.global_step % max(1, self.cfg.trainer.log_every_n_steps):
+            return
         log = {name: (pair[0] / pair[1].clamp(min=1.0)).float() for name, pair in sums.items()}
         if "train/loss" not in log:
             return
@@ -245,7 +233,9 @@ class MLMModule(pl.LightningModule):
         # BERT's length schedule shows as a step in this curve (data.short_seq_len); the step just taken
         log["train/seq_len"] = float(seq_len_at(self.cfg, self.global_step - 1))
         self.log_dict(log, prog_bar=False)
-        self.log("loss", log["train/loss"], prog_bar=True, logger=False)
+        # For the progress bar (train.StepLossBar), read here: a metric logged with prog_bar=True would be read
+        # on the host by Lightning after every later batch too.
+        self.shown_loss = float(log["train/loss"])
 
     def on_validation_epoch_start(self) -> None:
         # sums, not means: reduced over ranks at the end, so the result is the exact token-weighted mean over the
@@ -256,9 +246,9 @@ class MLMModule(pl.LightningModule):
         out = self._losses(batch)
         n, b = out["n_masked"], batch["input_ids"].shape[0]
         self._val_sums += torch.stack([
-            out["mlm_sum"].double(), out["mlm_correct"].double(), torch.tensor(float(n), device=self.device),
+            out["mlm_sum"].double(), out["mlm_correct"].double(), n.double(),
             out["nsp_sum"].double() if "nsp_sum" in out else torch.zeros((), device=self.device),
-            torch.tensor(float(b), device=self.device),
+            self._device_scalar(b),
         ]).to(self._val_sums)
 
     def on_validation_epoch_end(self) -> None:
@@ -290,7 +280,7 @@ class MLMModule(pl.LightningModule):
         # Lightning calls this after the step's last backward and the unscaling of fp16 gradients (fused
         # AdamW is not used under 16-mixed, see `adamw`), before clipping: the norm logged is the true one.
         self._finish_step()
-        if self.global_step % max(1, self.cfg.trainer.log_every_n_steps):
+        if (self.global_step + 1) % max(1, self.cfg.trainer.log_every_n_steps):  # Lightning's logging steps
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         squares = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).square().sum()
@@ -301,12 +291,5 @@ class MLMModule(pl.LightningModule):
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # tokens/s over optimizer steps (all micro-batches of a step), times the ranks
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
-            return
-        self._log_step_means()
-        now = time.perf_counter()
-        if self._t_last is not None and now > self._t_last:
-            self.log("train/tokens_per_s", torch.as_tensor(self._tokens_since, dtype=torch.float64)
-                     * self.trainer.world_size / (now - self._t_last))
-        self._t_last, self._tokens_since = now, 0
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # the end of an optimizer step
+            self._log_step_means()

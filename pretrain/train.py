@@ -27,6 +27,7 @@ from .data import ShardDataModule, batch_geometry
 from .export import HFExportCallback
 from .module import MLMModule
 from .rollback import Diverged, RollbackGuard, RollbackState, TrainingDiverged
+from .throughput import Throughput
 
 
 class NothingToResume(FileNotFoundError):
@@ -68,6 +69,13 @@ def make_loggers(cfg: ExperimentConfig, resume_step: int | None = None) -> list[
         if kwargs["mode"] == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
             kwargs["mode"] = "offline"  # never block on a login prompt
         loggers.append(WandbLogger(save_dir=str(cfg.run_path / "logs"), config=cfg.to_dict(), **kwargs))
+    if cfg.logger.tensorboard:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        # run_dir/logs/tensorboard; on resume, purge_step hides the earlier events from the checkpoint's step
+        # on, which are about to be logged again (as the CSV logger keeps only the rows before it)
+        loggers.append(TensorBoardLogger(save_dir=str(cfg.run_path / "logs"), name="tensorboard", version="",
+                                         default_hp_metric=False, purge_step=resume_step))
     return loggers
 
 
@@ -113,6 +121,22 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, candidates)
 
 
+def progress_bar() -> pl.Callback:
+    """Lightning's progress bar (rich when installed), showing the loss the module read at its last logging step.
+    The stock way, `self.log(..., prog_bar=True)`, has Lightning read the value on the host after every batch."""
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+    from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    class StepLossBar(RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar):
+        def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+            metrics = super().get_metrics(trainer, pl_module)
+            if getattr(pl_module, "shown_loss", None) is not None:
+                metrics["loss"] = f"{pl_module.shown_loss:.3f}"
+            return metrics
+
+    return StepLossBar()
+
+
 def make_strategy(cfg: ExperimentConfig) -> str | pl.strategies.Strategy:
     """`trainer.strategy` for Lightning; `fsdp` becomes FSDP with sharded, atomically written checkpoints."""
     return ShardedFSDPStrategy() if cfg.trainer.strategy == "fsdp" else cfg.trainer.strategy
@@ -130,6 +154,8 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
     exporting = [HFExportCallback(cfg)] if saving and cfg.checkpoint.export_hf else []  # run_dir/hf per save
     # before every checkpoint callback (Lightning runs ModelCheckpoints last): no save after a bad step
     guard = [RollbackGuard(cfg.checkpoint.every_n_steps, t.log_every_n_steps)]
+    bar = [progress_bar()] if overrides.get("enable_progress_bar", True) else []
+    throughput = [Throughput(cfg.data.seq_len, cfg.masking.probability, t.precision, t.peak_flops, t.log_every_n_steps)]
     kwargs: dict[str, Any] = dict(
         # One Lightning epoch is the whole run: the sampler's stream already spans the data epochs (data.py).
         max_steps=t.max_steps, max_epochs=1, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
@@ -139,8 +165,8 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=cfg.optim.grad_clip or None,
         use_distributed_sampler=False,  # our samplers split the data by rank themselves (see data.py)
         num_sanity_val_steps=0, default_root_dir=str(cfg.run_path), logger=make_loggers(cfg, resume_step),
-        callbacks=[*guard, *saving, *exporting, *(callbacks or [])],
-        plugins=[AtomicCheckpointIO()], enable_model_summary=True,
+        callbacks=[*guard, *throughput, *saving, *exporting, *bar, *(callbacks or [])],
+        plugins=[AtomicCheckpointIO()], enable_model_summary=False,  # Throughput prints the model's line
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
@@ -187,8 +213,6 @@ def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | 
     module = MLMModule(cfg.to_dict(), datamodule.meta)
     if rollbacks is not None:  # replaces the checkpoint's record when it is loaded
         module.rollbacks = module.rollback_override = rollbacks
-    if cfg.trainer.compile:
-        module.model = torch.compile(module.model)
     ckpt, step = found if found else (None, None)
     trainer = make_trainer(cfg, callbacks, resume_step=step, **trainer_overrides)
     with warnings.catch_warnings():

@@ -94,7 +94,10 @@ def test_loading_a_transformers_model_gives_its_logits():
     model.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg.num_layers), strict=True)
     assert model.lm_head.decoder.weight is model.embeddings.word.weight  # loading keeps the tie
     ids, mask = random_batch([12, 5], seed=1)
+    real = mask.bool()  # a pad position's logits are no token's: the unpadded path leaves them out
     with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask)[real], hf(input_ids=ids, attention_mask=mask).logits[real])
+        model.unpad = False  # the padded path matches everywhere
         torch.testing.assert_close(model(ids, mask), hf(input_ids=ids, attention_mask=mask).logits)
 
 

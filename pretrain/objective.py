@@ -1,0 +1,53 @@
+"""The objective of one micro-batch as one function of tensors: what `trainer.compile` hands to `torch.compile`.
+
+MLM cross-entropy over the target slots only (sparse prediction: the LM head never sees the other positions),
+plus BERT's next-sentence prediction when the model has its head and the batch its labels. Everything returned
+is a sum or a count on the device, so nothing here reads a value on the host: the step normalises the sums by
+the whole optimizer step's counts (module.py) and the metrics are read at logging steps only.
+
+Shapes are those of the batch: for an unpadded FULL-SENTENCES batch they are the same at every step (the
+collator pads the target slots to a bound of the batch's shape, masking.py), so the compiled graph is traced
+once; a padded batch runs unpadded (`model.Unpadded`) with shapes that vary, which dynamo marks dynamic after
+its second shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .masking import IGNORE
+from .model import RobertaForMLM, Unpadded
+
+
+def mlm_objective(model: RobertaForMLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  masked_positions: torch.Tensor, masked_targets: torch.Tensor, unpadded: Unpadded | None = None,
+                  nsp_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Sums over the micro-batch: `mlm_sum` (cross-entropy over the targets), `mlm_correct`, `n_masked` (real
+    targets, `IGNORE` slots left out) and, with NSP, `nsp_sum` and `nsp_correct` over the sequences.
+
+    input_ids (B, T); attention_mask (B, T) or None when nothing is padded; masked_positions (S,) flat indices
+    into B*T; masked_targets (S,) the original ids there, or `IGNORE`; nsp_labels (B,)."""
+    hidden = model.encode(input_ids, attention_mask, unpadded=unpadded)  # (B, T, C)
+    logits = model.mlm_logits(hidden, masked_positions)  # (S, V): sparse prediction
+    real = masked_targets != IGNORE  # (S,)
+    out = {"mlm_sum": F.cross_entropy(logits.float(), masked_targets, ignore_index=IGNORE, reduction="sum"),
+           "n_masked": real.sum(),
+           "mlm_correct": ((logits.detach().argmax(-1) == masked_targets) & real).sum()}
+    if nsp_labels is not None and model.nsp_head is not None:
+        nsp_logits = model.nsp_logits(hidden)  # (B, 2)
+        out["nsp_sum"] = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="sum")
+        out["nsp_correct"] = (nsp_logits.detach().argmax(-1) == nsp_labels).sum()
+    return out
+
+
+def batch_inputs(batch: dict, unpad: bool = True) -> dict:
+    """`mlm_objective`'s keyword arguments from a collated batch (masking.py): the attention mask only when the
+    batch is padded, and where its real tokens are unless `unpad` is off."""
+    padded = "unpad_index" in batch
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"] if padded else None,
+              "masked_positions": batch["masked_positions"], "masked_targets": batch["masked_targets"],
+              "nsp_labels": batch.get("nsp_labels")}
+    if padded and unpad:
+        inputs["unpadded"] = Unpadded(batch["unpad_index"], batch["cu_seqlens"], batch["max_seqlen"])
+    return inputs
