@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -137,6 +138,14 @@ def progress_bar() -> pl.Callback:
     return StepLossBar()
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "Tip: try installing litlogger" line, printed by every Trainer: a run's console holds
+    what its user needs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
 def make_strategy(cfg: ExperimentConfig) -> str | pl.strategies.Strategy:
     """`trainer.strategy` for Lightning; `fsdp` becomes FSDP with sharded, atomically written checkpoints."""
     return ShardedFSDPStrategy() if cfg.trainer.strategy == "fsdp" else cfg.trainer.strategy
@@ -169,6 +178,9 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
         plugins=[AtomicCheckpointIO()], enable_model_summary=False,  # Throughput prints the model's line
     )
     kwargs.update(overrides)
+    lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in lightning_log.filters):
+        lightning_log.addFilter(_NoAdverts())
     return pl.Trainer(**kwargs)
 
 

@@ -85,6 +85,25 @@ def test_transformers_fast_and_python_tokenizers_agree(trained) -> None:
     assert auto("first part", "second part")["input_ids"] == tok.encode("first part", "second part").ids
 
 
+def test_literal_special_tokens_in_the_corpus_are_text_and_split_special_tokens_says_so(trained) -> None:
+    """One behaviour, chosen: training encodes a literal "<mask>" or "</s>" in the corpus as text (fairseq does, and
+    a corpus about HTML or tokenizers must not inject masks or separators); the exported tokenizer keeps
+    `transformers`' default of matching them, which fill-mask needs ("Paris is the <mask> of France"), and
+    `split_special_tokens=True` gives exactly the ids training saw."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from data_prep.pack import encode_sentences, load_encoder
+
+    _, out = trained
+    text = "a literal <mask> then </s> and <s> inside <pad> text"
+    trained_ids = encode_sentences(load_encoder(out / "tokenizer.json"), [text], [True], np.uint32).tokens.tolist()
+    auto = AutoTokenizer.from_pretrained(out)
+    assert not {0, 1, 2, auto.mask_token_id} & set(trained_ids)  # text, never a special id
+    assert auto(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == trained_ids
+    assert auto.mask_token_id in auto(text)["input_ids"]  # the default: matched, as fill-mask needs
+
+
 def test_quality_report(trained) -> None:
     _, out = trained
     report = json.loads((out / "quality.json").read_text())
