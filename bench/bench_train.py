@@ -159,7 +159,7 @@ def experiment(size: tuple, work: str, corpus: str, precision: str, cuda: bool, 
         "--tokenizer.vocab_size=50265", f"--data.seq_len={seq}", f"--data.packing={packing}",
         f"--model.num_layers={layers}", f"--model.hidden_size={hidden}", f"--model.num_heads={heads}",
         f"--model.intermediate_size={ffn}", f"--batch.global_size={micro}", f"--batch.micro_size={micro}",
-        "--batch.num_workers=1", "--optim.warmup_steps=10", f"--trainer.accelerator={'gpu' if cuda else 'cpu'}",
+        "--batch.num_workers=1", "--optim.warmup_steps=1", f"--trainer.accelerator={'gpu' if cuda else 'cpu'}",
         "--trainer.devices=1", f"--trainer.precision={precision}", "--logger.wandb=null", *extra,
     ])
 

@@ -1,4 +1,5 @@
-"""One experiment, one YAML file: typed, documented config dataclasses, loading, validation and dotted overrides.
+"""One experiment, one YAML file: typed, documented config dataclasses, loading and validation (the generic
+parsing of mappings and dotted overrides is `typed_config.py`).
 
 The config lives in `data_prep` (not `pretrain`) because both halves of the pipeline read it and `data_prep`
 must never import `pretrain`. It imports no torch, so it stays cheap to load and serializes to YAML and into
@@ -11,25 +12,21 @@ from the same text, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A problem with the user's config: the message names the key or file and the fix, on one line."""
-
-
-def option(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best at the call sites
-    """A dataclass field with its documentation (`python -m pretrain describe`, the README tables)."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
+from .typed_config import (  # noqa: F401 - ConfigError, from_mapping, parse_override: callers import them here
+    ConfigError,
+    apply_overrides,
+    from_mapping,
+    option,
+    parse_override,
+    type_name,
+)
 
 Packing = Literal["full_sentences", "doc_sentences", "segment_pair", "sentence_pair"]
 
@@ -321,122 +318,6 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-# Sections whose dataclass is instantiated with defaults when the YAML omits them.
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(ExperimentConfig)
-    return {k: v for k, v in hints.items() if dataclasses.is_dataclass(v)}
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; return it (ints accepted for floats). Raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arm)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            value = [value]  # a single path is a one-element list
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "6e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise AssertionError(f"unsupported annotation {tp} for {key}")
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def from_mapping(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Builds a config dataclass from parsed YAML, checking every key and type (errors name `prefix` + key)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"unknown key {', '.join(prefix + u for u in unknown)} (known in {prefix.rstrip('.') or 'top level'}: "
-            f"{', '.join(names)})"
-        )
-    kwargs = {}
-    for name in names:
-        tp = hints[name]
-        key = prefix + name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_mapping(tp, data.get(name) or {}, key + ".")
-        elif name in data:
-            kwargs[name] = _coerce(key, data[name], tp)
-    return cls(**kwargs)
-
-
-def parse_override(arg: str) -> tuple[list[str], Any]:
-    """`--optim.peak_lr=1e-3` -> (["optim", "peak_lr"], 0.001). Values are read as YAML."""
-    if not arg.startswith("--") or "=" not in arg:
-        raise ConfigError(f"override {arg!r} must look like --section.key=value")
-    key, _, raw = arg[2:].partition("=")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for arg in overrides:
-        path, value = parse_override(arg)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {arg!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment file (or only defaults when `path` is None) and apply dotted overrides."""
     data: dict[str, Any] = {}
@@ -481,7 +362,7 @@ def describe_config() -> str:
                 walk(tp, prefix + f.name + ".")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r}): {f.metadata['help']}")
+            lines.append(f"  {prefix}{f.name} ({type_name(tp)}, default {default!r}): {f.metadata['help']}")
 
     walk(ExperimentConfig, "")
     return "\n".join(lines)

@@ -49,6 +49,7 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from .export import export
     from .hf import check_init_from
+    from .throughput import Throughput
     from .train import NothingToResume, fit, plot_losses
 
     cfg = load_config(args.config, overrides)
@@ -70,6 +71,9 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
         val = trainer.callback_metrics.get("val/loss")
         state = "done" if trainer.global_step >= trainer.max_steps else "stopped by a signal"
         print(f"\n{state}: {trainer.global_step} of {trainer.max_steps} steps" + (f", validation loss {float(val):.4f} nats" if val is not None else ""))
+        speed = next((c.summary() for c in trainer.callbacks if isinstance(c, Throughput)), None)
+        if speed:
+            print(f"  throughput  {speed}")
         print(f"  checkpoint  {cfg.run_path / 'checkpoints' / 'last.ckpt'}")
         print(f"  logs        {logs / 'metrics.csv'}")
         if png:

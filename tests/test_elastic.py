@@ -5,6 +5,7 @@ rank's dropout is the one its micro-batch has on any device count."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,11 @@ def test_one_to_two_to_one_process_resume_runs_to_max_steps_equal_to_uninterrupt
     fit(config(run, corpus_file, *EVERY), meta, resume=False, max_steps=4, **QUIET)
     proc = run_cli("resume", run, corpus_file, *TWO)
     assert f"done: {STEPS} of {STEPS} steps" in proc.stdout
+    # the console: one model line with its FLOPs (not Lightning's table with "Total FLOPs: 0", nor its adverts),
+    # and the run's throughput over both ranks at the end
+    assert proc.stdout.count("MFLOPs per token trained") == 1 and "Total FLOPs" not in proc.stdout
+    assert "litlogger" not in proc.stdout + proc.stderr
+    assert re.search(r"throughput  [\d,]+ tokens/s, MFU [\d.]+% of", proc.stdout), proc.stdout[-1500:]
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == STEPS and last["geometry"]["world_size"] == 2
     assert "rng" not in last
