@@ -164,6 +164,27 @@ def experiment(size: tuple, work: str, corpus: str, precision: str, cuda: bool, 
     ])
 
 
+def write_results(results: dict, out: Path, cuda: bool) -> None:
+    """train.json and train.md (train-cuda.* on a GPU) under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = "train-cuda" if cuda else "train"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| row | size | B tokens/s | A tokens/s | B / A | B MFU | A MFU | B first step | A first step |"
+             + (" peak memory B / A |" if cuda else ""), "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
+    for r in results["rows"]:
+        A, B = r["A"], r["B"]
+        lines.append(f"| {r['label']} | {r['size']} ({r['layers']}x{r['hidden']}, seq {r['seq_len']}, micro "
+                     f"{r['micro_batch']}) | {B['tokens_per_s']:,} | {A['tokens_per_s']:,} | {r['ratio']}x | "
+                     f"{B['mfu']:.1%} | {A['mfu']:.1%} | {B['first_step_s']} s | {A['first_step_s']} s |"
+                     + (f" {B['peak_gib']} / {A['peak_gib']} GiB |" if "peak_gib" in B else ""))
+    table = "\n".join(lines) + "\n\nB is the first-named side (ours), A the second; tokens/s are real tokens " \
+        "(no padding); medians of per-step times after 3 warm-up steps, sides alternating. MFU counts the MLM " \
+        "objective's FLOPs (LM head on masked tokens) over the peak of the row's dtype " \
+        f"({'datasheet' if cuda else 'best matmul FLOP/s measured here'}); {results['machine']}.\n"
+    (out / f"{name}.md").write_text(table)
+    print(table)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus" / "kernel_docs.txt"))
@@ -230,22 +251,7 @@ def main() -> int:
             r["ratio"] = round(r["B"]["tokens_per_s"] / r["A"]["tokens_per_s"], 3)
             results["rows"].append(r)
             print(json.dumps(r), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "train-cuda" if cuda else "train"
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| row | size | B tokens/s | A tokens/s | B / A | B MFU | A MFU | B first step | A first step |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        A, B = r["A"], r["B"]
-        lines.append(f"| {r['label']} | {r['size']} ({r['layers']}x{r['hidden']}, seq {r['seq_len']}, micro "
-                     f"{r['micro_batch']}) | {B['tokens_per_s']:,} | {A['tokens_per_s']:,} | {r['ratio']}x | "
-                     f"{B['mfu']:.1%} | {A['mfu']:.1%} | {B['first_step_s']} s | {A['first_step_s']} s |")
-    table = "\n".join(lines) + "\n\nB is the first-named side (ours), A the second; tokens/s are real tokens " \
-        "(no padding). MFU counts the MLM objective's FLOPs (LM head on masked tokens) over the peak of the row's " \
-        f"dtype ({'datasheet' if cuda else 'best matmul FLOP/s measured here'}); {results['machine']}.\n"
-    (out / f"{name}.md").write_text(table)
-    print(table)
+    write_results(results, Path(args.out), cuda)
     return 0
 
 
