@@ -321,6 +321,8 @@ class ShardDataModule(pl.LightningDataModule):
             mask_token_id=ids["mask"], pad_token_id=ids["pad"], special_ids=tuple(sorted(set(ids.values()))),
             vocab_size=self.meta["vocab_size"], probability=m.probability, mask_fraction=m.mask_fraction,
             random_fraction=m.random_fraction, dynamic=m.dynamic, static_copies=m.static_copies, seed=cfg.seed,
+            # compile: static shapes (a phase's batches nearly all pad to seq_len), padded attention
+            pad_to_multiple_of=min(64, cfg.data.seq_len) if cfg.trainer.compile else 0,
         )
         self.phase_metas = [self._short_meta(), self.meta_path] if cfg.data.short_seq_len else [self.meta_path]
         self.train_phases: list[ShardSplit] = []

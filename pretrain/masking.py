@@ -68,6 +68,11 @@ class MaskingCollator:
     """Static masking: distinct patterns per sequence, served in turn (BERT: 10)."""
     seed: int = 0
     """Keys every sequence's generator, with its index."""
+    pad_to_multiple_of: int = 0
+    """0: pad to the batch's longest row, and say where a padded batch's tokens are (unpadded attention). Else
+    static shapes for `torch.compile`: pad every batch to a multiple of this, and its target slots always to
+    the bound of that shape, so batches of a phase share their shapes (FULL-SENTENCES blocks end at sentence
+    boundaries: only ~8% are full length, so nearly every batch is padded)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,6 +87,8 @@ class MaskingCollator:
                 f"mask_fraction={self.mask_fraction} and random_fraction={self.random_fraction} must be "
                 "non-negative with a sum of at most 1"
             )
+        if self.pad_to_multiple_of < 0:
+            problems.append(f"pad_to_multiple_of={self.pad_to_multiple_of} must be >= 0")
         if self.static_copies < 1:
             problems.append(f"static_copies={self.static_copies} must be at least 1")
         if not 0 <= self.seed < 2**64:
@@ -140,7 +147,7 @@ class MaskingCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """A batch: `input_ids` (B, T) padded to the longest, `attention_mask` (B, T) 1 for real tokens,
         `masked_positions` (S,) sorted indices into the flattened B*T positions, `masked_targets` (S,) the
-        original ids there, `num_tokens` (int) the real tokens, `num_candidates` (int) those that may be
+        original ids there, `padded` (bool) whether some row is padded, `num_tokens` (int) the real tokens, `num_candidates` (int) those that may be
         chosen (the denominator of the mask rate); when no row is padded, the S slots are padded
         to `target_slots(B, T)` with position 0 and target `IGNORE`; when some row is padded, `unpad_index`
         (N,), `cu_seqlens` (B+1,) and `max_seqlen` (int) say where the real tokens are (`model.Unpadded`).
@@ -151,6 +158,8 @@ class MaskingCollator:
         masked = [self.mask_sequence(it["input_ids"], it["index"], it["epoch"]) for it in items]
         lengths = np.array([m[0].size for m in masked])
         B, T = len(items), int(lengths.max())
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((B, T), dtype=np.int64)
         for b, (ids, _, _) in enumerate(masked):
@@ -160,7 +169,7 @@ class MaskingCollator:
         positions = np.concatenate([pos + b * T for b, (_, pos, _) in enumerate(masked)])
         targets = np.concatenate([tgt for _, _, tgt in masked])
         padded = bool((lengths < T).any())
-        if not padded:  # static shapes: pad the targets to the shape's bound
+        if not padded or self.pad_to_multiple_of:  # static shapes: pad the targets to the shape's bound
             slots = self.target_slots(B, T)
             assert targets.size <= slots, f"{targets.size} targets > the bound {slots} of a {B}x{T} batch"
             positions = np.concatenate([positions, np.zeros(slots - positions.size, dtype=np.int64)])
@@ -173,8 +182,9 @@ class MaskingCollator:
             "num_tokens": int(lengths.sum()),
             "num_candidates": int(sum((~self._is_special[np.asarray(it["input_ids"], dtype=np.int64)]).sum()
                                       for it in items)),
+            "padded": padded,
         }
-        if padded:
+        if padded and not self.pad_to_multiple_of:
             batch["unpad_index"] = torch.from_numpy(np.flatnonzero(attention_mask))
             batch["cu_seqlens"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
             batch["max_seqlen"] = T

@@ -73,7 +73,8 @@ class MLMModule(pl.LightningModule):
         self.model = RobertaForMLM(model_config(self.cfg, meta))
         if self.cfg.model.init_from:  # continued pretraining; a resumed run's checkpoint then replaces these
             init_from_hf(self.model, self.cfg)
-        self.model.unpad = self.cfg.trainer.unpad
+        # compile runs static shapes, padded (data.py): unpadded shapes would vary with every batch
+        self.model.unpad = self.cfg.trainer.unpad and not self.cfg.trainer.compile
         # the objective as one function of tensors: compiled, it is one graph with the sparse head and the loss,
         # and the module's parameters keep their names (no `_orig_mod.` in checkpoints)
         self.objective = torch.compile(mlm_objective) if self.cfg.trainer.compile else mlm_objective

@@ -5,10 +5,10 @@ plus BERT's next-sentence prediction when the model has its head and the batch i
 is a sum or a count on the device, so nothing here reads a value on the host: the step normalises the sums by
 the whole optimizer step's counts (module.py) and the metrics are read at logging steps only.
 
-Shapes are those of the batch: for an unpadded FULL-SENTENCES batch they are the same at every step (the
-collator pads the target slots to a bound of the batch's shape, masking.py), so the compiled graph is traced
-once; a padded batch runs unpadded (`model.Unpadded`) with shapes that vary, which dynamo marks dynamic after
-its second shape.
+Shapes are those of the batch. Under `trainer.compile` the collator pads every batch to a multiple of 64 tokens
+and its target slots to the bound of that shape (masking.py), and the padded batch runs padded attention, so a
+phase's batches share one shape and the graph is traced once. Otherwise a padded batch runs unpadded
+(`model.Unpadded`), with shapes that vary from batch to batch.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ def mlm_objective(model: RobertaForMLM, input_ids: torch.Tensor, attention_mask:
 def batch_inputs(batch: dict, unpad: bool = True) -> dict:
     """`mlm_objective`'s keyword arguments from a collated batch (masking.py): the attention mask only when the
     batch is padded, and where its real tokens are unless `unpad` is off."""
-    padded = "unpad_index" in batch
+    padded = batch.get("padded", "unpad_index" in batch)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"] if padded else None,
               "masked_positions": batch["masked_positions"], "masked_targets": batch["masked_targets"],
               "nsp_labels": batch.get("nsp_labels")}
-    if padded and unpad:
+    if padded and unpad and "unpad_index" in batch:
         inputs["unpadded"] = Unpadded(batch["unpad_index"], batch["cu_seqlens"], batch["max_seqlen"])
     return inputs

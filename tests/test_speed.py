@@ -138,6 +138,35 @@ def test_compiled_objective_has_no_graph_break_and_no_recompile_after_warmup() -
     assert graphs[-4:] == [graphs[-4]] * 4 and graphs[-1] <= 3  # padded: static, then dynamic, then no more
 
 
+def test_static_collation_gives_one_shape_for_rows_of_any_length_and_one_graph() -> None:
+    """What trainer.compile runs: FULL-SENTENCES blocks end at sentence boundaries (rows of varying length), so
+    the collator pads to a multiple and the target slots to that shape's bound; the objective runs padded."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    c = MaskingCollator(mask_token_id=MASK, pad_token_id=PAD, special_ids=(0, 1, 2, 3), vocab_size=VOCAB, seed=7,
+                        pad_to_multiple_of=32)
+    model = tiny_model()
+    model.unpad = False
+    objective = torch.compile(mlm_objective, backend="eager", fullgraph=True)
+    eager = tiny_model()
+    eager.load_state_dict(model.state_dict())
+    eager.unpad = True
+    for step in range(6):
+        lengths = [int(n) for n in np.random.default_rng(step).integers(20, 33, 4)]
+        batch = c(rows(lengths, seed=step))
+        assert batch["input_ids"].shape == (4, 32) and batch["masked_targets"].shape == (4 * c.num_targets(32),)
+        assert batch["padded"] and "unpad_index" not in batch
+        model.eval(), eager.eval()
+        out = objective(model, **batch_inputs(batch))
+        # the same sums as the unpadded eager path on the same rows
+        ref = mlm_objective(eager, **batch_inputs(collator()(rows(lengths, seed=step))))
+        torch.testing.assert_close(out["mlm_sum"], ref["mlm_sum"], rtol=1e-5, atol=1e-4)
+        assert int(out["n_masked"]) == int(ref["n_masked"])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_flops_per_token_counts_what_the_step_computes() -> None:
     model = tiny_model(dropout=0.0, attention_dropout=0.0, max_position_embeddings=66)
     B, T, S = 4, 64, 40
@@ -220,7 +249,12 @@ def test_compile_switch_runs_the_objective_through_torch_compile(shards, corpus_
     monkeypatch.setattr(torch, "compile", eager_compile)
     run, meta = shards
     cfg = config(run, corpus_file, "--trainer.compile=true", "--trainer.max_steps=4")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     trainer = fit(cfg, meta, resume=False, **QUIET)
     assert trainer.global_step == 4 and compiled == [mlm_objective]
+    assert counters["stats"]["unique_graphs"] <= 2  # training and validation, no recompile
     assert all(not k.startswith("model._orig_mod") for k in trainer.lightning_module.state_dict())
 
