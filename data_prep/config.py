@@ -234,8 +234,8 @@ class TrainerConfig:
     val_check_interval: int = option(2000, "Validate every this many optimizer steps.")
     limit_val_batches: int = option(50, "Validation micro-batches per validation run; 0: all.")
     log_every_n_steps: int = option(10, "Log training metrics every this many optimizer steps.")
-    compile: bool = option(False, "torch.compile the training objective (model, sparse head, loss): traced once for "
-                           "unpadded batches, whose shapes are static (masking.py).")
+    compile: bool = option(False, "torch.compile the training objective (model, sparse head, loss), with static "
+                           "shapes: batches padded to a multiple of 64 tokens, padded attention (masking.py).")
     unpad: bool = option(True, "Run padded batches on their real tokens only (varlen attention); same results.")
     peak_flops: float = option(0.0, "Peak FLOP/s of one device, the denominator of train/mfu; 0: the GPU's "
                                "datasheet peak for the precision, else measured once on this machine (cached).")
