@@ -25,6 +25,7 @@ from .typed_config import (  # noqa: F401 - ConfigError, from_mapping, parse_ove
     from_mapping,
     option,
     parse_override,
+    read_yaml_mapping,
     type_name,
 )
 
@@ -323,16 +324,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = read_yaml_mapping(path, "config", "a mapping of sections")
     data = apply_overrides(data, overrides or [])
     try:
         return from_mapping(ExperimentConfig, data, "")

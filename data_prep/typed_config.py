@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -109,6 +110,22 @@ def from_mapping(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         elif name in data:
             kwargs[name] = _coerce(key, data[name], tp)
     return cls(**kwargs)
+
+
+def read_yaml_mapping(path: Path, kind: str, top_level: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, or one ConfigError naming the file (and the line of a syntax
+    error). `kind` names the file in "... does not exist", `top_level` what its top level must be."""
+    if not path.is_file():
+        raise ConfigError(f"{kind} file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be {top_level}")
+    return data
 
 
 def parse_override(arg: str) -> tuple[list[str], Any]:

@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, load_config, option
 from data_prep.shards import ShardSplit, read_meta, short_phase, write_json_atomic
+from data_prep.typed_config import read_yaml_mapping
 
 from .ablation_report import build_report, markdown, plot_curves
 from .ablation_report import verdict as verdict  # re-exported: it used to live here
@@ -94,14 +93,7 @@ def _as_override(key: str, value: Any) -> str:
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> tuple[AblationFile, list[str]]:
     """The ablation file with `--ablation.key=value` applied, and the other overrides (for the base)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ablation file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with base:, overrides:, ablation:, variants:")
+    data = read_yaml_mapping(path, "ablation", "a mapping with base:, overrides:, ablation:, variants:")
     mine = [o for o in overrides or [] if o.startswith("--ablation.")]
     base_overrides = [o for o in overrides or [] if o not in mine]
     data = apply_overrides(data, mine)

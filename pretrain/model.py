@@ -180,9 +180,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded
     mask, and packed again: attention is the one layer that needs the rows, and at T <= 512 it is a small
     share of a layer's FLOPs, so the gain of unpadding the projections and the feed-forward stays."""
     N, H, D = q.shape
-    if q.is_cuda and dropout_p == 0.0 and _varlen_kernel() is not None:  # not run on a GPU yet: see README
+    kernel = _varlen_kernel() if q.is_cuda and dropout_p == 0.0 else None
+    if kernel is not None:  # not run on a GPU yet: see README
         cu, m = unpadded.cu_seqlens, unpadded.max_seqlen
-        return _varlen_kernel()(q, k, v, cu, cu, m, m)
+        return kernel(q, k, v, cu, cu, m, m)
     B, T = key_mask.shape[0], key_mask.shape[-1]
 
     def pad(t: torch.Tensor) -> torch.Tensor:  # (N, H, D) -> (B, H, T, D), zeros at the pads

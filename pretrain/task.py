@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 
 from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, option
+from data_prep.typed_config import read_yaml_mapping
 
 from .metrics import CLASSIFICATION, REGRESSION
 
@@ -109,16 +109,7 @@ class TaskFile:
 def load_task(path: str | Path, overrides: list[str] | None = None) -> TaskFile:
     """Read a task YAML and apply dotted overrides (`--finetune.seeds=5`, `--task.valid=...`)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"task file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
-                          f"({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with task: and finetune: sections")
+    data = read_yaml_mapping(path, "task", "a mapping with task: and finetune: sections")
     try:
         tf = from_mapping(TaskFile, apply_overrides(data, overrides or []), "")
     except ConfigError as e:
