@@ -14,11 +14,12 @@ Per sequence (BERT, arXiv 1810.04805, section 3.1; RoBERTa, arXiv 1907.11692, se
    with `random_fraction`, else stays. A per-token draw rather than exact counts per sequence: 10% of a
    sequence's 3 targets cannot be rounded without biasing the split, while per-token draws are exact in
    expectation at any length.
-A batch that nobody padded (every row as long as the longest, as FULL-SENTENCES blocks are) has its targets
-padded to a bound that depends on its shape only, B x num_targets(T), with `IGNORE` targets: so the
-training step's shapes are the same at every step and `torch.compile` traces it once. A padded batch instead
-carries where its real tokens are (`unpad_index`, `cu_seqlens`, `max_seqlen`), computed here on the host, so
-the encoder runs on them only without a device-to-host sync in the step.
+A batch whose rows are all as long as the longest has its targets padded to a bound that depends on its shape
+only, B x num_targets(T), with `IGNORE` targets. With `pad_to_multiple_of` (trainer.compile) every batch is padded
+to such a shape: FULL-SENTENCES blocks end at sentence boundaries, so nearly every batch has short rows, and this
+gives a phase's batches one shape, which `torch.compile` traces once. Otherwise a padded batch carries where its
+real tokens are (`unpad_index`, `cu_seqlens`, `max_seqlen`), computed here on the host, so the encoder runs on
+them only without a device-to-host sync in the step.
 
 Static masking (dynamic=False) is the same function with `epoch % static_copies` in place of the epoch: each
 sequence has exactly `static_copies` fixed patterns, served in turn, like BERT's data duplicated 10 times.
@@ -121,8 +122,11 @@ class MaskingCollator:
     def step_counts(self, blocks: list[Any]) -> tuple[int, int]:
         """(targets, sequences) of an optimizer step's blocks, without masking them: the divisors of the
         step's token-weighted loss, known before its first micro-batch runs."""
-        targets = sum(self.num_targets(int((~self._is_special[np.asarray(b, dtype=np.int64)]).sum())) for b in blocks)
-        return targets, len(blocks)
+        return sum(self.num_targets(self.num_candidates(b)) for b in blocks), len(blocks)
+
+    def num_candidates(self, ids: Any) -> int:
+        """How many of a sequence's tokens may be chosen (its non-special tokens)."""
+        return int((~self._is_special[np.asarray(ids, dtype=np.int64)]).sum())
 
     def mask_sequence(self, ids: Any, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One sequence -> (masked ids (L,), sorted chosen positions (K,), original ids there (K,)), int64."""
@@ -147,10 +151,11 @@ class MaskingCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """A batch: `input_ids` (B, T) padded to the longest, `attention_mask` (B, T) 1 for real tokens,
         `masked_positions` (S,) sorted indices into the flattened B*T positions, `masked_targets` (S,) the
-        original ids there, `padded` (bool) whether some row is padded, `num_tokens` (int) the real tokens, `num_candidates` (int) those that may be
-        chosen (the denominator of the mask rate); when no row is padded, the S slots are padded
-        to `target_slots(B, T)` with position 0 and target `IGNORE`; when some row is padded, `unpad_index`
-        (N,), `cu_seqlens` (B+1,) and `max_seqlen` (int) say where the real tokens are (`model.Unpadded`).
+        original ids there, `padded` (bool) whether some row is padded, `num_tokens` (int) the real tokens,
+        `num_candidates` (int) those that may be chosen (the denominator of the mask rate). When no row is
+        padded, or with `pad_to_multiple_of`, the S slots are padded to `target_slots(B, T)` with position 0 and
+        target `IGNORE`; otherwise a padded batch has `unpad_index` (N,), `cu_seqlens` (B+1,) and `max_seqlen`
+        (int), where its real tokens are (`model.Unpadded`).
         Also `nsp_labels` (B,) when the items carry `nsp_label`, and `step_counts` (2,), the targets and
         sequences of the whole optimizer step on this rank, when the first item carries `step_blocks` (the
         first micro-batch of a step, data.py)."""
@@ -180,8 +185,7 @@ class MaskingCollator:
             "masked_positions": torch.from_numpy(positions),
             "masked_targets": torch.from_numpy(targets),
             "num_tokens": int(lengths.sum()),
-            "num_candidates": int(sum((~self._is_special[np.asarray(it["input_ids"], dtype=np.int64)]).sum()
-                                      for it in items)),
+            "num_candidates": sum(self.num_candidates(it["input_ids"]) for it in items),
             "padded": padded,
         }
         if padded and not self.pad_to_multiple_of:
@@ -195,6 +199,6 @@ class MaskingCollator:
         return batch
 
     def target_slots(self, rows: int, length: int) -> int:
-        """Target slots of an unpadded rows x length batch: the most targets any such batch can have
-        (`num_targets` grows with n; a row's specials make its n smaller than length, by 2 or 3 here)."""
+        """Target slots of a rows x length batch: the most targets any such batch can have (`num_targets` grows
+        with n, and a row's n is at most its length)."""
         return rows * self.num_targets(length)
