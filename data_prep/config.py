@@ -153,10 +153,19 @@ class MaskingConfig:
     random_fraction: float = option(0.1, "Of the chosen tokens: replaced by a random non-special token; the rest stay.")
     dynamic: bool = option(True, "True: a new mask every epoch (RoBERTa). False: BERT's static masking.")
     static_copies: int = option(10, "Static masking: fixed mask patterns per sequence, served in turn (BERT: 10).")
+    start_probability: float | None = option(
+        None, "Masking-rate schedule: the rate at step 0, moving linearly to `probability` over anneal_steps "
+        "(Wettig et al. 2023: 0.3 -> 0.15); null: `probability` throughout. Validation always masks at `probability`.")
+    anneal_steps: int = option(0, "Optimizer steps over which the rate moves from start_probability to probability.")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.probability < 1.0:
             raise ConfigError(f"masking.probability={self.probability} must be in (0, 1)")
+        if self.start_probability is not None and not 0.0 < self.start_probability < 1.0:
+            raise ConfigError(f"masking.start_probability={self.start_probability} must be in (0, 1), or null")
+        if self.anneal_steps < 0 or (self.start_probability is not None and self.anneal_steps < 1):
+            raise ConfigError(f"masking.anneal_steps={self.anneal_steps} must be at least 1 with "
+                              "masking.start_probability set (and never negative)")
         if self.mask_fraction < 0 or self.random_fraction < 0 or self.mask_fraction + self.random_fraction > 1:
             raise ConfigError(
                 f"masking.mask_fraction={self.mask_fraction} + masking.random_fraction={self.random_fraction} "
@@ -166,13 +175,29 @@ class MaskingConfig:
             raise ConfigError(f"masking.static_copies={self.static_copies} must be at least 1")
 
 
+SCHEDULES = ("linear", "cosine", "wsd", "inverse_sqrt")
+DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
+
+
 @dataclass
 class OptimConfig:
     peak_lr: float = option(6.0e-4, "Learning rate at the end of warmup (base: 6e-4, large: 4e-4).")
     betas: list[float] = option([0.9, 0.98], "Adam betas (RoBERTa: 0.9, 0.98; BERT: 0.9, 0.999).")
     eps: float = option(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).")
     weight_decay: float = option(0.01, "Decoupled weight decay, not applied to biases and LayerNorm.")
-    warmup_steps: int = option(24000, "Linear warmup steps, then linear decay to zero at trainer.max_steps.")
+    warmup_steps: int = option(24000, "Linear warmup steps from 0 to peak_lr (every schedule).")
+    schedule: str = option(
+        "linear", "After warmup: linear (to 0 at trainer.max_steps; RoBERTa), cosine (to 0 at max_steps), wsd "
+        "(warmup-stable-decay: peak until the last decay_steps, then decay_shape to 0), inverse_sqrt (peak x "
+        "sqrt(timescale / (step - warmup + timescale)), no end).")
+    decay_steps: int = option(
+        0, "wsd: steps of the final decay; 0: decay_fraction x max_steps. To decay a stable-phase checkpoint of "
+        "step S over D steps: `make resume ARGS=\"--trainer.max_steps=S+D --optim.decay_steps=D\"`.")
+    decay_fraction: float = option(0.2, "wsd: the share of max_steps spent decaying, when decay_steps is 0.")
+    decay_shape: str = option("linear", "wsd: the decay's shape, linear, 1-sqrt or cosine (as transformers' "
+                              "get_wsd_schedule).")
+    min_lr_ratio: float = option(0.0, "linear, cosine, wsd: the rate ends at this share of peak_lr instead of 0.")
+    timescale: int = option(0, "inverse_sqrt: steps after warmup at which the rate is peak / sqrt(2); 0: warmup_steps.")
     grad_clip: float = option(0.0, "Gradient-norm clipping; 0: off, as in the paper.")
     max_rollbacks: int = option(
         3, "A non-finite or spiking loss rolls the run back to its last checkpoint and skips the data of the bad "
@@ -199,6 +224,14 @@ class OptimConfig:
                               "loss), or 0 to turn spike detection off")
         if not 0 < self.rollback_lr_factor <= 1:
             raise ConfigError(f"optim.rollback_lr_factor={self.rollback_lr_factor} must be in (0, 1]")
+        for key, allowed in (("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"optim.{key}={getattr(self, key)!r} must be one of {', '.join(allowed)}")
+        if self.decay_steps < 0 or not 0.0 <= self.decay_fraction <= 1.0 or not 0.0 <= self.min_lr_ratio < 1.0:
+            raise ConfigError(f"optim.decay_steps={self.decay_steps} must be >= 0, optim.decay_fraction="
+                              f"{self.decay_fraction} in [0, 1], optim.min_lr_ratio={self.min_lr_ratio} in [0, 1)")
+        if self.timescale < 0:
+            raise ConfigError(f"optim.timescale={self.timescale} must be >= 0 (0: warmup_steps)")
 
 
 @dataclass
@@ -227,6 +260,11 @@ class BatchConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = option(500_000, "Optimizer steps; the learning rate reaches zero here.")
+    max_time: str | float | None = option(
+        None, "A wall-clock budget instead of max_steps, e.g. \"00:30:00\" (or DD:HH:MM:SS): after "
+        "calibration_steps the run measures its step time and fixes max_steps to fill the budget (training plus "
+        "the validation it will run); the decision is logged and kept in every checkpoint, so a resume keeps it.")
+    calibration_steps: int = option(10, "max_time: steps timed before max_steps is fixed (the first is not timed).")
     precision: str = option("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true.")
     accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu.")
     devices: int | str = option("auto", "Devices per node: an int, or auto.")
@@ -248,6 +286,50 @@ class TrainerConfig:
             raise ConfigError(f"trainer.devices={self.devices!r} must be an integer or 'auto'")
         if self.peak_flops < 0:
             raise ConfigError(f"trainer.peak_flops={self.peak_flops} must be >= 0 (0: known or measured)")
+        if self.max_time is not None:
+            parse_duration(self.max_time, "trainer.max_time")
+        if self.calibration_steps < 2:
+            raise ConfigError(f"trainer.calibration_steps={self.calibration_steps} must be at least 2")
+
+
+def check_schedule(cfg: ExperimentConfig) -> None:
+    """The checks that need optim and trainer (and data) together: warmup and decay fit in the run, and a
+    time budget only with schedules whose warmup is the same whatever max_steps turns out to be."""
+    o, t = cfg.optim, cfg.trainer
+    if t.max_time is not None:
+        if cfg.data is not None and cfg.data.short_seq_len:
+            raise ConfigError("trainer.max_time with data.short_seq_len is not supported: BERT's length schedule "
+                              "switches at a share of max_steps, which the budget decides later")
+        if o.schedule != "inverse_sqrt" and o.warmup_steps < t.calibration_steps:
+            raise ConfigError(f"trainer.max_time needs optim.warmup_steps={o.warmup_steps} >= "
+                              f"trainer.calibration_steps={t.calibration_steps}: the {o.schedule} rate after warmup "
+                              "depends on max_steps, which is fixed after the calibration steps")
+        return
+    if o.warmup_steps > t.max_steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is more than trainer.max_steps="
+                          f"{t.max_steps}: the rate would never reach its peak nor zero; lower it")
+    if o.schedule == "wsd" and o.decay_steps and o.warmup_steps + o.decay_steps > t.max_steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} + optim.decay_steps={o.decay_steps} is more than "
+                          f"trainer.max_steps={t.max_steps}")
+
+
+def parse_duration(value: str | int | float, key: str) -> float:
+    """Seconds of "HH:MM:SS", "DD:HH:MM:SS" or a number of seconds (Lightning's max_time forms); one line naming
+    `key` when it is none of them."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        parts = str(value).strip().split(":")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if not 1 <= len(numbers) <= 4 or any(n < 0 for n in numbers):
+            raise ConfigError(f"{key}={value!r} is not a duration: write HH:MM:SS, DD:HH:MM:SS or seconds")
+        seconds = sum(n * unit for n, unit in zip(reversed(numbers), (1, 60, 3600, 86400), strict=False))
+    if seconds <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive duration")
+    return seconds
 
 
 @dataclass
@@ -299,9 +381,8 @@ class ExperimentConfig:
         return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
-        if self.optim is not None and self.trainer is not None and self.optim.warmup_steps > self.trainer.max_steps:
-            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} is more than trainer.max_steps="
-                              f"{self.trainer.max_steps}: the rate would never reach its peak nor zero; lower it")
+        if self.optim is not None and self.trainer is not None:
+            check_schedule(self)
         if self.batch is not None and self.data is not None and self.batch.by_tokens and self.data.short_seq_len:
             raise ConfigError("batch.by_tokens with data.short_seq_len is not supported: BERT's length schedule "
                               "counts sequences (set batch.by_tokens=false)")

@@ -157,19 +157,28 @@ def probe(path: Path) -> tuple[int | None, str | None]:
     """(global step, None) when the checkpoint at `path` reads back completely; else (None, why not). A sharded
     (FSDP) checkpoint is a directory: the shards' index and its meta.pt (everything but the tensors) must read."""
     try:
-        if path.is_dir():
-            from torch.distributed.checkpoint import FileSystemReader
-
-            FileSystemReader(path).read_metadata()
-            ckpt = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
-        else:
-            # mmap reads the archive's index and maps the tensors: a truncated file fails here without a full load
-            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        ckpt = _read_light(path)
     except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors... for damaged files
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not isinstance(ckpt, dict) or "global_step" not in ckpt or ("state_dict" not in ckpt and not path.is_dir()):
         return None, "not a training checkpoint of this project"
     return int(ckpt["global_step"]), None
+
+
+def _read_light(path: Path) -> Any:
+    """The checkpoint's dict with its tensors mapped, not read (a sharded directory: its meta.pt)."""
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        FileSystemReader(path).read_metadata()
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+    # mmap reads the archive's index and maps the tensors: a truncated file fails here without a full load
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def read_record(path: Path, key: str) -> Any:
+    """One plain entry of a checkpoint (e.g. the time budget's decision), without loading its weights."""
+    return _read_light(Path(path)).get(key)
 
 
 def load_full(path: Path) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import torch
 from data_prep.config import ExperimentConfig
 
 from .metrics import compute
-from .module import adamw, lr_lambda
+from .module import adamw
+from .schedules import LRSchedule
 from .task import FinetuneConfig, FinetuneError, TaskConfig
 
 
@@ -140,5 +141,5 @@ class ClassifierModule(pl.LightningModule):
         ft = self.ft
         optimizer = adamw(self.model, ft.peak_lr, ft.betas, ft.eps, ft.weight_decay, ft.precision)
         warmup, total = round(ft.warmup_ratio * self.total_steps), self.total_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule("linear", warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

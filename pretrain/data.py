@@ -90,16 +90,22 @@ class PhasedDataset(Dataset):
 
 
 class MicroBatch(list):
-    """The keys of one micro-batch. The first micro-batch of each optimizer step also carries `step_keys`, the
-    keys of every micro-batch of the step on this rank, so that the collator can count the step's targets
-    before the step's first forward pass (the loss is normalised by the step's count, module.py)."""
+    """The keys of one micro-batch and the optimizer step it belongs to (`step`: its masking rate). The first
+    micro-batch of each optimizer step also carries `step_keys`, the keys of every micro-batch of the step on
+    this rank, so that the collator can count the step's targets before the step's first forward pass (the
+    loss is normalised by the step's count, module.py)."""
 
     step_keys: list | None = None
+    step: int | None = None
 
 
 def _items(dataset: BlockDataset | PhasedDataset, keys: list) -> list[dict[str, Any]]:
     """DataLoader's batched fetch: the items of a micro-batch, the first also holding the step's blocks."""
     items = [dataset[k] for k in keys]
+    step = getattr(keys, "step", None)
+    if step is not None:
+        for item in items:
+            item["step"] = step
     step_keys = getattr(keys, "step_keys", None)
     if step_keys is not None and items:
         items[0]["step_blocks"] = [dataset.block(k) for k in step_keys]
@@ -254,11 +260,13 @@ class PhasedSampler(Sampler[tuple[int, int, int]]):
 
 class StepBatches(Sampler[MicroBatch]):
     """A batch sampler: `sampler`'s keys in micro-batches of `micro_size` (or its micro-batches as they come,
-    with `micro_size=None`), grouped by optimizer step, `accumulation` micro-batches each; the first micro-batch
-    of a step carries the keys of the whole step (`MicroBatch.step_keys`)."""
+    with `micro_size=None`), grouped by optimizer step, `accumulation` micro-batches each, numbered from
+    `start_step` (read when iteration begins, as the sampler reads it); the first micro-batch of a step carries
+    the keys of the whole step (`MicroBatch.step_keys`)."""
 
-    def __init__(self, sampler: Sampler, micro_size: int | None, accumulation: int):
-        self.sampler, self.m, self.A = sampler, micro_size, accumulation
+    def __init__(self, sampler: Sampler, micro_size: int | None, accumulation: int,
+                 start_step: int | Callable[[], int] = 0):
+        self.sampler, self.m, self.A, self.start_step = sampler, micro_size, accumulation, start_step
 
     def __len__(self) -> int:
         return len(self.sampler) // self.m if self.m else len(self.sampler)
@@ -273,15 +281,17 @@ class StepBatches(Sampler[MicroBatch]):
 
     def __iter__(self) -> Iterator[MicroBatch]:
         step: list[list] = []
+        number = _now(self.start_step)
         for micro in self._micro_batches():
             step.append(micro)
             if len(step) == self.A:
                 for a, keys in enumerate(step):
                     batch = MicroBatch(keys)
+                    batch.step = number
                     if a == 0:
                         batch.step_keys = [k for mb in step for k in mb]
                     yield batch
-                step = []
+                step, number = [], number + 1
         assert not step, f"the sampler ended inside an optimizer step ({len(step)} of {self.A} micro-batches)"
 
 
@@ -321,6 +331,7 @@ class ShardDataModule(pl.LightningDataModule):
             mask_token_id=ids["mask"], pad_token_id=ids["pad"], special_ids=tuple(sorted(set(ids.values()))),
             vocab_size=self.meta["vocab_size"], probability=m.probability, mask_fraction=m.mask_fraction,
             random_fraction=m.random_fraction, dynamic=m.dynamic, static_copies=m.static_copies, seed=cfg.seed,
+            start_probability=m.start_probability, anneal_steps=m.anneal_steps,
             # compile: static shapes (a phase's batches nearly all pad to seq_len), padded attention
             pad_to_multiple_of=min(64, cfg.data.seq_len) if cfg.trainer.compile else 0,
         )
@@ -378,12 +389,12 @@ class ShardDataModule(pl.LightningDataModule):
             split = self.train_phases[0]
             sampler = TokenBudgetSampler(split.block_lengths(), self.cfg.seed, b.micro_size * split.seq_len,
                                          accumulation, world, rank, start, max_steps, skips)
-            return self._loader(BlockDataset(split), StepBatches(sampler, None, accumulation), batches=True)
+            return self._loader(BlockDataset(split), StepBatches(sampler, None, accumulation, start), batches=True)
         firsts = [first for first, _ in length_schedule(self.cfg)]
         phases = [StepSampler(split.num_blocks, self.cfg.seed, b.global_size, b.micro_size, world, rank, 0, end, first,
                               skips)
                   for split, first, end in zip(self.train_phases, firsts, [*firsts[1:], max_steps], strict=True)]
-        batches = StepBatches(PhasedSampler(phases, start), b.micro_size, accumulation)
+        batches = StepBatches(PhasedSampler(phases, start), b.micro_size, accumulation, start)
         return self._loader(PhasedDataset(self.train_phases), batches, batches=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -21,6 +21,11 @@ gives a phase's batches one shape, which `torch.compile` traces once. Otherwise 
 real tokens are (`unpad_index`, `cu_seqlens`, `max_seqlen`), computed here on the host, so the encoder runs on
 them only without a device-to-host sync in the step.
 
+Masking-rate schedule (`start_probability`, `anneal_steps`, schedules.py): the rate of an item is that of the
+optimizer step it is trained at (`step`, set by the data module), so a mask is a pure function of (seed, epoch,
+index, step); items without a step (validation, the yardstick) use the final rate. Target slots are bounded at the
+run's highest rate, so shapes stay static across the schedule.
+
 Static masking (dynamic=False) is the same function with `epoch % static_copies` in place of the epoch: each
 sequence has exactly `static_copies` fixed patterns, served in turn, like BERT's data duplicated 10 times.
 """
@@ -34,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .schedules import MaskSchedule
+
 # Names this generator's stream in Philox's counter, so that other users of (seed, index) draw other numbers.
 _STREAM = int.from_bytes(b"mlm-mask", "big")
 IGNORE = -100
@@ -45,7 +52,8 @@ class MaskingCollator:
     """Collate unpadded sequences into a padded, masked batch with sparse targets.
 
     Items are dicts: `input_ids` (list or array of ints, unpadded), `index` (the sequence's global index in
-    its split), `epoch` (times the sampler has served the split before), optionally `nsp_label` (int).
+    its split), `epoch` (times the sampler has served the split before), optionally `nsp_label` (int) and
+    `step` (the optimizer step the item is trained at: its masking rate).
     """
 
     mask_token_id: int
@@ -75,10 +83,19 @@ class MaskingCollator:
     the bound of that shape, so batches of a phase share their shapes (FULL-SENTENCES blocks end at sentence
     boundaries: only ~8% are full length, so nearly every batch is padded)."""
 
+    start_probability: float | None = None
+    """The rate at step 0 of a masking-rate schedule (linear to `probability` over `anneal_steps`); None: off."""
+    anneal_steps: int = 0
+    """Steps of the masking-rate schedule."""
+
     def __post_init__(self) -> None:
         problems = []
-        if not 0.0 < self.probability < 1.0:
-            problems.append(f"probability={self.probability} must be in (0, 1)")
+        for name in ("probability", "start_probability"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 < p < 1.0:
+                problems.append(f"{name}={p} must be in (0, 1)")
+        if self.start_probability is not None and self.anneal_steps < 1:
+            problems.append(f"anneal_steps={self.anneal_steps} must be at least 1 with start_probability set")
         if (
             self.mask_fraction < 0
             or self.random_fraction < 0
@@ -105,6 +122,7 @@ class MaskingCollator:
         self._is_special = np.zeros(self.vocab_size, dtype=bool)  # id -> never chosen
         self._is_special[list(never)] = True
         self._replacements = np.flatnonzero(~self._is_special)  # ids a random replacement is drawn from
+        self.rate = MaskSchedule(self.probability, self.start_probability, self.anneal_steps)
 
     def _generator(self, index: int, epoch: int) -> np.random.Generator:
         assert index >= 0 and epoch >= 0, f"index={index} and epoch={epoch} must be non-negative"
@@ -115,26 +133,30 @@ class MaskingCollator:
         counter = np.array([0, 0, epoch, _STREAM], dtype=np.uint64)
         return np.random.Generator(np.random.Philox(key=key, counter=counter))
 
-    def num_targets(self, n: int) -> int:
-        """How many of a sequence's n non-special tokens are chosen: round(probability x n), at least 1."""
-        return min(n, max(1, math.floor(self.probability * n + 0.5))) if n else 0  # round half up, not to even
+    def num_targets(self, n: int, step: int | None = None, probability: float | None = None) -> int:
+        """How many of a sequence's n non-special tokens are chosen at optimizer step `step` (None: the final
+        rate): round(rate x n), at least 1. `probability` overrides the rate."""
+        p = self.rate(step) if probability is None else probability
+        return min(n, max(1, math.floor(p * n + 0.5))) if n else 0  # round half up, not to even
 
-    def step_counts(self, blocks: list[Any]) -> tuple[int, int]:
+    def step_counts(self, blocks: list[Any], step: int | None = None) -> tuple[int, int]:
         """(targets, sequences) of an optimizer step's blocks, without masking them: the divisors of the
         step's token-weighted loss, known before its first micro-batch runs."""
-        return sum(self.num_targets(self.num_candidates(b)) for b in blocks), len(blocks)
+        return sum(self.num_targets(self.num_candidates(b), step) for b in blocks), len(blocks)
 
     def num_candidates(self, ids: Any) -> int:
         """How many of a sequence's tokens may be chosen (its non-special tokens)."""
         return int((~self._is_special[np.asarray(ids, dtype=np.int64)]).sum())
 
-    def mask_sequence(self, ids: Any, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One sequence -> (masked ids (L,), sorted chosen positions (K,), original ids there (K,)), int64."""
+    def mask_sequence(self, ids: Any, index: int, epoch: int, step: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One sequence -> (masked ids (L,), sorted chosen positions (K,), original ids there (K,)), int64, at the
+        masking rate of optimizer step `step` (None: the final rate)."""
         ids = np.asarray(ids, dtype=np.int64)
         assert ids.ndim == 1, f"sequence {index}: expected a 1-d sequence of ids, got shape {ids.shape}"
         candidates = np.flatnonzero(~self._is_special[ids])  # (n,) positions that may be chosen
         n = candidates.size
-        k = self.num_targets(n)
+        k = self.num_targets(n, step)
         rng = self._generator(index, epoch)
         # 1) which tokens: k of the n candidates, uniformly without replacement
         positions = candidates[np.sort(rng.choice(n, size=k, replace=False, shuffle=False))]  # (k,)
@@ -160,7 +182,8 @@ class MaskingCollator:
         sequences of the whole optimizer step on this rank, when the first item carries `step_blocks` (the
         first micro-batch of a step, data.py)."""
         assert items, "MaskingCollator got an empty batch"
-        masked = [self.mask_sequence(it["input_ids"], it["index"], it["epoch"]) for it in items]
+        step = items[0].get("step")  # the optimizer step these items train at (data.py); None: validation
+        masked = [self.mask_sequence(it["input_ids"], it["index"], it["epoch"], step) for it in items]
         lengths = np.array([m[0].size for m in masked])
         B, T = len(items), int(lengths.max())
         if self.pad_to_multiple_of:
@@ -195,10 +218,10 @@ class MaskingCollator:
         if "nsp_label" in items[0]:
             batch["nsp_labels"] = torch.tensor([it["nsp_label"] for it in items], dtype=torch.long)
         if "step_blocks" in items[0]:
-            batch["step_counts"] = torch.tensor(self.step_counts(items[0]["step_blocks"]), dtype=torch.long)
+            batch["step_counts"] = torch.tensor(self.step_counts(items[0]["step_blocks"], step), dtype=torch.long)
         return batch
 
     def target_slots(self, rows: int, length: int) -> int:
         """Target slots of a rows x length batch: the most targets any such batch can have (`num_targets` grows
-        with n, and a row's n is at most its length)."""
-        return rows * self.num_targets(length)
+        with n and with the rate, and a row's n is at most its length)."""
+        return rows * self.num_targets(length, probability=self.rate.highest)

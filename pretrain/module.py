@@ -1,10 +1,11 @@
 """The LightningModule: MLM loss on the masked positions only (plus NSP for BERT's pair inputs), AdamW with
-RoBERTa's settings, linear warmup then linear decay to zero, and the metrics a pretraining run is judged by.
+RoBERTa's settings, the learning-rate schedule, and the metrics a pretraining run is judged by.
 
 Optimisation (Liu et al. 2019, section 3.1 and Table 9): AdamW with betas (0.9, 0.98), eps 1e-6, decoupled
 weight decay 0.01 on every weight matrix and embedding but not on biases and LayerNorm (as BERT and
-`transformers`); the learning rate rises linearly from 0 to `peak_lr` over `warmup_steps`, then falls linearly
-to 0 at `max_steps`; gradient clipping is off unless `optim.grad_clip > 0` (Lightning clips).
+`transformers`); the learning rate rises linearly from 0 to `peak_lr` over `warmup_steps`, then follows
+`optim.schedule` (schedules.py; RoBERTa's is linear to 0 at `max_steps`); gradient clipping is off unless
+`optim.grad_clip > 0` (Lightning clips).
 """
 
 from __future__ import annotations
@@ -26,18 +27,8 @@ from .masking import IGNORE
 from .model import RobertaForMLM
 from .objective import batch_inputs, mlm_objective
 from .rollback import Diverged, DivergenceMonitor, RollbackState
+from .schedules import LRSchedule
 from .steps import step_seed
-
-
-def lr_lambda(step: int, warmup_steps: int, max_steps: int) -> float:
-    """Multiplier of the peak rate at optimizer step `step` (the rate used for the update that makes step+1),
-    as `transformers.get_linear_schedule_with_warmup` and fairseq: 0 for the first update, the peak at the end of
-    warmup (update warmup_steps + 1), 0 at max_steps."""
-    # 1) linear warmup from 0 to 1 over warmup_steps
-    if step < warmup_steps:
-        return step / warmup_steps
-    # 2) linear decay from 1 to 0 at max_steps
-    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -88,6 +79,15 @@ class MLMModule(pl.LightningModule):
         self._step_log: dict[str, torch.Tensor] = {}  # the finished step's sums over all ranks, to log
         self._step_counts: torch.Tensor | None = None  # (targets, sequences) of the step over all ranks
         self.shown_loss: float | None = None  # the last logged training loss, read at a logging step
+        self.lr_schedule = LRSchedule.from_config(self.cfg.optim, self.cfg.trainer.max_steps)
+        self.budget: dict[str, Any] | None = None
+        """A time budget's decision (budget.py), kept in every checkpoint."""
+
+    def set_max_steps(self, max_steps: int) -> None:
+        """The run's length, when a time budget decides it (budget.py): the schedule ends there."""
+        self.cfg.trainer.max_steps = max_steps
+        self.hparams["config"]["trainer"]["max_steps"] = max_steps  # the config checkpoints carry
+        self.lr_schedule = LRSchedule.from_config(self.cfg.optim, max_steps)
 
     # --- checkpoints: what a step computes is a function of the step, so no RNG state is stored -------------
 
@@ -104,6 +104,8 @@ class MLMModule(pl.LightningModule):
         checkpoint["geometry"] = self.geometry()
         checkpoint["rollbacks"] = self.rollbacks.to_dict()
         checkpoint["divergence_monitor"] = self.monitor.state_dict()
+        if self.budget is not None:
+            checkpoint["budget"] = dict(self.budget)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {})
@@ -112,6 +114,7 @@ class MLMModule(pl.LightningModule):
         self.rollbacks = self.rollback_override or RollbackState.from_dict(checkpoint.get("rollbacks"))
         if "divergence_monitor" in checkpoint:
             self.monitor.load_state_dict(checkpoint["divergence_monitor"])
+        self.budget = checkpoint.get("budget", self.budget)
         loops = checkpoint.get("loops", {}).get("fit_loop", {})
         progress = loops.get("epoch_loop.batch_progress")
         if progress is None:
@@ -269,10 +272,10 @@ class MLMModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg.optim
         optimizer = adamw(self.model, o.peak_lr, o.betas, o.eps, o.weight_decay, self.cfg.trainer.precision)
-        warmup, total = o.warmup_steps, self.cfg.trainer.max_steps
 
         def rate(step: int) -> float:  # x rollback_lr_factor per rollback so far (rollback.py)
-            return lr_lambda(step, warmup, total) * o.rollback_lr_factor ** len(self.rollbacks.events)
+            # read at every step: a time budget fixes max_steps after the first steps (budget.py)
+            return self.lr_schedule(step) * o.rollback_lr_factor ** len(self.rollbacks.events)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

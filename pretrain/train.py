@@ -16,12 +16,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-from data_prep.config import ExperimentConfig, dump_config
+from data_prep.config import ExperimentConfig, config_from_dict, dump_config, parse_duration
 
+from .budget import OPEN_ENDED, TimeBudget
 from .checkpoint import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
     ShardedFSDPStrategy,
+    read_record,
     resumable_checkpoint,
 )
 from .data import ShardDataModule, batch_geometry
@@ -135,6 +137,14 @@ def progress_bar() -> pl.Callback:
                 metrics["loss"] = f"{pl_module.shown_loss:.3f}"
             return metrics
 
+        def set_total_steps(self, trainer: pl.Trainer) -> None:
+            """The bar's length once a time budget has fixed max_steps (budget.py); Lightning counts batches."""
+            total = trainer.max_steps * trainer.accumulate_grad_batches
+            if getattr(self, "train_progress_bar_id", None) is not None and self.progress is not None:
+                self.progress.update(self.train_progress_bar_id, total=total)
+            elif getattr(self, "_train_progress_bar", None) is not None:
+                self.train_progress_bar.total = total
+
     return StepLossBar()
 
 
@@ -221,12 +231,13 @@ def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | 
               rollbacks: RollbackState | None, callbacks: list[pl.Callback] | None,
               trainer_overrides: dict[str, Any]) -> pl.Trainer:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initialisation; steps reseed (steps.py)
+    ckpt, step = found if found else (None, None)
+    cfg, budget = budgeted(cfg, ckpt)
     datamodule = ShardDataModule(cfg, meta_path)
     module = MLMModule(cfg.to_dict(), datamodule.meta)
     if rollbacks is not None:  # replaces the checkpoint's record when it is loaded
         module.rollbacks = module.rollback_override = rollbacks
-    ckpt, step = found if found else (None, None)
-    trainer = make_trainer(cfg, callbacks, resume_step=step, **trainer_overrides)
+    trainer = make_trainer(cfg, [*budget, *(callbacks or [])], resume_step=step, **trainer_overrides)
     with warnings.catch_warnings():
         # expected when resuming into the same run_dir; the checkpoint callback keeps what it should
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
@@ -235,6 +246,20 @@ def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | 
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return trainer
+
+
+def budgeted(cfg: ExperimentConfig, ckpt: Path | None) -> tuple[ExperimentConfig, list[pl.Callback]]:
+    """With `trainer.max_time`: the config with the max_steps its checkpoint's budget decided, or an open-ended
+    one and the callback that decides it (budget.py). Without, the config as it is."""
+    if cfg.trainer.max_time is None:
+        return cfg, []
+    decision = read_record(ckpt, "budget") if ckpt is not None else None
+    cfg = config_from_dict(cfg.to_dict())  # a copy: the caller's config keeps its own max_steps
+    cfg.trainer.max_steps = int(decision["max_steps"]) if decision else OPEN_ENDED
+    if decision:
+        return cfg, []
+    return cfg, [TimeBudget(parse_duration(cfg.trainer.max_time, "trainer.max_time"), cfg.trainer.calibration_steps,
+                            cfg.run_path)]
 
 
 def _report_rollback(cfg: ExperimentConfig, d: Diverged, state: RollbackState) -> None:

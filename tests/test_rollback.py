@@ -81,10 +81,10 @@ def test_a_spike_is_rolled_back_and_the_rate_lowered(
     event = json.loads((run / "logs" / "rollbacks.jsonl").read_text())
     assert event["step"] == 12 and event["resumed_from"] == 10 and event["loss"] > 2 * 3
     # the schedule after the rollback is the normal one x 0.5
-    from pretrain.module import lr_lambda
+    from pretrain.schedules import LRSchedule
 
     lr = trainer.optimizers[0].param_groups[0]["lr"]
-    assert lr == pytest.approx(3e-3 * lr_lambda(20, 4, 20) * 0.5, abs=1e-12)
+    assert lr == pytest.approx(3e-3 * LRSchedule("linear", 4, 20)(20) * 0.5, abs=1e-12)
 
 
 def test_monitor_flags_the_first_nonfinite_or_spiking_step_on_the_device() -> None:

@@ -16,7 +16,8 @@ from pretrain.data import (
     token_bins,
 )
 from pretrain.model import RobertaConfig, RobertaForMLM
-from pretrain.module import lr_lambda, param_groups
+from pretrain.module import param_groups
+from pretrain.schedules import LRSchedule
 
 
 @pytest.mark.parametrize(("warmup", "total"), [(10, 110), (4, 12), (0, 10), (7, 8)])
@@ -48,7 +49,7 @@ def test_the_schedule_equals_get_linear_schedule_with_warmup_step_for_step(warmu
         hf.step()
     assert seen[0] == (0.0 if warmup else 1e-3) and seen[-1] == 0.0
     assert seen[warmup] == pytest.approx(1e-3) and max(seen) == pytest.approx(1e-3)
-    assert lr_lambda(warmup, warmup, total) == 1.0
+    assert LRSchedule("linear", warmup, total)(warmup) == 1.0
 
 
 def test_warmup_longer_than_the_run_is_refused() -> None:

@@ -1,0 +1,96 @@
+"""What changes with the optimizer step: the learning rate and the masking rate, each a pure function of the step.
+
+Learning rate (`optim.schedule`), a multiplier of `optim.peak_lr` at optimizer step s (the rate of the update that
+makes step s+1): every schedule warms up linearly from 0 over `warmup_steps` (0 at the first update, the peak at
+update warmup_steps + 1, as `transformers` and fairseq), then
+- linear: down to `min_lr_ratio` at max_steps (RoBERTa; `get_linear_schedule_with_warmup`);
+- cosine: half a cosine down to `min_lr_ratio` at max_steps (`get_cosine_schedule_with_warmup`);
+- wsd: warmup-stable-decay (Hu et al. 2024, MiniCPM): the peak until the last `decay_steps` (or `decay_fraction`
+  of max_steps), then `decay_shape` (linear, 1-sqrt, cosine) down to `min_lr_ratio` (`get_wsd_schedule`). A
+  checkpoint of the stable phase at step S continues into its decay by resuming with max_steps = S + D and
+  decay_steps = D (nothing before S changes), and an exported model by `model.init_from` with warmup_steps 0 and
+  decay_steps = max_steps;
+- inverse_sqrt: peak x sqrt(timescale / (s - warmup + timescale)), fairseq's and `get_inverse_sqrt_schedule`'s.
+The tests check each against `transformers`' function step by step.
+
+Masking rate (`masking.start_probability`, `masking.anneal_steps`): linear from the start rate to
+`masking.probability` over the first anneal_steps steps, then constant (Wettig et al. 2023, "Should You Mask 15%
+in Masked Language Modeling?": 0.4 -> 0.15 beats a constant 15%).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from data_prep.config import MaskingConfig, OptimConfig
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The multiplier of the peak learning rate at each optimizer step."""
+
+    schedule: str
+    warmup_steps: int
+    max_steps: int
+    decay_steps: int = 0
+    decay_shape: str = "linear"
+    min_lr_ratio: float = 0.0
+    timescale: int = 0
+
+    @classmethod
+    def from_config(cls, o: OptimConfig, max_steps: int) -> LRSchedule:
+        decay = o.decay_steps or round(o.decay_fraction * max_steps)
+        return cls(o.schedule, o.warmup_steps, max_steps, min(decay, max_steps - o.warmup_steps), o.decay_shape,
+                   o.min_lr_ratio, o.timescale or o.warmup_steps)
+
+    @property
+    def decay_start(self) -> int:
+        """The first step after the peak plateau: wsd's decay start; warmup_steps for linear and cosine."""
+        return self.max_steps - self.decay_steps if self.schedule == "wsd" else self.warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        if self.schedule == "inverse_sqrt":
+            timescale = max(1, self.timescale)
+            return math.sqrt(timescale / (step - self.warmup_steps + timescale))
+        start = self.decay_start
+        if step < start:  # wsd's stable phase
+            return 1.0
+        if self.schedule == "linear":  # written as transformers does, so the two agree to the last bit
+            factor = max(0.0, (self.max_steps - step) / max(1, self.max_steps - start))
+            return factor * (1.0 - self.min_lr_ratio) + self.min_lr_ratio
+        progress = min(1.0, (step - start) / max(1, self.max_steps - start))
+        shape = self.decay_shape if self.schedule == "wsd" else self.schedule
+        if shape == "linear":
+            factor = 1.0 - progress
+        elif shape == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:  # 1-sqrt
+            factor = 1.0 - math.sqrt(progress)
+        return factor * (1.0 - self.min_lr_ratio) + self.min_lr_ratio
+
+
+@dataclass(frozen=True)
+class MaskSchedule:
+    """The masking rate at each optimizer step."""
+
+    probability: float
+    start_probability: float | None = None
+    anneal_steps: int = 0
+
+    @classmethod
+    def from_config(cls, m: MaskingConfig) -> MaskSchedule:
+        return cls(m.probability, m.start_probability, m.anneal_steps)
+
+    def __call__(self, step: int | None) -> float:
+        """The rate at `step`; None (validation, the yardstick): the final rate."""
+        if self.start_probability is None or step is None or step >= self.anneal_steps:
+            return self.probability
+        return self.start_probability + (self.probability - self.start_probability) * step / self.anneal_steps
+
+    @property
+    def highest(self) -> float:
+        """The largest rate of the run: the bound of the target slots of a static shape."""
+        return max(self.probability, self.start_probability or 0.0)

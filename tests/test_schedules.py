@@ -1,0 +1,191 @@
+"""Schedules over the optimizer step: each learning-rate schedule against its formula in `transformers`, the
+masking-rate schedule in the collator, decay from a stable-phase checkpoint, and a wall-clock budget
+(`trainer.max_time`) that decides max_steps once and keeps it on resume. Every phase change resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.config import ConfigError, load_config
+from pretrain import budget as budget_module
+from pretrain.budget import decide_max_steps
+from pretrain.masking import IGNORE, MaskingCollator
+from pretrain.schedules import LRSchedule, MaskSchedule
+from pretrain.train import TrainingIncomplete, fit
+
+from .test_train import QUIET, config, corpus_file, final_weights, shards  # noqa: F401 - fixtures
+
+
+def _hf_rates(make, steps: int) -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = make(opt)
+    rates = []
+    for _ in range(steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return rates
+
+
+@pytest.mark.parametrize("warmup", [0, 7])
+def test_each_schedule_matches_transformers_step_by_step(warmup: int) -> None:
+    import transformers.optimization as hf
+
+    total = 50
+    cases = {
+        "linear": (LRSchedule("linear", warmup, total),
+                   lambda o: hf.get_linear_schedule_with_warmup(o, warmup, total)),
+        "cosine": (LRSchedule("cosine", warmup, total),
+                   lambda o: hf.get_cosine_schedule_with_warmup(o, warmup, total)),
+        "inverse_sqrt": (LRSchedule("inverse_sqrt", warmup, total, timescale=warmup or 10),
+                         lambda o: hf.get_inverse_sqrt_schedule(o, warmup, timescale=warmup or 10)),
+    }
+    for shape in ("linear", "1-sqrt", "cosine"):
+        cases[f"wsd-{shape}"] = (
+            LRSchedule("wsd", warmup, total, decay_steps=12, decay_shape=shape),
+            lambda o, s=shape: hf.get_wsd_schedule(o, warmup, 12, num_training_steps=total, decay_type=s))
+    for name, (ours, theirs) in cases.items():
+        expected = _hf_rates(theirs, total + 1)
+        got = [ours(s) for s in range(total + 1)]
+        assert got == pytest.approx(expected, abs=1e-12, rel=1e-12), name
+    wsd = LRSchedule("wsd", warmup, total, decay_steps=12)
+    assert [wsd(s) for s in range(warmup, total - 12 + 1)] == [1.0] * (total - 12 - warmup + 1)  # the plateau
+    assert wsd(total) == 0.0 and LRSchedule("cosine", warmup, total)(total) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_min_lr_ratio_floors_the_decay_and_wsd_takes_its_length_from_the_config() -> None:
+    cfg = load_config(None, ["--optim.schedule=wsd", "--optim.warmup_steps=10", "--trainer.max_steps=100",
+                             "--optim.decay_fraction=0.25", "--optim.min_lr_ratio=0.1"])
+    s = LRSchedule.from_config(cfg.optim, 100)
+    assert (s.decay_steps, s.decay_start) == (25, 75)
+    assert s(5) == 0.5 and s(75) == 1.0 and s(100) == pytest.approx(0.1) and s(150) == pytest.approx(0.1)
+    assert s(80) == pytest.approx(0.1 + 0.9 * (1 - 5 / 25))
+    assert LRSchedule.from_config(load_config(None, ["--optim.schedule=wsd", "--optim.decay_steps=30",
+                                                     "--optim.warmup_steps=10", "--trainer.max_steps=100"]).optim,
+                                  100).decay_start == 70
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optim.schedule=step"], r"optim.schedule='step' must be one of linear, cosine, wsd, inverse_sqrt"),
+    (["--optim.decay_shape=exp"], r"optim.decay_shape='exp' must be one of linear, 1-sqrt, cosine"),
+    (["--optim.schedule=wsd", "--optim.warmup_steps=10", "--optim.decay_steps=95", "--trainer.max_steps=100"],
+     r"optim.warmup_steps=10 \+ optim.decay_steps=95 is more than trainer.max_steps=100"),
+    (["--masking.start_probability=0.3"], r"masking.anneal_steps=0 must be at least 1"),
+    (["--trainer.max_time=soon"], r"trainer.max_time='soon' is not a duration"),
+    (["--trainer.max_time=00:10:00", "--optim.warmup_steps=5"],
+     r"trainer.max_time needs optim.warmup_steps=5 >= trainer.calibration_steps=10"),
+])
+def test_bad_schedule_settings_are_one_line_naming_the_key(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, args)
+
+
+def test_max_time_reads_hh_mm_ss_and_seconds() -> None:
+    from data_prep.config import parse_duration
+
+    cfg = load_config(None, ["--trainer.max_time=00:30:00", "--optim.warmup_steps=10"])  # YAML reads it as 1800
+    assert parse_duration(cfg.trainer.max_time, "k") == 1800.0
+    assert parse_duration("1:02:03:04", "k") == 86400 + 2 * 3600 + 3 * 60 + 4 and parse_duration(90, "k") == 90.0
+
+
+def _collator(**kw) -> MaskingCollator:
+    return MaskingCollator(mask_token_id=99, pad_token_id=1, special_ids=(0, 1, 2, 3), vocab_size=100, seed=5, **kw)
+
+
+def test_the_masking_rate_follows_its_schedule_per_step() -> None:
+    c = _collator(probability=0.15, start_probability=0.4, anneal_steps=10)
+    assert MaskSchedule(0.15, 0.4, 10)(5) == pytest.approx(0.275) and c.rate(None) == 0.15 and c.rate(99) == 0.15
+    rng = np.random.default_rng(0)
+    rows = [np.concatenate([[0], rng.integers(4, 99, size=98), [2]]) for _ in range(4)]  # 98 candidates each
+    for step, rate in ((0, 0.4), (5, 0.275), (10, 0.15), (None, 0.15)):
+        items = [{"input_ids": r, "index": i, "epoch": 0, **({} if step is None else {"step": step})}
+                 for i, r in enumerate(rows)]
+        batch = c(items)
+        real = batch["masked_targets"] != IGNORE
+        assert int(real.sum()) == 4 * int(np.floor(rate * 98 + 0.5)), step
+        # one static shape for the whole schedule: slots bounded at the highest rate
+        assert batch["masked_targets"].shape == (4 * int(np.floor(0.4 * 100 + 0.5)),)
+        again = c(items)
+        assert torch.equal(batch["input_ids"], again["input_ids"])  # a pure function of (seed, epoch, index, step)
+    # the step's divisor counts at the step's rate
+    items[0]["step_blocks"] = rows
+    items[0]["step"] = 0
+    assert c([items[0]])["step_counts"].tolist() == [4 * int(np.floor(0.4 * 98 + 0.5)), 4]
+
+
+def test_decide_max_steps_spends_the_rest_of_the_budget_at_the_measured_rate() -> None:
+    # 30 s budget, 4 steps took 4 s, 1 s a step plus validation 0.1 s a step: 26 / 1.1 = 23 more steps
+    assert decide_max_steps(30.0, 4.0, 4, 1.0, 0.1, min_steps=5) == 27
+    assert decide_max_steps(3.0, 4.0, 4, 1.0, 0.0, min_steps=9) == 9  # over budget already: still past warmup
+
+
+SCHEDULED = ["--masking.start_probability=0.3", "--masking.anneal_steps=16", "--optim.schedule=wsd"]
+
+
+def test_a_stable_phase_checkpoint_decays_into_the_same_run_bitwise(
+        shards, corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    """wsd over 20 steps with the last 6 decaying, in one go; and the same as a stable-only run of 14 steps that
+    is then resumed with max_steps 20 and decay_steps 6 (crossing the masking anneal too): the same weights."""
+    _, meta = shards
+    whole = fit(config(tmp_path / "whole", corpus_file, *SCHEDULED, "--optim.decay_steps=6"), meta, resume=False,
+                **QUIET)
+    run = tmp_path / "branch"
+    stable = fit(config(run, corpus_file, *SCHEDULED, "--optim.decay_fraction=0", "--trainer.max_steps=14"), meta,
+                 resume=False, **QUIET)
+    assert stable.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3)  # still at the peak
+    decayed = fit(config(run, corpus_file, *SCHEDULED, "--optim.decay_steps=6"), meta, resume=True, **QUIET)
+    assert decayed.global_step == 20 and decayed.optimizers[0].param_groups[0]["lr"] == 0.0
+    expected = final_weights(whole)
+    assert all(torch.equal(final_weights(decayed)[k], v) for k, v in expected.items())
+
+
+class FakeClock:
+    """time.perf_counter for budget.py: `tick` seconds per call, so the decision is the same on every machine."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_max_time_decides_max_steps_once_and_a_resumed_run_keeps_it(
+        shards, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    _, meta = shards
+    budgeted = ["--trainer.max_time=30", "--trainer.calibration_steps=4", "--optim.warmup_steps=4",
+                "--trainer.max_steps=5"]  # ignored: the budget decides
+    monkeypatch.setattr(budget_module, "clock", FakeClock(1.0))
+    whole = fit(config(tmp_path / "whole", corpus_file, *budgeted), meta, resume=False, **QUIET)
+    # start 1 s, steps end at 2..5 s: 1 s a step, 4 s spent; validation 4 batches / 2 micro-batches / 3 every
+    # 10 steps = 0.0667 s a step: (30 - 4) / 1.0667 = 24.4 -> 4 + 24 steps
+    assert whole.global_step == 28 == whole.max_steps
+    decision = json.loads((tmp_path / "whole" / "logs" / "budget.json").read_text())
+    assert decision["max_steps"] == 28 and decision["calibration_steps"] == 4 and decision["step_time_s"] == 1.0
+    last = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["budget"] == decision and last["hyper_parameters"]["config"]["trainer"]["max_steps"] == 28
+    assert whole.optimizers[0].param_groups[0]["lr"] == 0.0  # the linear schedule ended at the decided step
+
+    # the same run stopped at step 12 (checkpoint of step 10), resumed on a machine 10x slower: same max_steps,
+    # same weights
+    import pytorch_lightning as pl
+
+    class StopAt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop = trainer.should_stop or trainer.global_step >= 12
+
+    monkeypatch.setattr(budget_module, "clock", FakeClock(1.0))
+    run = tmp_path / "stopped"
+    with pytest.raises(TrainingIncomplete, match="training stopped at step 12 of trainer.max_steps=28"):
+        fit(config(run, corpus_file, *budgeted), meta, resume=False, callbacks=[StopAt()], **QUIET)
+    monkeypatch.setattr(budget_module, "clock", FakeClock(10.0))
+    resumed = fit(config(run, corpus_file, *budgeted), meta, resume=True, **QUIET)
+    assert resumed.global_step == 28
+    expected = final_weights(whole)
+    assert all(torch.equal(final_weights(resumed)[k], v) for k, v in expected.items())
