@@ -32,8 +32,9 @@ data: setup
 pretrain: setup
 	$(PY) -m pretrain fit --config $(CONFIG) $(ARGS)
 
+# CKPT: continue from that checkpoint (e.g. a wsd stable-phase one, into its decay) instead of the newest
 resume: setup
-	$(PY) -m pretrain resume --config $(CONFIG) $(ARGS)
+	$(PY) -m pretrain resume --config $(CONFIG) $(if $(CKPT),--ckpt $(CKPT)) $(ARGS)
 
 export: setup
 	$(PY) -m pretrain export --config $(CONFIG) $(if $(CKPT),--ckpt $(CKPT)) $(if $(OUT),--out $(OUT)) $(ARGS)

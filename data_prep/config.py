@@ -246,7 +246,21 @@ class BatchConfig:
         "micro_size stays the number of micro-batches per step.",
     )
 
+    start_size: int = option(
+        0, "Batch-size warmup: the global batch at step 0, growing linearly with the tokens trained to global_size "
+        "over warmup_tokens, in whole sequences per micro-batch (a multiple of global_size / micro_size); 0: off.")
+    warmup_tokens: int = option(0, "Batch-size warmup: tokens (sequences x data.seq_len) over which the batch grows.")
+
     def __post_init__(self) -> None:
+        n = self.global_size // max(1, self.micro_size)
+        if self.start_size and (self.start_size % n or not 0 < self.start_size <= self.global_size
+                                or self.warmup_tokens < 1):
+            raise ConfigError(f"batch.start_size={self.start_size} must be a multiple of the {n} micro-batches per "
+                              f"step (global_size / micro_size), at most global_size={self.global_size}, with "
+                              f"batch.warmup_tokens={self.warmup_tokens} >= 1; or 0 (off)")
+        if self.start_size and self.by_tokens:
+            raise ConfigError("batch.start_size (batch-size warmup) with batch.by_tokens is not supported: "
+                              "set one of them off")
         if self.num_workers < 0:
             raise ConfigError(f"batch.num_workers={self.num_workers} must be >= 0")
         if self.micro_size < 1 or self.global_size < 1:

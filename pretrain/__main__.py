@@ -1,7 +1,7 @@
 """`python -m pretrain {fit,resume,export,finetune} --config FILE [--section.key=value ...]`.
 
 `fit` runs the missing prerequisites first (tokenizer, shards), then trains, continuing from the run's last
-checkpoint when there is one; `resume` insists on a checkpoint; `export [--ckpt PATH] [--out DIR]` writes a
+checkpoint when there is one; `resume [--ckpt PATH]` insists on a checkpoint (the newest, or PATH); `export [--ckpt PATH] [--out DIR]` writes a
 checkpoint (default: the newest) as a Hugging Face directory (default: run_dir/hf) and proves its parity;
 `finetune --task configs/tasks/NAME.yaml [--finetune.key=value --task.key=value]` fine-tunes the export on a
 labelled task and reports its validation metrics (pretrain/finetune.py); `ablation --config
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=["fit", "resume", "export", "finetune", "ablation"])
     parser.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
-    parser.add_argument("--ckpt", default=None, help="export: the checkpoint (default: the run's newest)")
+    parser.add_argument("--ckpt", default=None, help="export: the checkpoint (default: the run's newest); resume: "
+                        "continue from this checkpoint, of this run or another (default: the run's newest)")
     parser.add_argument("--out", default=None, help="export: the output directory (default: run_dir/hf)")
     parser.add_argument("--task", default=None, help="finetune: the task YAML (configs/tasks/NAME.yaml); "
                         "--finetune.key=value and --task.key=value override it")
@@ -60,11 +61,11 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
         check_init_from(cfg)  # one clear line before any data work
         with run_dir_lock(cfg):
             train_tokenizer(cfg)  # init_from's tokenizer (extended), or "up to date"
-    if args.command == "resume" and not any((cfg.run_path / "checkpoints").glob("*.ckpt")):
+    if args.command == "resume" and not args.ckpt and not any((cfg.run_path / "checkpoints").glob("*.ckpt")):
         raise NothingToResume(f"{cfg.run_path}/checkpoints/last.ckpt does not exist: nothing to resume "
                               "(run `make pretrain`)")
     meta = prepare_data(cfg)
-    trainer = fit(cfg, meta, resume=args.command == "resume" or None)
+    trainer = fit(cfg, meta, resume=args.command == "resume" or None, ckpt=args.ckpt if args.command == "resume" else None)
     if trainer.global_rank == 0:
         logs = cfg.run_path / "logs"
         png = plot_losses(logs / "metrics.csv", logs / "loss.png")

@@ -229,7 +229,9 @@ def check_compatible(saved: dict[str, Any], cfg: ExperimentConfig, path: Path, s
     data_keys = ("seq_len", "packing", "short_seq_len", "short_fraction")
     # the global batch decides which data each step reads (with by_tokens, the micro-batch too: it is the token
     # budget); the device count and accumulation may change (elastic resume, module.on_load_checkpoint)
-    batch_keys = ("global_size", "by_tokens", "micro_size") if cfg.batch.by_tokens else ("global_size", "by_tokens")
+    # (with batch-size warmup the micro-batch too: it sets the steps by which the batch grows)
+    batch_keys = ("global_size", "by_tokens", "start_size", "warmup_tokens") + (
+        ("micro_size",) if cfg.batch.by_tokens or cfg.batch.start_size else ())
     for section, keys in (("model", None), ("data", data_keys), ("tokenizer", ("vocab_size",)), ("batch", batch_keys)):
         new_section = getattr(cfg, section)
         old, new = saved.get(section, {}), new_section.__dict__

@@ -35,6 +35,7 @@ from data_prep.config import ConfigError, ExperimentConfig
 from data_prep.shards import ShardError, ShardSplit, open_split, read_meta, short_phase
 
 from .masking import MaskingCollator
+from .schedules import BatchSchedule
 from .steps import data_step
 
 Skips = list[list[int]]
@@ -77,6 +78,10 @@ class PhasedDataset(Dataset):
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.phases)
+
+    @property
+    def num_steps(self) -> int:
+        return sum(p.num_steps for p in self.phases)
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         phase, epoch, index = key
@@ -141,17 +146,24 @@ class StepSampler(Sampler[tuple[int, int]]):
 
     def __init__(self, num_blocks: int, seed: int, global_size: int, micro_size: int, world_size: int,
                  rank: int, start_step: int | Callable[[], int], max_steps: int, first_step: int = 0,
-                 skips: Skips | Callable[[], Skips] = ()):
+                 skips: Skips | Callable[[], Skips] = (), batches: BatchSchedule | None = None):
         assert global_size % (micro_size * world_size) == 0, "checked by batch_geometry"
         assert num_blocks > 0, "no training blocks"
         self.n, self.seed, self.G, self.m, self.W, self.r = num_blocks, seed, global_size, micro_size, world_size, rank
         self.start_step, self.max_steps, self.first_step = start_step, max_steps, first_step
         self.skips = skips
         self.accumulation = global_size // (micro_size * world_size)
+        self.batches = batches or BatchSchedule(global_size, micro_size)
+        """Each step's global batch (batch-size warmup) and first position in the stream."""
         self._perm: tuple[int, np.ndarray] | None = None
 
+    @property
+    def num_steps(self) -> int:
+        return max(0, self.max_steps - self.first_step)
+
     def __len__(self) -> int:
-        return max(0, self.max_steps - self.first_step) * self.accumulation * self.m
+        b = self.batches
+        return (b.offset(self.max_steps) - b.offset(self.first_step)) // self.W if self.num_steps else 0
 
     def _at(self, position: int) -> tuple[int, int]:
         epoch, i = divmod(position, self.n)
@@ -161,9 +173,10 @@ class StepSampler(Sampler[tuple[int, int]]):
 
     def positions(self, step: int) -> Iterator[int]:
         """This rank's global positions for data step `step`, in micro-batch order."""
+        m, base = self.batches.micro(step), self.batches.offset(step) - self.batches.offset(self.first_step)
         for a in range(self.accumulation):
-            start = (step - self.first_step) * self.G + (a * self.W + self.r) * self.m
-            yield from range(start, start + self.m)
+            start = base + (a * self.W + self.r) * m
+            yield from range(start, start + m)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         yield from self.iter_from(_now(self.start_step))
@@ -251,6 +264,10 @@ class PhasedSampler(Sampler[tuple[int, int, int]]):
     def __len__(self) -> int:
         return sum(len(p) for p in self.phases)
 
+    @property
+    def num_steps(self) -> int:
+        return sum(p.num_steps for p in self.phases)
+
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         start = _now(self.start_step)
         for phase, sampler in enumerate(self.phases):
@@ -259,40 +276,39 @@ class PhasedSampler(Sampler[tuple[int, int, int]]):
 
 
 class StepBatches(Sampler[MicroBatch]):
-    """A batch sampler: `sampler`'s keys in micro-batches of `micro_size` (or its micro-batches as they come,
-    with `micro_size=None`), grouped by optimizer step, `accumulation` micro-batches each, numbered from
-    `start_step` (read when iteration begins, as the sampler reads it); the first micro-batch of a step carries
-    the keys of the whole step (`MicroBatch.step_keys`)."""
+    """A batch sampler: `sampler`'s keys in micro-batches of `micro_size` sequences (an int, or a function of the
+    optimizer step, for batch-size warmup), or its micro-batches as they come with `micro_size=None`, grouped by
+    optimizer step, `accumulation` micro-batches each, numbered from `start_step` (read when iteration begins, as
+    the sampler reads it); the first micro-batch of a step carries the keys of the whole step
+    (`MicroBatch.step_keys`)."""
 
-    def __init__(self, sampler: Sampler, micro_size: int | None, accumulation: int,
+    def __init__(self, sampler: Sampler, micro_size: int | Callable[[int], int] | None, accumulation: int,
                  start_step: int | Callable[[], int] = 0):
         self.sampler, self.m, self.A, self.start_step = sampler, micro_size, accumulation, start_step
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.m if self.m else len(self.sampler)
-
-    def _micro_batches(self) -> Iterator[list]:
-        if self.m is None:
-            yield from self.sampler
-            return
-        keys = iter(self.sampler)
-        while chunk := list(itertools.islice(keys, self.m)):
-            yield chunk
+        return len(self.sampler) if self.m is None else self.sampler.num_steps * self.A
 
     def __iter__(self) -> Iterator[MicroBatch]:
-        step: list[list] = []
         number = _now(self.start_step)
-        for micro in self._micro_batches():
-            step.append(micro)
-            if len(step) == self.A:
-                for a, keys in enumerate(step):
-                    batch = MicroBatch(keys)
-                    batch.step = number
-                    if a == 0:
-                        batch.step_keys = [k for mb in step for k in mb]
-                    yield batch
-                step, number = [], number + 1
-        assert not step, f"the sampler ended inside an optimizer step ({len(step)} of {self.A} micro-batches)"
+        source = iter(self.sampler)
+        while True:
+            if self.m is None:
+                step = list(itertools.islice(source, self.A))
+            else:
+                size = self.m(number) if callable(self.m) else self.m
+                step = [chunk for _ in range(self.A) if (chunk := list(itertools.islice(source, size)))]
+            if not step:
+                return
+            assert len(step) == self.A, f"the sampler ended inside an optimizer step ({len(step)} of {self.A} " \
+                                        "micro-batches)"
+            for a, keys in enumerate(step):
+                batch = MicroBatch(keys)
+                batch.step = number
+                if a == 0:
+                    batch.step_keys = [k for mb in step for k in mb]
+                yield batch
+            number += 1
 
 
 class ValidSampler(Sampler[tuple[int, int]]):
@@ -391,10 +407,13 @@ class ShardDataModule(pl.LightningDataModule):
                                          accumulation, world, rank, start, max_steps, skips)
             return self._loader(BlockDataset(split), StepBatches(sampler, None, accumulation, start), batches=True)
         firsts = [first for first, _ in length_schedule(self.cfg)]
+        growth = BatchSchedule.from_config(b, self.cfg.data.seq_len)
         phases = [StepSampler(split.num_blocks, self.cfg.seed, b.global_size, b.micro_size, world, rank, 0, end, first,
-                              skips)
+                              skips, growth)
                   for split, first, end in zip(self.train_phases, firsts, [*firsts[1:], max_steps], strict=True)]
-        batches = StepBatches(PhasedSampler(phases, start), b.micro_size, accumulation, start)
+        # a step reads its data step's sequences (steps.py), in micro-batches of that step's size
+        micro = b.micro_size if not growth.ramp_steps else (lambda step: growth.micro(data_step(step, _now(skips))))
+        batches = StepBatches(PhasedSampler(phases, start), micro, accumulation, start)
         return self._loader(PhasedDataset(self.train_phases), batches, batches=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -94,3 +94,56 @@ class MaskSchedule:
     def highest(self) -> float:
         """The largest rate of the run: the bound of the target slots of a static shape."""
         return max(self.probability, self.start_probability or 0.0)
+
+
+class BatchSchedule:
+    """The global batch at each optimizer step, and where each step's sequences start in the data stream.
+
+    Batch-size warmup by tokens (`batch.start_size`, `batch.warmup_tokens`; MosaicBERT and ModernBERT warm the
+    batch up over their first billions of tokens): the global batch grows linearly with the tokens trained so far
+    (sequences x seq_len, a quantity known without reading data) from start_size to global_size over
+    warmup_tokens, in whole multiples of the number of micro-batches per step n = global_size / micro_size: every
+    micro-batch of a step grows by whole sequences, the accumulation stays the same, and n does not depend on the
+    device count, so the data order is the same on any number of devices. Off (start_size 0): global_size.
+    """
+
+    def __init__(self, global_size: int, micro_size: int, start_size: int = 0, warmup_tokens: int = 0,
+                 seq_len: int = 1):
+        self.G, self.n = global_size, global_size // micro_size
+        sizes: list[int] = []
+        if start_size and start_size < global_size:
+            tokens = 0
+            while True:
+                grown = start_size + (global_size - start_size) * min(1.0, tokens / max(1, warmup_tokens))
+                size = max(start_size, min(global_size, int(grown) // self.n * self.n))
+                if size >= global_size:
+                    break
+                sizes.append(size)
+                tokens += size * seq_len
+        self._sizes = sizes  # the steps before the batch reaches global_size
+        self._offsets = [0]
+        for size in sizes:
+            self._offsets.append(self._offsets[-1] + size)
+
+    @classmethod
+    def from_config(cls, batch, seq_len: int) -> BatchSchedule:
+        return cls(batch.global_size, batch.micro_size, batch.start_size, batch.warmup_tokens, seq_len)
+
+    @property
+    def ramp_steps(self) -> int:
+        """Steps before the batch is full."""
+        return len(self._sizes)
+
+    def size(self, step: int) -> int:
+        """Sequences in optimizer step `step`, over all ranks and micro-batches."""
+        return self._sizes[step] if step < len(self._sizes) else self.G
+
+    def micro(self, step: int) -> int:
+        """Sequences per micro-batch at `step`."""
+        return self.size(step) // self.n
+
+    def offset(self, step: int) -> int:
+        """Sequences before step `step`: its first position in the data stream."""
+        if step < len(self._sizes):
+            return self._offsets[step]
+        return self._offsets[-1] + (step - len(self._sizes)) * self.G

@@ -23,6 +23,7 @@ from .checkpoint import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
     ShardedFSDPStrategy,
+    probe,
     read_record,
     resumable_checkpoint,
 )
@@ -195,13 +196,20 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
 
 
 def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, callbacks: list[pl.Callback] | None = None,
-        **trainer_overrides: Any) -> pl.Trainer:
+        ckpt: str | Path | None = None, **trainer_overrides: Any) -> pl.Trainer:
     """Train. resume=None: continue from last.ckpt when there is one; True: require it; False: start fresh.
+    `ckpt`: continue from this checkpoint instead, of this run or another (e.g. a stable-phase checkpoint of a
+    wsd run, continued into its decay in a new run_dir).
 
     A bad step (non-finite or spiking loss, rollback.py) rolls the run back to its newest checkpoint (or its
     start) with the bad steps' data skipped, up to `optim.max_rollbacks` times. A run that ends before
     max_steps without a signal raises `TrainingIncomplete`, never returns as if done."""
     found = last_checkpoint(cfg) if resume is not False else None
+    if ckpt is not None:
+        step, problem = probe(Path(ckpt))
+        if problem is not None:
+            raise NothingToResume(f"checkpoint {ckpt} cannot be resumed: {problem}")
+        found = (Path(ckpt), step)
     if resume and found is None:
         raise NothingToResume(f"{checkpoint_dir(cfg)}/last.ckpt does not exist: nothing to resume (run `make pretrain`)")
     cfg.run_path.mkdir(parents=True, exist_ok=True)
@@ -244,6 +252,8 @@ def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | 
         warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning vs torch 2.13
         # Lightning cannot see it, but our sampler resumes mid-epoch exactly, by arithmetic (data.py)
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        # `resume --ckpt` from another run_dir: its best-k bookkeeping is of no use here, as Lightning says
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return trainer
 

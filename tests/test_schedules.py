@@ -15,7 +15,7 @@ from data_prep.config import ConfigError, load_config
 from pretrain import budget as budget_module
 from pretrain.budget import decide_max_steps
 from pretrain.masking import IGNORE, MaskingCollator
-from pretrain.schedules import LRSchedule, MaskSchedule
+from pretrain.schedules import BatchSchedule, LRSchedule, MaskSchedule
 from pretrain.train import TrainingIncomplete, fit
 
 from .test_train import QUIET, config, corpus_file, final_weights, shards  # noqa: F401 - fixtures
@@ -120,9 +120,16 @@ def test_the_masking_rate_follows_its_schedule_per_step() -> None:
 
 
 def test_decide_max_steps_spends_the_rest_of_the_budget_at_the_measured_rate() -> None:
-    # 30 s budget, 4 steps took 4 s, 1 s a step plus validation 0.1 s a step: 26 / 1.1 = 23 more steps
-    assert decide_max_steps(30.0, 4.0, 4, 1.0, 0.1, min_steps=5) == 27
-    assert decide_max_steps(3.0, 4.0, 4, 1.0, 0.0, min_steps=9) == 9  # over budget already: still past warmup
+    # 30 s budget, 4 steps took 4 s, 1 s a step of 8 sequences plus validation 0.1 s a step: 26 / 1.1 = 23 more
+    fixed = BatchSchedule(8, 4)
+    assert decide_max_steps(30.0, 4.0, 4, 1 / 8, 0.1 / 8, 5, fixed) == 27
+    assert decide_max_steps(3.0, 4.0, 4, 1 / 8, 0.0, 9, fixed) == 9  # over budget already: still past warmup
+    # during batch-size warmup the remaining time buys sequences, in the growing steps
+    growing = BatchSchedule(8, 4, start_size=2, warmup_tokens=48, seq_len=4)  # 2 micro-batches a step
+    # tokens before each step 0, 8, 16, 32: 2 + 6 x tokens / 48 -> 2, 3, 4, 6 in multiples of 2; then full
+    assert [growing.size(s) for s in range(6)] == [2, 2, 4, 6, 8, 8] and growing.offset(6) == 30
+    assert decide_max_steps(10.0, 0.0, 2, 1.0, 0.0, 0, growing) == 4  # 10 sequences: steps 2 and 3 (4 + 6)
+    assert decide_max_steps(40.0, 0.0, 2, 1.0, 0.0, 0, growing) == 7  # 4 + 6, then 30 left: 3 steps of 8
 
 
 SCHEDULED = ["--masking.start_probability=0.3", "--masking.anneal_steps=16", "--optim.schedule=wsd"]
@@ -130,8 +137,9 @@ SCHEDULED = ["--masking.start_probability=0.3", "--masking.anneal_steps=16", "--
 
 def test_a_stable_phase_checkpoint_decays_into_the_same_run_bitwise(
         shards, corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
-    """wsd over 20 steps with the last 6 decaying, in one go; and the same as a stable-only run of 14 steps that
-    is then resumed with max_steps 20 and decay_steps 6 (crossing the masking anneal too): the same weights."""
+    """wsd over 20 steps with the last 6 decaying, in one go; and a stable-only run of 14 steps whose step-10
+    checkpoint is continued in a new run_dir with max_steps 20 and decay_steps 6 (crossing the masking anneal
+    too): the same weights."""
     _, meta = shards
     whole = fit(config(tmp_path / "whole", corpus_file, *SCHEDULED, "--optim.decay_steps=6"), meta, resume=False,
                 **QUIET)
@@ -139,7 +147,8 @@ def test_a_stable_phase_checkpoint_decays_into_the_same_run_bitwise(
     stable = fit(config(run, corpus_file, *SCHEDULED, "--optim.decay_fraction=0", "--trainer.max_steps=14"), meta,
                  resume=False, **QUIET)
     assert stable.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3)  # still at the peak
-    decayed = fit(config(run, corpus_file, *SCHEDULED, "--optim.decay_steps=6"), meta, resume=True, **QUIET)
+    decayed = fit(config(tmp_path / "decay", corpus_file, *SCHEDULED, "--optim.decay_steps=6"), meta, resume=True,
+                  ckpt=run / "checkpoints" / "step-0000010.ckpt", **QUIET)
     assert decayed.global_step == 20 and decayed.optimizers[0].param_groups[0]["lr"] == 0.0
     expected = final_weights(whole)
     assert all(torch.equal(final_weights(decayed)[k], v) for k, v in expected.items())
@@ -187,5 +196,62 @@ def test_max_time_decides_max_steps_once_and_a_resumed_run_keeps_it(
     monkeypatch.setattr(budget_module, "clock", FakeClock(10.0))
     resumed = fit(config(run, corpus_file, *budgeted), meta, resume=True, **QUIET)
     assert resumed.global_step == 28
+    expected = final_weights(whole)
+    assert all(torch.equal(final_weights(resumed)[k], v) for k, v in expected.items())
+
+
+def _stream(world: int, growth: BatchSchedule, steps: int, start: int = 0) -> list[list[list[int]]]:
+    """Per step, the positions each micro-batch of each rank reads, in global micro-batch order (a x W + r)."""
+    from pretrain.data import StepBatches, StepSampler
+
+    per_rank = []
+    for rank in range(world):
+        sampler = StepSampler(10_000, 0, growth.G, growth.G // growth.n, world, rank, start, steps, batches=growth)
+        sampler._at = lambda g: (0, g)  # positions, not blocks: the arithmetic is under test
+        batches = StepBatches(sampler, lambda s: growth.micro(s), growth.n // world, start)
+        per_rank.append([[g for _, g in mb] for mb in batches])
+    A = growth.n // world
+    out = []
+    for s in range(steps - start):
+        out.append([per_rank[r][s * A + a] for a in range(A) for r in range(world)])
+    return out
+
+
+def test_batch_warmup_grows_in_whole_sequences_per_micro_batch_and_the_order_ignores_the_device_count() -> None:
+    cfg = load_config(None, ["--batch.global_size=16", "--batch.micro_size=4", "--batch.start_size=4",
+                             "--batch.warmup_tokens=256", "--data.seq_len=8"])
+    growth = BatchSchedule.from_config(cfg.batch, cfg.data.seq_len)
+    sizes = [growth.size(s) for s in range(12)]
+    assert sizes[0] == 4 and sizes[-1] == 16 and sizes == sorted(sizes) and all(s % 4 == 0 for s in sizes)
+    one, two = _stream(1, growth, 12), _stream(2, growth, 12)
+    assert one == two  # the same sequences in the same micro-batch slots on 1 device or 2
+    flat = [g for step in one for mb in step for g in mb]
+    assert flat == list(range(growth.offset(12)))  # contiguous: no sequence skipped or read twice
+    assert [sum(len(mb) for mb in step) for step in one] == sizes
+    assert _stream(2, growth, 12, start=5) == one[5:]  # a resume finds its place by arithmetic
+    with pytest.raises(ConfigError, match=r"batch.start_size=6 must be a multiple of the 4 micro-batches per step"):
+        load_config(None, ["--batch.global_size=16", "--batch.micro_size=4", "--batch.start_size=6",
+                           "--batch.warmup_tokens=100"])
+
+
+def test_batch_warmup_trains_and_resumes_bitwise_mid_ramp(
+        shards, corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    _, meta = shards
+    import pytorch_lightning as pl
+
+    ramp = ["--batch.start_size=2", "--batch.warmup_tokens=1024"]  # 2 -> 8 sequences over ~9 steps of seq 32
+    rows: list[int] = []
+
+    class Rows(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            rows.append(batch["input_ids"].shape[0])
+
+    whole = fit(config(tmp_path / "whole", corpus_file, *ramp), meta, resume=False, callbacks=[Rows()], **QUIET)
+    growth = BatchSchedule(8, 4, 2, 1024, 32)
+    assert rows == [growth.micro(s) for s in range(20) for _ in range(2)] and rows[0] == 1 and rows[-1] == 4
+    run = tmp_path / "stopped"
+    fit(config(run, corpus_file, *ramp), meta, resume=False, max_steps=5, **QUIET)
+    resumed = fit(config(run, corpus_file, *ramp), meta, resume=True, **QUIET)
+    assert resumed.global_step == 20
     expected = final_weights(whole)
     assert all(torch.equal(final_weights(resumed)[k], v) for k, v in expected.items())
