@@ -16,6 +16,7 @@ from data_prep.shards import ShardError, open_split, read_meta, short_phase
 
 from .data import length_schedule
 from .model import RobertaConfig, RobertaForMLM
+from .schedules import BatchSchedule
 
 
 def validation_metrics(metrics_csv: Path, step: int) -> dict[str, float]:
@@ -63,14 +64,29 @@ def tokens_seen(c: ExperimentConfig, meta: dict[str, Any], meta_path: Path | Non
             short = read_meta(found[1]) if found else None
         except (ShardError, OSError, KeyError, ValueError):
             short = None
+    growth = BatchSchedule.from_config(c.batch, c.data.seq_len)
     sequences, seen, most = 0, 0.0, 0
     for p, ((first, length), end) in enumerate(zip(schedule, ends, strict=True)):
-        n = (min(step, end) - min(step, first)) * c.batch.global_size
+        n = growth.offset(min(step, end)) - growth.offset(min(step, first))  # sequences (batch-size warmup)
         phase_meta = meta if p == len(schedule) - 1 else short
         blocks, tokens = _blocks(phase_meta, "train") if phase_meta else (0, 0)
         sequences, most = sequences + n, most + n * length
         seen += n * (tokens / blocks if blocks else length)
     return sequences, seen, most
+
+
+def schedule_text(c: ExperimentConfig) -> str:
+    """The learning-rate schedule after warmup, and the masking-rate schedule, in words."""
+    o, end = c.optim, f"{c.trainer.max_steps:,} steps"
+    floor = f"{o.min_lr_ratio:g} x the peak" if o.min_lr_ratio else "0"
+    text = {"linear": f"linear decay to {floor} at {end}", "cosine": f"cosine decay to {floor} at {end}",
+            "inverse_sqrt": f"inverse square root decay (timescale {o.timescale or o.warmup_steps:,} steps)",
+            "wsd": f"stable, then a {o.decay_shape} decay to {floor} over the last "
+                   f"{o.decay_steps or round(o.decay_fraction * c.trainer.max_steps):,} of {end} (wsd)"}[o.schedule]
+    m = c.masking
+    if m.start_probability is not None:
+        text += f"; masking rate {m.start_probability:.0%} -> {m.probability:.0%} over {m.anneal_steps:,} steps"
+    return text
 
 
 def hub_datasets(sources: list[str]) -> list[str]:
@@ -138,6 +154,8 @@ def model_card(run_cfg: ExperimentConfig, meta: dict[str, Any], mcfg: RobertaCon
         version = "unknown"
 
     m = c.masking
+    batch_warmup = (f"; growing from {c.batch.start_size:,} sequences over {c.batch.warmup_tokens:,} tokens"
+                    if c.batch.start_size else "")
     origin = (f"continued from `{c.model.init_from}`" + (f", vocabulary extended from `{c.tokenizer.extend_from}`"
                                                         if c.tokenizer.extend_from else "")
               if c.model.init_from else "trained from scratch")
@@ -171,8 +189,8 @@ print(pipeline("fill-mask", model=model, tokenizer=tokenizer)({check['fill_mask'
   {1 - m.mask_fraction - m.random_fraction:.0%} unchanged; {'dynamic (a new mask every epoch)' if m.dynamic else f'static ({m.static_copies} copies)'}
 - optimiser: AdamW, betas {tuple(c.optim.betas)}, eps {c.optim.eps:g}, weight decay {c.optim.weight_decay:g} (not on biases and LayerNorm),
   gradient clipping {c.optim.grad_clip or 'off'}
-- schedule: linear warmup over {c.optim.warmup_steps:,} steps to {c.optim.peak_lr:g}, linear decay to 0 at {c.trainer.max_steps:,} steps
-- batch: {c.batch.global_size:,} sequences per step (micro-batch {c.batch.micro_size}), precision {c.trainer.precision}, seed {c.seed}
+- schedule: linear warmup over {c.optim.warmup_steps:,} steps to {c.optim.peak_lr:g}, then {schedule_text(c)}
+- batch: {c.batch.global_size:,} sequences per step (micro-batch {c.batch.micro_size}{batch_warmup}), precision {c.trainer.precision}, seed {c.seed}
 - rollbacks: {rolled}
 - steps: {step:,}; sequences seen {sequences:,}; tokens seen about {round(seen):,} ({avg:.1f} tokens per block
   on average; at most {most:,})
