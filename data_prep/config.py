@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .sources import Source, normalise_sources
 from .typed_config import (  # noqa: F401 - ConfigError, from_mapping, parse_override: callers import them here
     ConfigError,
     apply_overrides,
@@ -34,11 +35,12 @@ Packing = Literal["full_sentences", "doc_sentences", "segment_pair", "sentence_p
 
 @dataclass
 class CorpusConfig:
-    train: list[str] = option(
+    train: list[str | Source] = option(
         ["builtin:python-docs"],
         "Training text: files, globs, directories (.txt, .jsonl, .parquet, optionally .gz), "
         "hf:NAME[/CONFIG][:SPLIT] for a `datasets` dataset (a local save_to_disk directory works too), "
-        "or builtin:python-docs, the embedded default corpus.",
+        "or builtin:python-docs, the embedded default corpus; an entry may be a mapping {path: ..., weight: 2.0, "
+        "name: books}: the weight is passes over that source (0.5: a seeded half of its documents).",
     )
     valid: list[str] = option([], "Validation text, same forms as train; empty: a seeded document-level split of train.")
     valid_fraction: float = option(0.005, "Share of train documents held out for validation when `valid` is empty.")
@@ -50,10 +52,16 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         if not self.train:
             raise ConfigError("corpus.train is empty: name at least one file, glob, directory or hf: dataset")
+        normalise_sources(self.train)
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"corpus.valid_fraction={self.valid_fraction} must be in [0, 1)")
         if self.max_line_bytes < 1024:
             raise ConfigError(f"corpus.max_line_bytes={self.max_line_bytes} must be at least 1024")
+
+    @property
+    def sources(self) -> list[Source]:
+        """`train` normalised: one `Source` (path, weight, name) per entry (`sources.py`)."""
+        return normalise_sources(self.train)
 
 
 @dataclass
@@ -66,6 +74,9 @@ class TokenizerConfig:
         "appended to init_from's vocabulary; old ids are kept, each new embedding row starts as the mean of its "
         "pieces' rows.",
     )
+    max_train_bytes: int = option(
+        0, "Train on a sample of at most this many bytes of whole train documents, drawn from the sources in "
+        "proportion to weight x size (x weight alone when a size is unknown), each from its start; 0: all the text.")
 
     def __post_init__(self) -> None:
         # 256 byte symbols + 5 specials is the smallest byte-level vocabulary that can encode anything.
@@ -73,6 +84,8 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be at least 261 (256 bytes + 5 specials)")
         if self.min_frequency < 1:
             raise ConfigError(f"tokenizer.min_frequency={self.min_frequency} must be at least 1")
+        if self.max_train_bytes < 0:
+            raise ConfigError(f"tokenizer.max_train_bytes={self.max_train_bytes} must be >= 0 (0: all the text)")
 
 
 @dataclass

@@ -30,18 +30,21 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import resource
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from filelock import FileLock, Timeout
 
 from .config import ExperimentConfig
-from .corpus import Corpus, CorpusStats
+from .corpus import Corpus, CorpusStats, Doc
 from .pack import PAIR_PACKINGS, Packer, encode_stream
 from .shards import (
     FORMAT,
@@ -54,6 +57,7 @@ from .shards import (
     token_dtype,
     write_json_atomic,
 )
+from .sources import mixture, short_label
 from .tokenizer import _known_size, load_tokenizer, special_ids, tokenizer_dir, train_tokenizer
 from .tokenizer import _settings as _tokenizer_settings
 
@@ -176,6 +180,8 @@ def _meta(cfg: ExperimentConfig, dtype: Any, vocab_size: int, ids: dict[str, int
           fingerprint: str, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """This slice's meta.json, all but the `short` entry (which a later config may repoint)."""
     d = cfg.data
+    counts = records["train"].get("sources")  # absent from split records written before sources were counted
+    table = {"sources": mixture(source_entries(cfg), counts)} if counts else {}
     return {
         "format": FORMAT,
         "dtype": dtype.name,
@@ -190,7 +196,13 @@ def _meta(cfg: ExperimentConfig, dtype: Any, vocab_size: int, ids: dict[str, int
         "shard_index": d.shard_index,
         "num_shards": d.num_shards,
         "splits": records,
+        **table,
     }
+
+
+def source_entries(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """What meta.json says of each train source besides its counts."""
+    return [{"name": s.label, "path": s.path, "weight": s.weight} for s in cfg.corpus.sources]
 
 
 def _read_own_meta(path: Path, expected: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -244,16 +256,18 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     d = cfg.data
     stats = CorpusStats()
     counts = {"documents": 0, "sentences": 0}
-    docs = _slice(corpus.documents(split, stats), d.shard_index, d.num_shards, counts)  # type: ignore[arg-type]
+    explicit_valid = split == "valid" and bool(corpus.valid_sources)
+    tally = SourceTally(len(corpus.valid_sources) if explicit_valid else len(corpus.sources))
+    docs = _slice(corpus.records(split, stats), d.shard_index, d.num_shards, counts, tally)  # type: ignore[arg-type]
     packer = Packer(d.seq_len, d.packing, ids["bos"], ids["eos"], dtype,
                     seed=hash_seed(cfg.prep_seed, d.shard_index, SPLITS.index(split)), short_seq_prob=d.short_seq_prob)
-    sources = corpus.valid_sources if split == "valid" and corpus.valid_sources else corpus.train_sources
     start = time.perf_counter()
     with ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(
-        total=_known_size(sources), unit="B", unit_scale=True, desc=f"data: {split}", mininterval=1.0,
+        total=_read_size(corpus, split), unit="B", unit_scale=True, desc=f"data: {split}", mininterval=1.0,
         disable=None,
     ) as bar:
         for enc in encode_stream(tokenizer_json, docs, dtype, num_workers(d.num_proc)):
+            tally.tokens_of(enc.lengths)
             blocks = packer.add(enc)
             writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
             bar.update(stats.bytes - bar.n)
@@ -264,6 +278,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
         if d.packing not in PAIR_PACKINGS:
             assert s.dropped_tokens == 0 and not s.copied_tokens, f"{split}: packing lost or copied tokens ({s})"
         assert s.dropped_tokens >= 0, f"{split}: more tokens placed than the stream has ({s})"
+        assert sum(c["tokens"] for c in tally.counts) == s.stream_tokens, f"{split}: sources' tokens do not add up"
         seconds = time.perf_counter() - start
         return writer.commit({
             **counts,
@@ -276,15 +291,58 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
             "padding_fraction": round(s.padding_fraction(d.seq_len), 6),
             "seconds": round(seconds, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            "sources": tally.counts,
         })
 
 
-def _slice(docs: Iterable[list[str]], index: int, n: int, counts: dict[str, int]) -> Iterator[list[str]]:
+class SourceTally:
+    """Documents, bytes and stream tokens per source of one split. Documents are noted as they go to the
+    encoder and their tokens as the encoded batches come back, in the same order, so a queue of (source,
+    sentences left) of the documents in flight says whose tokens a batch holds (a document may span batches)."""
+
+    def __init__(self, num_sources: int):
+        self.counts = [{"documents": 0, "bytes": 0, "tokens": 0} for _ in range(num_sources)]
+        self._in_flight: deque[list[int]] = deque()
+
+    def document(self, doc: Doc) -> None:
+        c = self.counts[doc.source]
+        c["documents"] += 1
+        c["bytes"] += doc.bytes
+        self._in_flight.append([doc.source, len(doc.lines)])
+
+    def tokens_of(self, lengths: np.ndarray) -> None:
+        ends = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        pos = 0
+        while pos < len(lengths):
+            entry = self._in_flight[0]
+            take = min(entry[1], len(lengths) - pos)
+            self.counts[entry[0]]["tokens"] += ends[pos + take] - ends[pos]
+            pos += take
+            entry[1] -= take
+            if not entry[1]:
+                self._in_flight.popleft()
+
+
+def _slice(docs: Iterable[Doc], index: int, n: int, counts: dict[str, int], tally: SourceTally) -> Iterator[list[str]]:
     for i, doc in enumerate(docs):
         if i % n == index:
             counts["documents"] += 1
-            counts["sentences"] += len(doc)
-            yield doc
+            counts["sentences"] += len(doc.lines)
+            tally.document(doc)
+            yield doc.lines
+
+
+def _read_size(corpus: Corpus, split: str) -> int | None:
+    """Bytes a split's pass over the corpus reads (train: a weighted source is read once per pass), for the
+    progress bar; None when a source's size is not known up front."""
+    if split == "valid" and corpus.valid_sources:
+        return _known_size(corpus.valid_sources)
+    sizes = [_known_size(files) for files in corpus.source_files]
+    if None in sizes:
+        return None
+    if split == "valid":
+        return sum(sizes)  # type: ignore[arg-type]
+    return sum(size * max(1, math.ceil(s.weight)) for size, s in zip(sizes, corpus.sources, strict=True))  # type: ignore[operator]
 
 
 def hash_seed(*values: int) -> int:
@@ -310,6 +368,11 @@ def format_report(meta: dict[str, Any], out: Path) -> str:
             lost = r["stream_tokens"] - r["packed_tokens"]
             lines.append(f"         pairs: truncation dropped {lost:,} of {r['stream_tokens']:,} tokens; random B "
                          f"segments repeat {r.get('copied_tokens', 0):,} tokens of other documents")
+    if len(meta.get("sources", [])) > 1 or any(s["weight"] != 1 for s in meta.get("sources", [])):
+        lines.append(f"  {'train source':24} {'weight':>6} {'documents':>10} {'MB':>8} {'tokens':>13} {'share':>7}")
+        for s in meta["sources"]:
+            lines.append(f"  {short_label(s['name']):24} {s['weight']:>6g} {s['documents']:>10,} {s['bytes'] / 1e6:>8.1f} "
+                         f"{s['tokens']:>13,} {s['share']:>7.2%}")
     lines.append(f"  peak memory  {peak_rss_mb():.0f} MB (this process), {peak_rss_mb(children=True):.0f} MB "
                  "(largest worker)")
     lines.append(f"  read with    data_prep.shards.open_split('{out / META}', 'train')")

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from .sources import add_counts, mixture
+
 FORMAT = 1
 META = "meta.json"
 
@@ -191,6 +193,11 @@ def combine_parts(directory: str | Path) -> dict[str, Any] | None:
         slots = total["num_blocks"] * meta["seq_len"]
         total["padding_fraction"] = round(1 - total["num_tokens"] / slots, 6) if slots else 0.0
         meta["splits"][split] = {**total, "parts": records}
+        if all("sources" in r for r in records):
+            meta["splits"][split]["sources"] = add_counts([r["sources"] for r in records])
+    if "sources" in meta and "sources" in meta["splits"]["train"]:  # the mixture of the whole corpus, not slice 0's
+        entries = [{k: s[k] for k in ("name", "path", "weight")} for s in meta["sources"]]
+        meta["sources"] = mixture(entries, meta["splits"]["train"]["sources"])
     return meta
 
 

@@ -31,6 +31,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from .config import ConfigError, ExperimentConfig
 from .corpus import Corpus, CorpusStats
+from .sources import short_label
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3; <mask> is added last
 MASK = "<mask>"
@@ -82,8 +83,35 @@ def finalize(tok: Tokenizer) -> Tokenizer:
 
 
 def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {"vocab_size": cfg.tokenizer.vocab_size, "min_frequency": cfg.tokenizer.min_frequency,
-            "tokenizers": tokenizers.__version__, "format": FORMAT_VERSION}
+    t = cfg.tokenizer
+    return {"vocab_size": t.vocab_size, "min_frequency": t.min_frequency,
+            "tokenizers": tokenizers.__version__, "format": FORMAT_VERSION,
+            # only when set, so that tokenizers trained on all the text keep their fingerprint
+            **({"max_train_bytes": t.max_train_bytes} if t.max_train_bytes else {})}
+
+
+def training_documents(corpus: Corpus, max_bytes: int, stats: CorpusStats,
+                       read: list[dict[str, Any]]) -> Iterator[list[str]]:
+    """The documents the tokenizer learns from: the weighted train split, or with `max_bytes` a sample of it
+    (`Corpus.sample`) whose sources share the bytes in proportion to weight x size, or to weight alone when a
+    source's size is not known up front (.gz, .parquet, hf:). `read` gets one {name, path, weight, documents,
+    bytes} per source and a "basis" entry naming the rule."""
+    sizes = [_known_size(files) for files in corpus.source_files]
+    by_size = None not in sizes
+    read.extend({"name": s.label, "path": s.path, "weight": s.weight, "documents": 0, "bytes": 0}
+                for s in corpus.sources)
+    if max_bytes:
+        shares = [s.weight * (size if by_size else 1) for s, size in zip(corpus.sources, sizes, strict=True)]
+        docs = corpus.sample(max_bytes, shares, stats)
+    else:
+        docs = corpus.records("train", stats)
+    for doc in docs:
+        read[doc.source]["documents"] += 1
+        read[doc.source]["bytes"] += doc.bytes
+        yield doc.lines
+    if max_bytes and not any(r["documents"] for r in read):
+        raise ConfigError(f"tokenizer.max_train_bytes={max_bytes} is smaller than the first document of every "
+                          "source (whole documents only): raise it, or set 0 for all the text")
 
 
 def _document_texts(docs: Iterator[list[str]], size: int) -> Iterator[str]:
@@ -149,10 +177,14 @@ def train_tokenizer(cfg: ExperimentConfig, force: bool = False, log=print) -> Pa
         show_progress=False,
     )
     stats = CorpusStats()
+    cap = cfg.tokenizer.max_train_bytes
     total = _known_size(corpus.train_sources)
+    total = min(total, cap) if total is not None and cap else cap or total
+    read: list[dict[str, Any]] = []
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer: reading train", mininterval=1.0,
               disable=None) as bar:
-        tok.train_from_iterator(_batches(corpus.documents("train", stats), stats, bar), trainer=trainer)
+        docs = training_documents(corpus, cap, stats, read)
+        tok.train_from_iterator(_batches(docs, stats, bar), trainer=trainer)
     finalize(tok)
     train_seconds = time.perf_counter() - start
 
@@ -163,8 +195,11 @@ def train_tokenizer(cfg: ExperimentConfig, force: bool = False, log=print) -> Pa
         **quality,
         "train_seconds": round(train_seconds, 2),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "train_documents": stats.documents,
-        "train_bytes": stats.bytes,
+        "train_documents": sum(r["documents"] for r in read),
+        "train_bytes": sum(r["bytes"] for r in read),
+        "bytes_read": stats.bytes,
+        "max_train_bytes": cap,
+        "sources": read,
         "replaced_bytes": stats.replaced_bytes,
         "nul_bytes": stats.nul_bytes,
         "fingerprint": fingerprint,
@@ -368,8 +403,12 @@ def format_report(report: dict[str, Any], directory: Path) -> str:
         f"  bytes per token   {report['bytes_per_token']} (validation text, {report['valid_bytes']:,} bytes)\n"
         f"  tokens per word   {report['tokens_per_word']}\n"
         f"  exact round trip  {'n/a (no validation text)' if exact is None else f'{exact:.4%}'}\n"
-        f"  training time     {report['train_seconds']} s on {report['train_bytes']:,} bytes\n"
+        f"  training time     {report['train_seconds']} s on {report['train_bytes']:,} bytes"
+        + (f" (a sample: tokenizer.max_train_bytes={report['max_train_bytes']:,})" if report.get("max_train_bytes")
+           else "") + "\n"
         f"  peak memory       {report['peak_rss_mb']} MB (process RSS)"
+        + "".join(f"\n  read from {short_label(r['name']):24} {r['documents']:>10,} documents {r['bytes']:>14,} bytes"
+                  f" (weight {r['weight']:g})" for r in report.get("sources", []) if len(report["sources"]) > 1)
     )
 
 

@@ -39,13 +39,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it (ints accepted for floats). Raise ConfigError."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
+        arms = typing.get_args(tp)
+        if isinstance(value, dict) and (mapped := [a for a in arms if dataclasses.is_dataclass(a)]):
+            return _coerce(key, value, mapped[0])  # a mapping is meant for the dataclass arm: its own error
+        for arm in arms:
             try:
                 return _coerce(key, value, arm)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_mapping(tp, value, key + ".")
+        raise ConfigError(f"{key}: expected a mapping ({', '.join(f.name for f in dataclasses.fields(tp))}), "
+                          f"got {value!r}")
     if tp is type(None):
         if value is None:
             return None

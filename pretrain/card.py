@@ -104,14 +104,23 @@ def hub_datasets(sources: list[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def source_lines(meta: dict[str, Any]) -> str:
+    """One line per train source of meta.json's mixture (weight, documents, bytes, tokens, share of the training
+    tokens); none for shards prepared before sources were counted."""
+    return "".join(f"  - {s['name']} (`{s['path']}`): weight {s['weight']:g}, {s['documents']:,} documents, "
+                   f"{s['bytes'] / 1e6:,.1f} MB, {s['tokens']:,} tokens, {s['share']:.1%} of the training tokens\n"
+                   for s in meta.get("sources", []))
+
+
 def card_data(c: ExperimentConfig, metrics: dict[str, float]) -> Any:
     """The metadata block: what the Hub indexes and shows beside the card."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    datasets = hub_datasets(c.corpus.train + c.corpus.valid)
+    train = [s.path for s in c.corpus.sources]
+    datasets = hub_datasets(train + c.corpus.valid)
     results = None
     if metrics.get("val/loss") is not None:
-        valid = hub_datasets(c.corpus.valid or c.corpus.train)
+        valid = hub_datasets(c.corpus.valid or train)
         where = (f"{', '.join(c.corpus.valid)}" if c.corpus.valid
                  else f"a {c.corpus.valid_fraction:.1%} document split of the training corpus")
         common = {"task_type": "fill-mask", "dataset_type": valid[0] if valid else "local",
@@ -177,8 +186,8 @@ print(pipeline("fill-mask", model=model, tokenizer=tokenizer)({check['fill_mask'
 
 ## Training data
 
-- corpus: train {c.corpus.train}, valid {c.corpus.valid or f'a seeded {c.corpus.valid_fraction:.1%} document split of train'}
-- corpus fingerprint: `{meta.get('corpus_fingerprint')}`
+- corpus: train {[s.path for s in c.corpus.sources]}, valid {c.corpus.valid or f'a seeded {c.corpus.valid_fraction:.1%} document split of train'}
+{source_lines(meta)}- corpus fingerprint: `{meta.get('corpus_fingerprint')}`
 - shards: `{meta_path.parent.name if meta_path else 'run_dir/data/<hash> (not found at export time)'}` ({blocks:,} train blocks, {tokens:,} tokens)
 - tokenizer: byte-level BPE, {mcfg.vocab_size} tokens, sha256 of tokenizer.json `{meta['tokenizer_sha256']}`
 - packing: {meta['packing']}, {meta['seq_len']} tokens per block
