@@ -76,7 +76,7 @@ class TokenizerConfig:
     )
     max_train_bytes: int = option(
         0, "Train on a sample of at most this many bytes of whole train documents, drawn from the sources in "
-        "proportion to weight x size (x weight alone when a size is unknown), each from its start; 0: all the text.")
+        "proportion to weight x size (weight alone when a size is unknown), each from its start; 0: all the text.")
 
     def __post_init__(self) -> None:
         # 256 byte symbols + 5 specials is the smallest byte-level vocabulary that can encode anything.

@@ -183,6 +183,11 @@ def combine_parts(directory: str | Path) -> dict[str, Any] | None:
         except ValueError as e:
             raise ShardError(f"{parts[i]}: not valid JSON ({e}); delete it and run `make data` again with "
                              f"data.shard_index={i}") from None
+    for i, m in enumerate(metas[1:], 1):  # slices copied together from machines that saw different inputs
+        differ = [k for k in ("corpus_fingerprint", "tokenizer_sha256", "settings") if m.get(k) != metas[0].get(k)]
+        if differ:
+            raise ShardError(f"{parts[i]}: prepared from another {' and '.join(differ)} than {parts[0].name}; "
+                             "prepare every slice from the same corpus files (same sizes and times) and tokenizer")
     meta = {k: v for k, v in metas[0].items() if k not in ("splits", "shard_index")}
     meta["splits"] = {}
     for split in metas[0]["splits"]:

@@ -243,3 +243,15 @@ def test_a_cap_below_every_first_document_is_one_line(tmp_path, corpora) -> None
     with pytest.raises(ConfigError, match=r"tokenizer.max_train_bytes=10 is smaller than the first document"):
         train_tokenizer(cfg_of(tmp_path, f"--corpus.train={corpora['wiki']}", "--tokenizer.max_train_bytes=10"),
                         log=lambda _: None)
+
+
+def test_slices_from_machines_that_saw_another_corpus_are_refused(tmp_path, corpora, tokenizer) -> None:
+    together = tmp_path / "together"
+    together.mkdir()
+    for k, weights in enumerate((WEIGHTS, {**WEIGHTS, "news": 1.0})):  # machine 1 was given another weight
+        part = prep(tmp_path / f"m{k}", tokenizer, mix(corpora, weights), "--data.num_shards=2",
+                    f"--data.shard_index={k}")
+        for f in part.parent.iterdir():
+            shutil.copy(f, together / f.name)
+    with pytest.raises(shards.ShardError, match=r"meta-00001-of-00002.json: prepared from another corpus_fingerprint"):
+        shards.read_meta(together)
