@@ -12,6 +12,11 @@ machine noise hits both:
 Reports median seconds, the ratio (direct / ours: above 1 means ours is faster), and peak memory (the process
 tree's resident set), also on the corpus read `--scale` times over: BPE training holds word counts, not text,
 so memory should stay flat as the corpus grows. Writes bench/results/tokenizer.json and tokenizer.md.
+
+With `--cap_mb` (default 4), one more pair of rows: ours with `tokenizer.max_train_bytes` on a three-source
+weighted mixture (the corpus cut into three pieces at document boundaries, weights 1, 2 and 0.5), at 1x and at
+10x the corpus (each piece ten times over): time and peak memory should be the same at both sizes, since the
+sample reads only what it keeps. `--rounds 0` runs only those rows (written to tokenizer-capped.{json,md}).
 """
 
 from __future__ import annotations
@@ -43,6 +48,59 @@ def side_ours(args: argparse.Namespace) -> dict:
     return {"seconds": report["train_seconds"], "vocab_size": report["vocab_size"]}
 
 
+def mixture_sources(corpus: str, copies: int, work: Path) -> list[dict]:
+    """`corpus` cut into three pieces at blank lines near its thirds, each piece a source made of `copies`
+    links to it; the --corpus.train entries of a weighted mixture (weights 1, 2.0, 0.5)."""
+    data = Path(corpus).read_bytes()
+    cuts = [0] + [data.find(b"\n\n", len(data) * k // 3) + 2 for k in (1, 2)] + [len(data)]
+    entries = []
+    for k, (name, weight) in enumerate((("first", 1.0), ("second", 2.0), ("third", 0.5))):
+        piece = work / f"{name}.txt"
+        piece.write_bytes(data[cuts[k] : cuts[k + 1]])
+        for i in range(copies):
+            (work / f"{name}-{i:02d}.txt").symlink_to(piece)
+        entries.append({"path": str(work / f"{name}-*.txt"), "weight": weight, "name": name})
+    return entries
+
+
+def side_capped(args: argparse.Namespace) -> dict:
+    from data_prep.config import load_config
+    from data_prep.tokenizer import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as run:
+        pieces = Path(run) / "pieces"
+        pieces.mkdir()
+        valid = Path(run) / "valid.txt"
+        valid.write_text("A line of validation text.\n")
+        train = json.dumps(mixture_sources(args.corpus, args._copies, pieces))
+        cfg = load_config(None, [f"--run_dir={run}", f"--corpus.train={train}", f"--corpus.valid=[{valid}]",
+                                 f"--tokenizer.vocab_size={args.vocab_size}",
+                                 f"--tokenizer.min_frequency={args.min_frequency}",
+                                 f"--tokenizer.max_train_bytes={int(args.cap_mb * 1e6)}"])
+        out = train_tokenizer(cfg, force=True, log=lambda _: None)
+        report = json.loads((out / "quality.json").read_text())
+    return {"seconds": report["train_seconds"], "vocab_size": report["vocab_size"],
+            "train_bytes": report["train_bytes"], "bytes_read": report["bytes_read"],
+            "read": {r["name"]: r["bytes"] for r in report["sources"]}}
+
+
+def capped_rows(args: argparse.Namespace, argv: list[str], report: dict) -> list[str]:
+    """The capped mixture at 1x and 10x: its markdown table; the figures go into `report["capped"]`."""
+    mb = Path(args.corpus).stat().st_size / 1e6
+    rows = {}
+    for copies in (1, 10):
+        rows[copies] = run_side(__file__, "capped", [*argv, f"--cap_mb={args.cap_mb}", f"--_copies={copies}"])
+    report["capped"] = {"cap_mb": args.cap_mb, "weights": {"first": 1.0, "second": 2.0, "third": 0.5},
+                        "rows": {f"{c}x": r for c, r in rows.items()}}
+    table = ["| corpus (3 sources, weights 1 / 2 / 0.5) | cap | s | peak MB | MB read | MB kept (first / second / third) |",
+             "|---|---|---|---|---|---|"]
+    for c, r in rows.items():
+        kept = " / ".join(f"{b / 1e6:.2f}" for b in r["read"].values())
+        table.append(f"| {c}x ({c * mb:.0f} MB) | {args.cap_mb:g} MB | {r['seconds']} | {r['peak_rss_mb']} | "
+                     f"{r['bytes_read'] / 1e6:.1f} | {kept} |")
+    return ["", f"`tokenizer.max_train_bytes` on a weighted mixture, vocab {args.vocab_size}:", "", *table]
+
+
 def side_direct(args: argparse.Namespace) -> dict:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -65,15 +123,23 @@ def main() -> None:
     p.add_argument("--min_frequency", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="alternating (ours, direct) rounds on the corpus")
     p.add_argument("--scale", type=int, default=4, help="one more round on the corpus this many times over; 0: skip")
+    p.add_argument("--cap_mb", type=float, default=4.0, help="the capped mixture rows' tokenizer.max_train_bytes "
+                   "in MB; 0: skip them")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
-    p.add_argument("--_side", choices=["ours", "direct"], help=argparse.SUPPRESS)
+    p.add_argument("--_side", choices=["ours", "direct", "capped"], help=argparse.SUPPRESS)
     p.add_argument("--_copies", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._side:
-        print(json.dumps((side_ours if args._side == "ours" else side_direct)(args)))
+        print(json.dumps({"ours": side_ours, "direct": side_direct, "capped": side_capped}[args._side](args)))
         return
     args.corpus = default_corpus(args.corpus)
     argv = [f"--corpus={args.corpus}", f"--vocab_size={args.vocab_size}", f"--min_frequency={args.min_frequency}"]
+    if args.rounds == 0:  # only the capped rows, into their own files so the side-by-side results stay
+        report = {"corpus": args.corpus, "vocab_size": args.vocab_size, "cpus": os.cpu_count()}
+        md = capped_rows(args, argv, report)[1:]
+        print("\n".join(md))
+        write_results(args.out, "tokenizer-capped", report, md)
+        return
     runs: dict[str, list[dict]] = {"ours": [], "direct": []}
     for _ in range(args.rounds):
         for side in runs:
@@ -104,6 +170,8 @@ def main() -> None:
     md = [f"Byte-level BPE training on {Path(args.corpus).name} ({mb:.1f} MB), vocab {args.vocab_size}, "
           f"{os.cpu_count()} CPUs, {args.rounds} alternating rounds.", "", *table, "",
           f"Speed ratio direct / ours: **{report['ratio']:.2f}x** (target >= 1: no slower than `tokenizers`)."]
+    if args.cap_mb:
+        md += capped_rows(args, argv, report)
     print("\n".join(md))
     write_results(args.out, "tokenizer", report, md)
 
