@@ -382,7 +382,8 @@ class Corpus:
         self.sources = cfg.sources
         self.source_files = [resolve_sources([s.path], "corpus.train") for s in self.sources]
         self.train_sources = [f for files in self.source_files for f in files]
-        self.valid_sources = resolve_sources(cfg.valid, "corpus.valid") if cfg.valid else []
+        self.valid_files = [resolve_sources([v], "corpus.valid") for v in cfg.valid]
+        self.valid_sources = [f for files in self.valid_files for f in files]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -401,8 +402,7 @@ class Corpus:
         """The split's documents as `Doc`s, in corpus order (train: weighted)."""
         stats = stats if stats is not None else CorpusStats()
         if split == "valid" and self.valid_sources:
-            docs = (Doc(k, n, doc) for k, files in enumerate([[f] for f in self.valid_sources])
-                    for n, doc in self._read(files, stats))
+            docs = (Doc(k, n, doc) for k, files in enumerate(self.valid_files) for n, doc in self._read(files, stats))
             yield from self._count(docs, stats, "corpus.valid")
             return
         seeded = not self.valid_sources and self.cfg.valid_fraction > 0

@@ -257,7 +257,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     stats = CorpusStats()
     counts = {"documents": 0, "sentences": 0}
     explicit_valid = split == "valid" and bool(corpus.valid_sources)
-    tally = SourceTally(len(corpus.valid_sources) if explicit_valid else len(corpus.sources))
+    tally = SourceTally(len(corpus.valid_files) if explicit_valid else len(corpus.sources))
     docs = _slice(corpus.records(split, stats), d.shard_index, d.num_shards, counts, tally)  # type: ignore[arg-type]
     packer = Packer(d.seq_len, d.packing, ids["bos"], ids["eos"], dtype,
                     seed=hash_seed(cfg.prep_seed, d.shard_index, SPLITS.index(split)), short_seq_prob=d.short_seq_prob)

@@ -255,3 +255,11 @@ def test_slices_from_machines_that_saw_another_corpus_are_refused(tmp_path, corp
             shutil.copy(f, together / f.name)
     with pytest.raises(shards.ShardError, match=r"meta-00001-of-00002.json: prepared from another corpus_fingerprint"):
         shards.read_meta(together)
+
+
+def test_an_explicit_validation_set_is_counted_per_entry_and_never_weighted(tmp_path, corpora, tokenizer) -> None:
+    meta_path = prep(tmp_path, tokenizer, mix(corpora, {"wiki": 2.0}),
+                     f"--corpus.valid=[{corpora['books']}, {corpora['news']}]")
+    meta = json.loads(meta_path.read_text())
+    assert [s["documents"] for s in meta["splits"]["valid"]["sources"]] == [40, 50]
+    assert [s["documents"] for s in meta["sources"]] == [120]
