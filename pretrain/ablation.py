@@ -71,6 +71,8 @@ class AblationSettings:
     task: str | None = option(None, "A task YAML (configs/tasks/NAME.yaml): each variant-seed is exported and "
                                 "fine-tuned on it (one seed), adding a downstream column; null: none.")
     task_overrides: list[str] = option([], "Overrides for the task file, e.g. ['--finetune.epochs=1'].")
+    only: list[str] = option([], "Run and report these variants only (names; the baseline is always included), e.g. "
+                             "to add seeds to a screen's leaders; empty: every variant.")
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.eval_blocks < 1 or self.evals < 1:
@@ -199,6 +201,16 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target.resolve(), target_is_directory=True)
 
 
+def selected_variants(af: AblationFile) -> list[VariantSpec]:
+    """The variants ablation.only names, and the baseline; all of them when it is empty."""
+    only = af.ablation.only
+    unknown = sorted(set(only) - {v.name for v in af.variants})
+    if unknown:
+        raise ConfigError(f"ablation.only: no variant named {', '.join(unknown)} "
+                          f"(variants: {', '.join(v.name for v in af.variants)})")
+    return [v for v in af.variants if not only or v.name in only or v.name == af.ablation.baseline]
+
+
 def variant_dir(root: Path, name: str, seed: int) -> Path:
     return root / "ablation" / name / f"seed-{seed}"
 
@@ -215,7 +227,7 @@ def run_ablation(path: str | Path, overrides: list[str] | None = None, log=print
     base = load_config(af.base, common)
     common = common + [f"--data_seed={base.prep_seed}"]
     root = base.run_path
-    log(f"ablation: {len(af.variants)} variants x {st.seeds} seed(s) from {af.base}, under {root / 'ablation'}")
+    log(f"ablation: {len(selected_variants(af))} variants x {st.seeds} seed(s) from {af.base}, under {root / 'ablation'}")
 
     # 1) one tokenizer, the reference shards (FULL-SENTENCES at the full length) and the token budget
     train_tokenizer(base, log=log)
@@ -230,7 +242,7 @@ def run_ablation(path: str | Path, overrides: list[str] | None = None, log=print
         f"blocks of {ref_meta_path.parent.name}, mask seed {st.eval_seed}")
 
     results: list[dict[str, Any]] = []
-    for v in af.variants:
+    for v in selected_variants(af):
         for seed in range(base.seed, base.seed + st.seeds):
             results.append(_run_variant(af, v, seed, common, root, budget, yardstick, ref_batches, ref_meta_path,
                                         log, trainer_overrides))

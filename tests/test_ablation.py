@@ -12,7 +12,7 @@ import yaml
 
 from data_prep.config import ConfigError
 from pretrain import ablation
-from pretrain.ablation import build_report, load_ablation, markdown, run_ablation, verdict
+from pretrain.ablation import build_report, load_ablation, markdown, run_ablation, selected_variants, verdict
 from pretrain.evaluate import Yardstick, load_model
 
 from .conftest import make_documents, write_txt
@@ -160,6 +160,17 @@ def test_bad_ablation_files_are_one_clear_line(tmp_path: Path) -> None:
         load_ablation(write_ablation(tmp_path, variants=[VARIANTS[0], VARIANTS[0]]))
     with pytest.raises(ConfigError, match="ablation.seeds"):
         load_ablation(write_ablation(tmp_path), ["--ablation.seeds=0"])
+
+
+def test_only_selects_variants_and_keeps_the_baseline(tmp_path: Path) -> None:
+    path = write_ablation(tmp_path)
+    af, _ = load_ablation(path, ["--ablation.only=[batch-small]"])
+    assert [v.name for v in selected_variants(af)] == ["roberta", "batch-small"]
+    af, _ = load_ablation(path)
+    assert [v.name for v in selected_variants(af)] == [v["name"] for v in VARIANTS]
+    af, _ = load_ablation(path, ["--ablation.only=[nope]"])
+    with pytest.raises(ConfigError, match="ablation.only: no variant named nope"):
+        selected_variants(af)
 
 
 def test_shipped_ablation_files_parse(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
