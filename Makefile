@@ -9,10 +9,10 @@ ARGS   ?=
 # on a GPU machine pass e.g. TORCH="torch==2.13.0" with your platform's index, or TORCH=torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup tokenizer data pretrain resume export finetune ablation bench bench-tokenizer bench-data bench-train test lint clean help
+.PHONY: setup tokenizer data pretrain resume export finetune ablation bench bench-tokenizer bench-data bench-train bench-quality test lint clean help
 
 help:
-	@echo "make pretrain | test | setup | tokenizer | data | resume | export | finetune | ablation | bench | lint   (CONFIG=... ARGS=...)"
+	@echo "make pretrain | test | setup | tokenizer | data | resume | export | finetune | ablation | bench[-tokenizer|-data|-train|-quality] | lint   (CONFIG=... ARGS=...)"
 
 setup: $(VENV)/.installed
 
@@ -56,7 +56,12 @@ bench-data: setup
 bench-train: setup
 	$(PY) bench/bench_train.py $(ARGS)
 
-bench: bench-tokenizer bench-data bench-train
+# time to loss against HF's run_mlm.py recipe for the same wall-clock budget (default configs/cpu-30min.yaml, 600 s
+# a side, about 35 minutes in all); ARGS="--budget 120 --parity-steps 0" for a quick look
+bench-quality: setup
+	$(PY) bench/bench_quality.py $(ARGS)
+
+bench: bench-tokenizer bench-data bench-train bench-quality
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import hf_mlm_model, hf_training_args
 
 from data_prep.config import load_config
 from data_prep.prepare import prepare_data
@@ -109,25 +110,12 @@ def run_ours(cfg, meta: Path, steps: int, cuda: bool) -> tuple[StepTimer, int]:
 
 
 def run_hf(cfg, meta: Path, steps: int, tokenizer_dir: Path, cuda: bool) -> tuple[StepTimer, int]:
-    import transformers
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        RobertaForMaskedLM,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-
-    from pretrain.module import model_config
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback
 
     split = open_split(meta, "train")
     n = (WARMUP + steps) * cfg.batch.micro_size
     blocks = [{"input_ids": split.block(i % split.num_blocks).astype("int64").tolist()} for i in range(n)]
-    meta_dict = json.loads(Path(meta).read_text())
-    arch = model_config(cfg, meta_dict)
-    torch.manual_seed(cfg.seed)
-    model = RobertaForMaskedLM(transformers.RobertaConfig(**arch.hf_config_kwargs(), attn_implementation="sdpa"))
+    model = hf_mlm_model(cfg, json.loads(Path(meta).read_text()))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     timer = StepTimer(cuda)
 
@@ -135,16 +123,8 @@ def run_hf(cfg, meta: Path, steps: int, tokenizer_dir: Path, cuda: bool) -> tupl
         def on_step_end(self, *args, **kwargs):
             timer.end()
 
-    o = cfg.optim
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=cfg.batch.micro_size, max_steps=WARMUP + steps,
-            learning_rate=o.peak_lr, adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_epsilon=o.eps,
-            weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, lr_scheduler_type="linear",
-            max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=not cuda,
-            bf16=cfg.trainer.precision.startswith("bf16"), dataloader_num_workers=cfg.batch.num_workers,
-            seed=cfg.seed, disable_tqdm=True,
-        )
+        args = hf_training_args(cfg, out, WARMUP + steps, cuda)  # global = micro here: no accumulation
         collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.masking.probability)
         timer.start = time.perf_counter()
         Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator, processing_class=tokenizer,

@@ -81,3 +81,50 @@ def write_results(out: str | Path, name: str, report: dict, markdown: list[str])
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text("\n".join(markdown) + "\n")
     print(f"wrote {out / f'{name}.json'} and {out / f'{name}.md'}")
+
+
+def time_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+    """The first time a loss curve, (seconds, loss) points joined by straight lines, is at or below `target`;
+    None when it never is."""
+    points = sorted(points)
+    for i, (t, loss) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return t
+            t0, l0 = points[i - 1]
+            return t0 + (t - t0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+def hf_mlm_model(cfg, meta: dict, **config_kwargs):
+    """Hugging Face's model for `run_mlm.py`'s recipe: a fresh `transformers.RobertaForMaskedLM` (SDPA attention)
+    of the experiment's architecture (`pretrain.hf.model_config`), initialised from the experiment's seed."""
+    import torch
+    import transformers
+
+    from pretrain.hf import model_config
+
+    torch.manual_seed(cfg.seed)
+    hf_config = transformers.RobertaConfig(**model_config(cfg, meta).hf_config_kwargs(), attn_implementation="sdpa",
+                                           **config_kwargs)
+    return transformers.RobertaForMaskedLM(hf_config)
+
+
+def hf_training_args(cfg, output_dir: str | Path, max_steps: int, cuda: bool, **overrides):
+    """`transformers.TrainingArguments` for `run_mlm.py`'s recipe with the experiment's optimiser, batch
+    (micro-batches of batch.micro_size, accumulated to batch.global_size), precision, workers and seed; linear
+    warmup and decay; no logging, saving or progress bar. `overrides` replace any argument (max_grad_norm, ...)."""
+    from transformers import TrainingArguments
+
+    o, b = cfg.optim, cfg.batch
+    kwargs = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=b.micro_size,
+        gradient_accumulation_steps=b.global_size // b.micro_size, max_steps=max_steps,
+        learning_rate=o.peak_lr, adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_epsilon=o.eps,
+        weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, lr_scheduler_type="linear",
+        max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=not cuda,
+        bf16=cfg.trainer.precision.startswith("bf16"), dataloader_num_workers=b.num_workers,
+        seed=cfg.seed, disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
