@@ -111,8 +111,24 @@ class DataConfig:
         0.0, "segment_pair only: the share of documents whose pairs aim at a random length in [2, seq_len - 4] "
         "instead of filling the block, so the model also sees short inputs (BERT's short_seq_prob: 0.1).",
     )
+    shards_url: str | None = option(
+        None, "Train on the shards at this URL instead of preparing them here: a directory that `python -m "
+        "data_prep upload URL` wrote (s3://bucket/path, gs://..., hf://datasets/owner/name/path, file:///path: "
+        "any fsspec URL). Each node downloads it once into cache_dir, checks sizes and sha256, and reads it "
+        "memory-mapped; seq_len and packing must be the shards'. null: the shards `make data` makes.")
+    cache_dir: str | None = option(
+        None, "Where a node keeps the shards of shards_url (a subdirectory per URL, named by its hash); put it on "
+        "a local disk. null: run_dir/data/remote.")
+    storage_options: dict[str, Any] = option(
+        {}, "fsspec options of shards_url's file system, e.g. {endpoint_url: 'http://127.0.0.1:9000'} for an "
+        "S3-compatible server (s3fs; also anon: true, client_kwargs). Credentials belong in the environment "
+        "(AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) or ~/.aws: the config is saved in logs "
+        "and checkpoints.")
 
     def __post_init__(self) -> None:
+        if self.shards_url and self.short_seq_len:
+            raise ConfigError("data.shards_url with data.short_seq_len is not supported: BERT's length schedule "
+                              "reads two data directories; prepare the shards on each node (`make data`)")
         if self.seq_len < 8:
             raise ConfigError(f"data.seq_len={self.seq_len} must be at least 8")
         if self.short_seq_len and not 8 <= self.short_seq_len < self.seq_len:

@@ -10,6 +10,8 @@ This module is the only way `pretrain` reads shards:
     split.b_start(i)        # pair packings: where B starts in block i (for token types), else None
     short_phase(meta_path)  # BERT's length schedule: (seq_len, meta.json) of the short shards, or None
 
+Shards at a URL (`data.shards_url`) are first fetched into a local cache by `remote.py`, then read from there.
+
 Layout of a data directory, per split (`train`, `valid`) and per slice (one when `data.num_shards` is 1):
 
     {split}.tokens.bin      the blocks back to back, no padding, uint16 while the vocabulary fits (half the
@@ -139,6 +141,14 @@ def remove_temporaries(directory: Path, name: str) -> None:
         p.unlink(missing_ok=True)
 
 
+def file_sizes(record: dict[str, Any]) -> dict[str, int]:
+    """The files of a split's (or slice's) record, name -> the size in bytes its counts imply."""
+    itemsize = np.dtype(record["dtype"]).itemsize
+    sizes = {"tokens": record["num_tokens"] * itemsize, "offsets": (record["num_blocks"] + 1) * 8,
+             "nsp": record["num_blocks"], "bstart": record["num_blocks"] * 4}
+    return {record[kind]: size for kind, size in sizes.items() if kind in record}
+
+
 def load_record(directory: str | Path, name: str) -> dict[str, Any] | None:
     """The record of a complete split, or None when it is missing or its files do not match it."""
     directory = Path(directory)
@@ -147,11 +157,8 @@ def load_record(directory: str | Path, name: str) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(path.read_text())
-        itemsize = np.dtype(record["dtype"]).itemsize
-        sizes = {"tokens": record["num_tokens"] * itemsize, "offsets": (record["num_blocks"] + 1) * 8,
-                 "nsp": record["num_blocks"], "bstart": record["num_blocks"] * 4}
-        for kind, size in sizes.items():
-            if kind in record and (directory / record[kind]).stat().st_size != size:
+        for name, size in file_sizes(record).items():
+            if (directory / name).stat().st_size != size:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -45,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
-    from data_prep.prepare import prepare_data, run_dir_lock
+    from data_prep.prepare import run_dir_lock
     from data_prep.tokenizer import train_tokenizer
 
     from .export import export
     from .hf import check_init_from
     from .throughput import Throughput
-    from .train import NothingToResume, fit, plot_losses
+    from .train import NothingToResume, fit, plot_losses, training_data
 
     cfg = load_config(args.config, overrides)
     if args.command == "export":
@@ -64,7 +64,7 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.command == "resume" and not args.ckpt and not any((cfg.run_path / "checkpoints").glob("*.ckpt")):
         raise NothingToResume(f"{cfg.run_path}/checkpoints/last.ckpt does not exist: nothing to resume "
                               "(run `make pretrain`)")
-    meta = prepare_data(cfg)
+    meta = training_data(cfg)  # data.shards_url's, fetched into the node's cache, or `make data`'s
     trainer = fit(cfg, meta, resume=args.command == "resume" or None, ckpt=args.ckpt if args.command == "resume" else None)
     if trainer.global_rank == 0:
         logs = cfg.run_path / "logs"

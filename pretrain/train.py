@@ -52,6 +52,19 @@ def last_checkpoint(cfg: ExperimentConfig, log=print) -> tuple[Path, int] | None
     return resumable_checkpoint(directory, log) if directory.is_dir() else None
 
 
+def training_data(cfg: ExperimentConfig, log=print) -> Path:
+    """meta.json of the shards the run trains on: those at `data.shards_url`, fetched into this node's cache
+    (data_prep/remote.py), or else the ones `make data` prepares (or finds up to date) under run_dir. Every
+    process calls it; each way holds a file lock, so one process per node (or run_dir) does the work."""
+    if cfg.data.shards_url:
+        from data_prep.remote import fetch_shards
+
+        return fetch_shards(cfg, log)
+    from data_prep.prepare import prepare_data
+
+    return prepare_data(cfg, log=log)
+
+
 def world_size(cfg: ExperimentConfig) -> int:
     """Devices x nodes, resolving `devices: auto` the way Lightning does."""
     t = cfg.trainer
