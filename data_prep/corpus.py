@@ -217,13 +217,17 @@ def _read_parquet(path: Path, text_field: str, max_bytes: int, stats: CorpusStat
 
 
 def _read_datasets(spec: str, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
-    """`hf:NAME[/CONFIG][:SPLIT]`; NAME may be a local `save_to_disk` directory."""
+    """`hf:NAME[/CONFIG][:SPLIT]`, streamed (`load_dataset(..., streaming=True)`: records are read as they
+    are needed, nothing is converted to Arrow or kept in the datasets cache). NAME may also be a local directory:
+    a `save_to_disk` directory (already Arrow, read from disk), or a folder of data files / a clone of a dataset
+    repository, streamed exactly as the hub would stream it."""
     import datasets
 
     body = spec[len("hf:") :]
     name, _, split = body.partition(":")
     split = split or "train"
-    if Path(name).is_dir():
+    local = Path(name)
+    if local.is_dir() and _saved_to_disk(local):
         try:
             ds = datasets.load_from_disk(name)
         except Exception as e:
@@ -235,13 +239,17 @@ def _read_datasets(spec: str, text_field: str, max_bytes: int, stats: CorpusStat
         records: Iterable[dict[str, Any]] = ds.to_iterable_dataset()
         columns = ds.column_names
     else:
-        # NAME/CONFIG as in `load_dataset(NAME, CONFIG)`; a hub name with an owner is owner/name/config.
-        parts = name.split("/")
-        path, config = ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else (parts[0], "/".join(parts[1:]))
+        if local.is_dir():
+            path, config = name, ""
+        else:
+            # NAME/CONFIG as in `load_dataset(NAME, CONFIG)`; a hub name with an owner is owner/name/config.
+            parts = name.split("/")
+            path, config = ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else (parts[0], "/".join(parts[1:]))
         try:
             ds = datasets.load_dataset(path, config or None, split=split, streaming=True)
         except Exception as e:
-            raise CorpusError(f"{spec}: cannot load from the hub ({type(e).__name__}: {e})") from None
+            where = "from its files" if local.is_dir() else "from the hub"
+            raise CorpusError(f"{spec}: cannot load {where} ({type(e).__name__}: {e})") from None
         records = ds
         columns = list(ds.column_names or [])
     if columns and text_field not in columns:
@@ -252,6 +260,11 @@ def _read_datasets(spec: str, text_field: str, max_bytes: int, stats: CorpusStat
         doc = _text_to_document(text, max_bytes, stats)
         if doc:
             yield doc
+
+
+def _saved_to_disk(directory: Path) -> bool:
+    """A directory `Dataset.save_to_disk` / `DatasetDict.save_to_disk` wrote."""
+    return (directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from filelock import FileLock, Timeout
 
 from .config import ExperimentConfig
 from .corpus import Corpus, CorpusStats, Doc
-from .pack import PAIR_PACKINGS, Packer, encode_stream
+from .pack import PAIR_PACKINGS, Packer, PackStats, encode_stream
 from .shards import (
     FORMAT,
     META,
@@ -73,7 +74,17 @@ def settings(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"format": FORMAT, "sentence_encoding": SENTENCE_ENCODING, "seq_len": d.seq_len,
             "packing": d.packing, "num_shards": d.num_shards, "seed": cfg.prep_seed,
             # only when set, so that shards prepared before the key existed keep their directory
-            **({"short_seq_prob": d.short_seq_prob} if d.short_seq_prob else {})}
+            **({"short_seq_prob": d.short_seq_prob} if d.short_seq_prob else {}),
+            **({"valid_by_source": True} if valid_by_source(cfg) else {})}
+
+
+def valid_by_source(cfg: ExperimentConfig) -> bool:
+    """Whether the valid split is packed source by source, for a validation loss per source (`val/loss/<name>`):
+    when a train source is named and validation is held out of the train sources (an explicit corpus.valid has
+    its own entries, which are not the train sources). Each source's held-out documents then fill blocks of
+    their own (one partly filled block per source more), and the split's record says how many blocks each has."""
+    c = cfg.corpus
+    return not c.valid and c.valid_fraction > 0 and any(s.name for s in c.sources)
 
 
 def data_dir(cfg: ExperimentConfig, corpus_fingerprint: str, tokenizer_sha256: str) -> Path:
@@ -259,22 +270,34 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     explicit_valid = split == "valid" and bool(corpus.valid_sources)
     tally = SourceTally(len(corpus.valid_files) if explicit_valid else len(corpus.sources))
     docs = _slice(corpus.records(split, stats), d.shard_index, d.num_shards, counts, tally)  # type: ignore[arg-type]
-    packer = Packer(d.seq_len, d.packing, ids["bos"], ids["eos"], dtype,
-                    seed=hash_seed(cfg.prep_seed, d.shard_index, SPLITS.index(split)), short_seq_prob=d.short_seq_prob)
+    by_source = split == "valid" and valid_by_source(cfg)
+    # one group, or one per source (documents arrive source by source): a packer per group
+    groups = itertools.groupby(docs, key=lambda doc: doc.source) if by_source else [(None, docs)]
+    source_blocks = [0] * len(corpus.sources)
+    packers: list[Packer] = []
     start = time.perf_counter()
     with ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(
         total=_read_size(corpus, split), unit="B", unit_scale=True, desc=f"data: {split}", mininterval=1.0,
         disable=None,
     ) as bar:
-        for enc in encode_stream(tokenizer_json, docs, dtype, num_workers(d.num_proc)):
-            tally.tokens_of(enc.lengths)
-            blocks = packer.add(enc)
+        for k, group in groups:
+            seed = hash_seed(cfg.prep_seed, d.shard_index, SPLITS.index(split), *([] if k is None else [k]))
+            packer = Packer(d.seq_len, d.packing, ids["bos"], ids["eos"], dtype, seed=seed,
+                            short_seq_prob=d.short_seq_prob)
+            packers.append(packer)
+            before = writer.num_blocks
+            for enc in encode_stream(tokenizer_json, (doc.lines for doc in group), dtype, num_workers(d.num_proc)):
+                tally.tokens_of(enc.lengths)
+                blocks = packer.add(enc)
+                writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
+                bar.update(stats.bytes - bar.n)
+            blocks = packer.finish()
             writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
             bar.update(stats.bytes - bar.n)
-        blocks = packer.finish()
-        writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
-        bar.update(stats.bytes - bar.n)
-        s = packer.stats
+            if k is not None:
+                assert not source_blocks[k], f"{split}: the documents of source {k} did not arrive together"
+                source_blocks[k] = writer.num_blocks - before
+        s = PackStats(**{f.name: sum(getattr(p.stats, f.name) for p in packers) for f in dataclasses.fields(PackStats)})
         if d.packing not in PAIR_PACKINGS:
             assert s.dropped_tokens == 0 and not s.copied_tokens, f"{split}: packing lost or copied tokens ({s})"
         assert s.dropped_tokens >= 0, f"{split}: more tokens placed than the stream has ({s})"
@@ -292,6 +315,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
             "seconds": round(seconds, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "sources": tally.counts,
+            **({"source_blocks": source_blocks} if by_source else {}),
         })
 
 
@@ -323,13 +347,13 @@ class SourceTally:
                 self._in_flight.popleft()
 
 
-def _slice(docs: Iterable[Doc], index: int, n: int, counts: dict[str, int], tally: SourceTally) -> Iterator[list[str]]:
+def _slice(docs: Iterable[Doc], index: int, n: int, counts: dict[str, int], tally: SourceTally) -> Iterator[Doc]:
     for i, doc in enumerate(docs):
         if i % n == index:
             counts["documents"] += 1
             counts["sentences"] += len(doc.lines)
             tally.document(doc)
-            yield doc.lines
+            yield doc
 
 
 def _read_size(corpus: Corpus, split: str) -> int | None:

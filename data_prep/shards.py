@@ -329,6 +329,18 @@ class ShardSplit:
         maps, j = self._locate(i)
         return int(maps["bstart"][j])
 
+    def source_blocks(self) -> list[np.ndarray] | None:
+        """Per train source, the indices of its blocks, when the split was packed source by source
+        (`prepare.valid_by_source`: each slice's record counts its blocks per source, in source order); else None."""
+        if not all("source_blocks" in p for p in self.parts):
+            return None
+        per_source: list[list[np.ndarray]] = [[] for _ in self.parts[0]["source_blocks"]]
+        for first, p in zip(self._first.tolist(), self.parts, strict=False):
+            for k, n in enumerate(p["source_blocks"]):
+                per_source[k].append(np.arange(first, first + n, dtype=np.int64))
+                first += n
+        return [np.concatenate(blocks) for blocks in per_source]
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": None, "_nsp": None}
 

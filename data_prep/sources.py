@@ -28,7 +28,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a name is also a metric key 
 class Source:
     path: str = option("", "A file, glob, directory (.txt, .jsonl, .parquet, optionally .gz) or hf:NAME[/CONFIG][:SPLIT].")
     weight: float = option(1.0, "Passes over this source's documents (2.0: each twice; 0.5: a seeded half).")
-    name: str | None = option(None, "A short name for reports, meta.json and the model card; null: the path.")
+    name: str | None = option(None, "A short name for reports, meta.json, the model card and val/loss/<name>; null: the path.")
 
     @property
     def label(self) -> str:

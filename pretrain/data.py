@@ -22,7 +22,7 @@ Validation always uses the long valid blocks.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -312,11 +312,13 @@ class StepBatches(Sampler[MicroBatch]):
 
 
 class ValidSampler(Sampler[tuple[int, int]]):
-    """Rank r's share of the first `limit` valid blocks, in order, all with the fixed mask of epoch 0."""
+    """Rank r's share of the first `limit` valid blocks (of all `blocks`, or of the given block indices), in
+    order, all with the fixed mask of epoch 0."""
 
-    def __init__(self, num_blocks: int, world_size: int, rank: int, limit: int | None):
-        n = num_blocks if not limit else min(num_blocks, limit)
-        self.indices = range(rank, n, world_size)
+    def __init__(self, blocks: int | Sequence[int], world_size: int, rank: int, limit: int | None):
+        blocks = range(blocks) if isinstance(blocks, int) else blocks
+        n = len(blocks) if not limit else min(len(blocks), limit)
+        self.indices = [int(i) for i in blocks[rank:n:world_size]]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -354,6 +356,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.phase_metas = [self._short_meta(), self.meta_path] if cfg.data.short_seq_len else [self.meta_path]
         self.train_phases: list[ShardSplit] = []
         self.valid: ShardSplit | None = None
+        self.val_names: list[str] = []  # the sources of the validation loaders, when there is one per source
 
     def _short_meta(self) -> Path:
         """meta.json of the short shards of the length schedule, checked against the config and the long shards."""
@@ -416,10 +419,32 @@ class ShardDataModule(pl.LightningDataModule):
         batches = StepBatches(PhasedSampler(phases, start), micro, accumulation, start)
         return self._loader(PhasedDataset(self.train_phases), batches, batches=True)
 
+    def val_sources(self) -> list[tuple[str, np.ndarray]]:
+        """(name, valid block indices) of each train source with held-out blocks, when the valid split was packed
+        source by source (named sources, `prepare.valid_by_source`); else []. An unnamed source is `source<k>`."""
+        per_source = self.valid.source_blocks() if self.valid is not None else None
+        if per_source is None:
+            return []
+        sources = self.cfg.corpus.sources
+        if len(per_source) != len(sources):
+            raise ShardError(f"{self.meta_path}: its valid split has {len(per_source)} sources, corpus.train has "
+                             f"{len(sources)}: run `make data` with this config")
+        return [(s.name or f"source{k}", blocks) for k, (s, blocks) in enumerate(zip(sources, per_source, strict=True))
+                if len(blocks)]
+
     def val_dataloader(self) -> DataLoader | list:
+        """One loader over the valid blocks; with named sources, one per source (`val/loss/<name>`)."""
         if self.valid is None or self.valid.num_blocks == 0:
             return []
         world, rank = self._world()
         # the same blocks whatever the device count: the first limit_val_batches x micro_size, split over ranks
         limit = self.cfg.trainer.limit_val_batches * self.cfg.batch.micro_size
-        return self._loader(BlockDataset(self.valid), ValidSampler(self.valid.num_blocks, world, rank, limit))
+        sources = self.val_sources()
+        self.val_names = [name for name, _ in sources]
+        if not sources:
+            return self._loader(BlockDataset(self.valid), ValidSampler(self.valid.num_blocks, world, rank, limit))
+        # the limit shared equally by the sources, so each source's loss has about the same precision; val/loss
+        # is then the token-weighted mean over these blocks (all blocks of each source when the limit is 0)
+        each = -(-limit // len(sources)) if limit else 0
+        return [self._loader(BlockDataset(self.valid), ValidSampler(blocks, world, rank, each))
+                for _, blocks in sources]

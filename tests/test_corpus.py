@@ -72,6 +72,32 @@ def test_datasets_saved_to_disk(tmp_path: Path) -> None:
         read_all(f"hf:{tmp_path / 'ds'}", text_field="content")
 
 
+def test_a_dataset_repository_of_files_streams_without_filling_the_cache(tmp_path: Path, monkeypatch) -> None:
+    """hf:DIR for a folder laid out like a hub dataset repository (data/<split>-*.parquet): streamed as the hub
+    would be, in file order, with its splits; nothing converted to Arrow in the datasets cache."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    docs = make_documents(30)
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    for k in range(3):
+        pq.write_table(pa.table({"id": list(range(10)), "text": ["\n".join(d) for d in docs[10 * k : 10 * k + 10]]}),
+                       repo / f"train-{k:05d}-of-00003.parquet")
+    pq.write_table(pa.table({"id": [0], "text": ["held out text"]}), repo / "test-00000-of-00001.parquet")
+    read, stats = read_all(f"hf:{repo.parent}")
+    assert read == docs and stats.bytes == sum(len("\n".join(d).encode()) for d in docs)
+    assert read_all(f"hf:{repo.parent}:test")[0] == [["held out text"]]
+    assert not list(cache.rglob("*.arrow")), "materialised in the datasets cache"
+    with pytest.raises(CorpusError, match=r"hf:.*repo:valid: cannot load from its files"):
+        read_all(f"hf:{repo.parent}:valid")
+    with pytest.raises(CorpusError, match="no column 'content'"):
+        read_all(f"hf:{repo.parent}", text_field="content")
+
+
 def test_invalid_utf8_is_replaced_and_counted(tmp_path: Path) -> None:
     p = tmp_path / "bad.txt"
     p.write_bytes(b"ok \xff\xfe bytes\ntruncated \xe2\x82\n\nkeeps \xef\xbf\xbd real replacement char\n")
