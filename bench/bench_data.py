@@ -146,9 +146,8 @@ def main() -> None:
             side_runs.append(run_side(__file__, side, argv))
     results = {}
     for side, side_runs in runs.items():
-        seconds = sorted(r["seconds"] for r in side_runs)
-        mid = min(side_runs, key=lambda r: abs(r["seconds"] - statistics.median(seconds)))  # its other figures
-        median = statistics.median(seconds)
+        median = statistics.median(r["seconds"] for r in side_runs)
+        mid = min(side_runs, key=lambda r: abs(r["seconds"] - median))  # its other figures
         results[side] = {**mid, "seconds": median, "mb_per_s": round(mb / median, 3),
                          "all_seconds": [round(r["seconds"], 3) for r in side_runs]}
     ratio = results["ours"]["mb_per_s"] / results["hf"]["mb_per_s"]

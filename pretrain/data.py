@@ -318,13 +318,13 @@ class ValidSampler(Sampler[tuple[int, int]]):
     def __init__(self, blocks: int | Sequence[int], world_size: int, rank: int, limit: int | None):
         blocks = range(blocks) if isinstance(blocks, int) else blocks
         n = len(blocks) if not limit else min(len(blocks), limit)
-        self.indices = [int(i) for i in blocks[rank:n:world_size]]
+        self.indices = blocks[rank:n:world_size]
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((0, i) for i in self.indices)
+        return ((0, int(i)) for i in self.indices)
 
 
 def batch_geometry(global_size: int, micro_size: int, world_size: int) -> int:

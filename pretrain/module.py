@@ -264,8 +264,8 @@ class MLMModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum") if self.trainer.world_size > 1 \
             else self._val_sums
-        per_source = sums.tolist()
-        loss_sum, acc_sum, n, nsp_sum, b = sums.sum(0).tolist()
+        per_source = sums.tolist()  # one read of the device; the totals are the columns' sums
+        loss_sum, acc_sum, n, nsp_sum, b = (sum(column) for column in zip(*per_source, strict=True))
         if n == 0:
             return
         loss = loss_sum / n
