@@ -13,8 +13,10 @@ the medians count. A third row is the tokenizer's own ceiling: `tokenizers`' `en
 thread per core) over the same documents already in memory, each one text, no packing and no I/O. Prints MB/s of
 raw text for each, the ratio ours / run_mlm.py and ours' share of the ceiling, then runs our side again on the
 corpus read `--scale` times over (10 by default) to show that its memory stays flat
-as the corpus grows; writes the figures to bench/results/data.json and data.md. The tokenizer is
-trained first if the run_dir has none (not timed).
+as the corpus grows, and (`--mixture 1`) on a three-source weighted mixture (the corpus cut into three sources at
+document boundaries, weights 1, 2 and 0.5) at 1x and `--scale`x; `--rounds 0` runs only the mixture rows
+(bench/results/data-mixture.json and .md). Writes the figures to bench/results/data.json and data.md. The
+tokenizer is trained first if the run_dir has none (not timed).
 """
 
 from __future__ import annotations
@@ -28,24 +30,33 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED_CORPUS, default_corpus, repeated_corpus, run_side, write_results
+from common import (
+    ROOT,
+    SHARED_CORPUS,
+    default_corpus,
+    mixture_sources,
+    repeated_corpus,
+    run_side,
+    write_results,
+)
 
 
-def config(args: argparse.Namespace):
+def config(args: argparse.Namespace, train: str | None = None):
     from data_prep.config import load_config
 
-    return load_config(None, [f"--run_dir={args.run_dir}", f"--corpus.train={repeated_corpus(args.corpus, args._copies)}",
+    train = train or repeated_corpus(args.corpus, args._copies)
+    return load_config(None, [f"--run_dir={args.run_dir}", f"--corpus.train={train}",
                               "--corpus.valid_fraction=0", f"--tokenizer.vocab_size={args.vocab_size}",
                               f"--data.seq_len={args.seq_len}", f"--data.num_proc={args.num_proc}"])
 
 
-def side_ours(args: argparse.Namespace) -> dict:
+def prep(cfg) -> dict:
+    """`make data`'s train split of `cfg` into a temporary directory, timed with the tokenizer's loading."""
     from data_prep.corpus import Corpus
     from data_prep.prepare import build_split, num_workers
     from data_prep.shards import token_dtype
     from data_prep.tokenizer import load_tokenizer, special_ids, tokenizer_dir
 
-    cfg = config(args)
     start = time.perf_counter()
     tok = load_tokenizer(tokenizer_dir(cfg))
     with tempfile.TemporaryDirectory() as out:
@@ -55,7 +66,22 @@ def side_ours(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "blocks": record["num_blocks"], "tokens": record["num_tokens"],
             "padding_fraction": record["padding_fraction"], "dropped_tokens": 0,
-            "workers": num_workers(cfg.data.num_proc)}
+            "workers": num_workers(cfg.data.num_proc), "record": record}
+
+
+def side_ours(args: argparse.Namespace) -> dict:
+    result = prep(config(args))
+    del result["record"]
+    return result
+
+
+def side_mixture(args: argparse.Namespace) -> dict:
+    """Ours on a three-source weighted mixture (weights 1, 2, 0.5; each source `_copies` times over)."""
+    with tempfile.TemporaryDirectory() as work:
+        result = prep(config(args, json.dumps(mixture_sources(args.corpus, args._copies, Path(work)))))
+    record = result.pop("record")
+    result["sources"] = record.get("sources")
+    return result
 
 
 def side_ceiling(args: argparse.Namespace) -> dict:
@@ -112,6 +138,34 @@ def side_hf(args: argparse.Namespace) -> dict:
             "dropped_tokens": stream - blocks * L, "workers": workers}
 
 
+def mixture_rows(args: argparse.Namespace, argv: list[str], report: dict) -> list[str]:
+    """Ours on the weighted three-source mixture at 1x and `--scale`x: its markdown table (figures into
+    `report["mixture"]`). MB packed counts the text of the documents kept: a weight-2 source twice, a weight-0.5
+    source's seeded half once; MB/s is of that text."""
+    rows = {}
+    for copies in sorted({1, max(1, args.scale)}):
+        r = run_side(__file__, "mixture", [*argv, f"--_copies={copies}"])
+        r["mb_packed"] = sum(src["bytes"] for src in r["sources"]) / 1e6
+        r["mb_per_s"] = round(r["mb_packed"] / r["seconds"], 3)
+        rows[copies] = r
+    report["mixture"] = {"weights": {"first": 1.0, "second": 2.0, "third": 0.5},
+                         "rows": {f"{c}x": r for c, r in rows.items()}}
+    table = ["| corpus (3 sources, weights 1 / 2 / 0.5) | MB packed | MB/s | seconds | tokens | tokens per source "
+             "(first / second / third) | peak memory (MB) |", "|---|---|---|---|---|---|---|"]
+    for c, r in rows.items():
+        per = " / ".join(f"{src['tokens']:,}" for src in r["sources"])
+        table.append(f"| {c}x | {r['mb_packed']:.1f} | {r['mb_per_s']:.2f} | {r['seconds']:.1f} | {r['tokens']:,} | "
+                     f"{per} | {r['peak_rss_mb']} |")
+    md = ["", f"`make data` on a weighted mixture (the corpus cut into three sources at document boundaries, "
+          f"weights 1, 2 and 0.5; at x{max(rows)} each source is read {max(rows)} times over), seq_len "
+          f"{args.seq_len}, {rows[1]['workers']} worker(s):", "", *table]
+    if len(rows) > 1 and rows[1]["peak_rss_mb"] and rows[max(rows)]["peak_rss_mb"]:
+        growth = rows[max(rows)]["peak_rss_mb"] / rows[1]["peak_rss_mb"]
+        report["mixture"]["memory_growth"] = round(growth, 3)
+        md += ["", f"Peak memory for the mixture x{max(rows)}: x{growth:.2f} of the 1x run."]
+    return md
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(SHARED_CORPUS), help="raw text file (default: the embedded corpus when absent)")
@@ -123,12 +177,15 @@ def main() -> None:
                    "the medians count")
     p.add_argument("--scale", type=int, default=10,
                    help="also run ours on the corpus this many times over, to compare peak memory; 0: skip")
+    p.add_argument("--mixture", type=int, default=1, help="also run ours on a three-source weighted mixture at 1x "
+                   "and --scale x; 0: skip. With --rounds 0, only those rows (into data-mixture.json and .md)")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
-    p.add_argument("--_side", choices=["ours", "hf", "ceiling"], help=argparse.SUPPRESS)
+    p.add_argument("--_side", choices=["ours", "hf", "ceiling", "mixture"], help=argparse.SUPPRESS)
     p.add_argument("--_copies", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._side:
-        print(json.dumps({"ours": side_ours, "hf": side_hf, "ceiling": side_ceiling}[args._side](args)))
+        sides = {"ours": side_ours, "hf": side_hf, "ceiling": side_ceiling, "mixture": side_mixture}
+        print(json.dumps(sides[args._side](args)))
         return
 
     from data_prep.tokenizer import tokenizer_dir, train_tokenizer
@@ -139,6 +196,12 @@ def main() -> None:
         train_tokenizer(cfg)
     argv = [f"--corpus={args.corpus}", f"--run_dir={args.run_dir}", f"--vocab_size={args.vocab_size}",
             f"--seq_len={args.seq_len}", f"--num_proc={args.num_proc}"]
+    if args.rounds == 0:  # only the mixture rows, into their own files so the side-by-side results stay
+        report = {"corpus": args.corpus, "seq_len": args.seq_len, "cpus": os.cpu_count()}
+        md = mixture_rows(args, argv, report)[1:]
+        print("\n".join(md))
+        write_results(args.out, "data-mixture", report, md)
+        return
     mb = Path(args.corpus).stat().st_size / 1e6
     runs: dict[str, list[dict]] = {"ours": [], "hf": [], "ceiling": []}
     for _ in range(args.rounds):  # alternating, so a slow spell of a shared machine hits every side
@@ -188,6 +251,10 @@ def main() -> None:
           "of `encode_batch` alone on the same documents (no packing, no I/O)."]
     if "memory_growth" in report:
         md.append(f"Peak memory for the corpus x{args.scale}: x{report['memory_growth']:.2f} of the 1x run.")
+    if args.mixture:
+        mixture = mixture_rows(args, argv, report)
+        print("\n".join(mixture[1:]))
+        md += mixture
     write_results(args.out, "data", report, md)
 
 

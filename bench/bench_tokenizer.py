@@ -29,7 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED_CORPUS, default_corpus, repeated_corpus, run_side, write_results
+from common import (
+    ROOT,
+    SHARED_CORPUS,
+    default_corpus,
+    mixture_sources,
+    repeated_corpus,
+    run_side,
+    write_results,
+)
 
 
 def side_ours(args: argparse.Namespace) -> dict:
@@ -46,21 +54,6 @@ def side_ours(args: argparse.Namespace) -> dict:
         out = train_tokenizer(cfg, force=True, log=lambda _: None)
         report = json.loads((out / "quality.json").read_text())
     return {"seconds": report["train_seconds"], "vocab_size": report["vocab_size"]}
-
-
-def mixture_sources(corpus: str, copies: int, work: Path) -> list[dict]:
-    """`corpus` cut into three pieces at blank lines near its thirds, each piece a source made of `copies`
-    links to it; the --corpus.train entries of a weighted mixture (weights 1, 2.0, 0.5)."""
-    data = Path(corpus).read_bytes()
-    cuts = [0] + [data.find(b"\n\n", len(data) * k // 3) + 2 for k in (1, 2)] + [len(data)]
-    entries = []
-    for k, (name, weight) in enumerate((("first", 1.0), ("second", 2.0), ("third", 0.5))):
-        piece = work / f"{name}.txt"
-        piece.write_bytes(data[cuts[k] : cuts[k + 1]])
-        for i in range(copies):
-            (work / f"{name}-{i:02d}.txt").symlink_to(piece)
-        entries.append({"path": str(work / f"{name}-*.txt"), "weight": weight, "name": name})
-    return entries
 
 
 def side_capped(args: argparse.Namespace) -> dict:

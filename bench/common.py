@@ -74,6 +74,21 @@ def repeated_corpus(path: str, copies: int) -> str:
     return "[" + ",".join([json.dumps(path)] * max(1, copies)) + "]"
 
 
+def mixture_sources(corpus: str, copies: int, work: Path) -> list[dict]:
+    """`corpus` cut into three pieces at blank lines near its thirds, each piece a source made of `copies`
+    links to it; the --corpus.train entries of a weighted mixture (weights 1, 2.0, 0.5)."""
+    data = Path(corpus).read_bytes()
+    cuts = [0] + [data.find(b"\n\n", len(data) * k // 3) + 2 for k in (1, 2)] + [len(data)]
+    entries = []
+    for k, (name, weight) in enumerate((("first", 1.0), ("second", 2.0), ("third", 0.5))):
+        piece = work / f"{name}.txt"
+        piece.write_bytes(data[cuts[k] : cuts[k + 1]])
+        for i in range(copies):
+            (work / f"{name}-{i:02d}.txt").symlink_to(piece)
+        entries.append({"path": str(work / f"{name}-*.txt"), "weight": weight, "name": name})
+    return entries
+
+
 def write_results(out: str | Path, name: str, report: dict, markdown: list[str]) -> None:
     """bench/results/NAME.json and NAME.md."""
     out = Path(out)

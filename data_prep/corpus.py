@@ -395,7 +395,7 @@ class Corpus:
         self.sources = cfg.sources
         self.source_files = [resolve_sources([s.path], "corpus.train") for s in self.sources]
         self.train_sources = [f for files in self.source_files for f in files]
-        self.valid_files = [resolve_sources([v], "corpus.valid") for v in cfg.valid]
+        self.valid_files = [resolve_sources([v.path], "corpus.valid") for v in cfg.valid_entries]
         self.valid_sources = [f for files in self.valid_files for f in files]
 
     def fingerprint(self) -> str:

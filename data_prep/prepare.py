@@ -80,11 +80,13 @@ def settings(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def valid_by_source(cfg: ExperimentConfig) -> bool:
     """Whether the valid split is packed source by source, for a validation loss per source (`val/loss/<name>`):
-    when a train source is named and validation is held out of the train sources (an explicit corpus.valid has
-    its own entries, which are not the train sources). Each source's held-out documents then fill blocks of
-    their own (one partly filled block per source more), and the split's record says how many blocks each has."""
+    when an explicit corpus.valid entry is named, or, with validation held out of the train sources, when a
+    train source is named. Each source's validation documents then fill blocks of their own (one partly filled
+    block per source more), and the split's record says how many blocks each has."""
     c = cfg.corpus
-    return not c.valid and c.valid_fraction > 0 and any(s.name for s in c.sources)
+    if c.valid:
+        return any(v.name for v in c.valid_entries)
+    return c.valid_fraction > 0 and any(s.name for s in c.sources)
 
 
 def data_dir(cfg: ExperimentConfig, corpus_fingerprint: str, tokenizer_sha256: str) -> Path:
@@ -273,7 +275,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     by_source = split == "valid" and valid_by_source(cfg)
     # one group, or one per source (documents arrive source by source): a packer per group
     groups = itertools.groupby(docs, key=lambda doc: doc.source) if by_source else [(None, docs)]
-    source_blocks = [0] * len(corpus.sources)
+    source_blocks = [0] * len(tally.counts)  # one per corpus.valid entry, or per train source
     packers: list[Packer] = []
     start = time.perf_counter()
     with ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(

@@ -40,8 +40,9 @@ class Source:
         return self.weight == 1.0 and self.name is None
 
 
-def normalise_sources(entries: list[str | Source], key: str = "corpus.train") -> list[Source]:
-    """`entries` as `Source`s, checked; every problem of every entry in one ConfigError line."""
+def normalise_sources(entries: list[str | Source], key: str = "corpus.train", weighted: bool = True) -> list[Source]:
+    """`entries` as `Source`s, checked; every problem of every entry in one ConfigError line. `weighted=False`
+    (corpus.valid): a weight other than 1 is refused, since validation text is read once."""
     sources = [Source(path=e) if isinstance(e, str) else e for e in entries]
     problems, names = [], {}
     for i, s in enumerate(sources):
@@ -52,6 +53,8 @@ def normalise_sources(entries: list[str | Source], key: str = "corpus.train") ->
             problems.append(f"{where}.weight: {s.weight} must be a finite number")
         elif s.weight < 0:
             problems.append(f"{where}.weight: {s.weight:g} must be >= 0")
+        elif not weighted and s.weight != 1:
+            problems.append(f"{where}.weight: {s.weight:g}: validation text is not weighted (drop the key)")
         if s.name is not None:
             if not NAME.fullmatch(s.name):
                 problems.append(f"{where}.name: {s.name!r} must be letters, digits, '_', '.' or '-' "
@@ -61,7 +64,7 @@ def normalise_sources(entries: list[str | Source], key: str = "corpus.train") ->
             names.setdefault(s.name, i)
     if problems:
         raise ConfigError("; ".join(problems))
-    if sources and not any(s.weight for s in sources):
+    if weighted and sources and not any(s.weight for s in sources):
         raise ConfigError(f"{key}: every weight is 0, so there is no training text; give one source a weight > 0")
     return sources
 

@@ -117,11 +117,12 @@ def card_data(c: ExperimentConfig, metrics: dict[str, float]) -> Any:
     from huggingface_hub import EvalResult, ModelCardData
 
     train = [s.path for s in c.corpus.sources]
-    datasets = hub_datasets(train + c.corpus.valid)
+    held_out = [v.path for v in c.corpus.valid_entries]
+    datasets = hub_datasets(train + held_out)
     results = None
     if metrics.get("val/loss") is not None:
-        valid = hub_datasets(c.corpus.valid or train)
-        where = (f"{', '.join(c.corpus.valid)}" if c.corpus.valid
+        valid = hub_datasets(held_out or train)
+        where = (f"{', '.join(held_out)}" if held_out
                  else f"a {c.corpus.valid_fraction:.1%} document split of the training corpus")
         common = {"task_type": "fill-mask", "dataset_type": valid[0] if valid else "local",
                   "dataset_name": f"validation: {where}"}

@@ -420,14 +420,16 @@ class ShardDataModule(pl.LightningDataModule):
         return self._loader(PhasedDataset(self.train_phases), batches, batches=True)
 
     def val_sources(self) -> list[tuple[str, np.ndarray]]:
-        """(name, valid block indices) of each train source with held-out blocks, when the valid split was packed
-        source by source (named sources, `prepare.valid_by_source`); else []. An unnamed source is `source<k>`."""
+        """(name, valid block indices) of each source with validation blocks, when the valid split was packed
+        source by source (`prepare.valid_by_source`: the entries of an explicit corpus.valid, else the train
+        sources); else []. An unnamed source is `source<k>`."""
         per_source = self.valid.source_blocks() if self.valid is not None else None
         if per_source is None:
             return []
-        sources = self.cfg.corpus.sources
+        c = self.cfg.corpus
+        key, sources = ("corpus.valid", c.valid_entries) if c.valid else ("corpus.train", c.sources)
         if len(per_source) != len(sources):
-            raise ShardError(f"{self.meta_path}: its valid split has {len(per_source)} sources, corpus.train has "
+            raise ShardError(f"{self.meta_path}: its valid split has {len(per_source)} sources, {key} has "
                              f"{len(sources)}: run `make data` with this config")
         return [(s.name or f"source{k}", blocks) for k, (s, blocks) in enumerate(zip(sources, per_source, strict=True))
                 if len(blocks)]

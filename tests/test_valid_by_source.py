@@ -89,9 +89,36 @@ def test_unnamed_sources_keep_one_validation_set_and_their_shard_directory(tmp_p
     assert "valid_by_source" not in json.loads(plain.read_text())["settings"]
     named = prep(tmp_path / "named", tokenizer, mix(corpora))
     assert json.loads(named.read_text())["settings"]["valid_by_source"] is True
-    # an explicit validation set is not the train sources: one validation set, whatever the names
+    # an explicit validation set is not the train sources: with unnamed entries, one validation set whatever
+    # the train sources' names
     explicit = prep(tmp_path / "explicit", tokenizer, mix(corpora), f"--corpus.valid=[{corpora['news']}]")
     assert shards.open_split(explicit, "valid").source_blocks() is None
+
+
+def test_named_entries_of_an_explicit_validation_set_get_blocks_and_a_loss_of_their_own(tmp_path, corpora,
+                                                                                        tokenizer) -> None:
+    valid = json.dumps([{"path": str(corpora["news"]), "name": "news"}, str(corpora["books"])])
+    args = ("--corpus.train=" + json.dumps([str(corpora["wiki"])]), f"--corpus.valid={valid}")
+    meta_path = prep(tmp_path, tokenizer, *args)
+    split = shards.open_split(meta_path, "valid")
+    per_source = split.source_blocks()
+    assert per_source is not None and len(per_source) == 2
+    assert sorted(np.concatenate(per_source).tolist()) == list(range(split.num_blocks))
+    counts = json.loads(Path(meta_path).read_text())["splits"]["valid"]["sources"]
+    assert [c["documents"] for c in counts] == [SIZES["news"], SIZES["books"]]  # every document, once
+    for blocks, count in zip(per_source, counts, strict=True):
+        assert text_tokens(split, blocks) == count["tokens"]
+    dm = ShardDataModule(config(tmp_path, *args, *TRAIN), meta_path)
+    dm.setup()
+    assert len(dm.val_dataloader()) == 2 and dm.val_names == ["news", "source1"]
+
+
+def test_a_weight_on_a_validation_entry_is_refused_in_one_line(tmp_path, corpora) -> None:
+    from data_prep.config import ConfigError
+
+    valid = json.dumps([{"path": str(corpora["news"]), "weight": 2.0}])
+    with pytest.raises(ConfigError, match=r"^corpus\.valid\[0\]\.weight: 2: validation text is not weighted"):
+        config(tmp_path, f"--corpus.valid={valid}")
 
 
 def test_training_logs_the_exact_validation_loss_of_each_source(tmp_path, corpora, tokenizer) -> None:
