@@ -143,8 +143,11 @@ class DataConfig:
         "S3-compatible server (s3fs; also anon: true, client_kwargs). Credentials belong in the environment "
         "(AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) or ~/.aws: the config is saved in logs "
         "and checkpoints.")
+    fetch_threads: int = option(8, "Files of shards_url downloaded at once (each checked and renamed on its own).")
 
     def __post_init__(self) -> None:
+        if self.fetch_threads < 1:
+            raise ConfigError(f"data.fetch_threads={self.fetch_threads} must be at least 1")
         if self.shards_url and self.short_seq_len:
             raise ConfigError("data.shards_url with data.short_seq_len is not supported: BERT's length schedule "
                               "reads two data directories; prepare the shards on each node (`make data`)")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -198,8 +199,11 @@ def _fetch(cfg: ExperimentConfig, cache: Path, log: Callable[[str], None]) -> Pa
         total = sum(sizes[n] for n in todo)
         if todo:
             log(f"data: downloading {len(todo)} of {len(sizes)} files ({total / 1e6:.1f} MB) from {url} into {cache}")
-        for name in todo:
-            _download(fs, f"{root}/{name}", f"{url}/{name}", cache / name, sizes[name], table.get(name, {}).get("sha256"))
+        # a few at once: an object store answers each request with latency, so one at a time leaves bandwidth idle
+        with ThreadPoolExecutor(max_workers=min(d.fetch_threads, max(1, len(todo)))) as pool:
+            for done in [pool.submit(_download, fs, f"{root}/{n}", f"{url}/{n}", cache / n, sizes[n],
+                                     table.get(n, {}).get("sha256")) for n in todo]:
+                done.result()  # the first failure in file order, named by its URL (the others still finish)
         _write_bytes_atomic(cache / META, raw)
     # 4) the shards' tokenizer into run_dir/tokenizer, when the run has none: export pairs it with the model
     tok = tokenizer_dir(cfg)
