@@ -225,6 +225,9 @@ def run_ablation(path: str | Path, overrides: list[str] | None = None, log=print
     st = af.ablation
     common = base_overrides_of(af, cli)
     base = load_config(af.base, common)
+    if base.data.shards_url:  # before anything is trained or prepared
+        raise ConfigError(f"data.shards_url={base.data.shards_url}: the ablation prepares its own shards (one set per "
+                          "packing and length its variants change) from corpus.train; unset it for the ablation")
     common = common + [f"--data_seed={base.prep_seed}"]
     root = base.run_path
     log(f"ablation: {len(selected_variants(af))} variants x {st.seeds} seed(s) from {af.base}, under {root / 'ablation'}")

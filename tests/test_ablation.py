@@ -160,6 +160,8 @@ def test_bad_ablation_files_are_one_clear_line(tmp_path: Path) -> None:
         load_ablation(write_ablation(tmp_path, variants=[VARIANTS[0], VARIANTS[0]]))
     with pytest.raises(ConfigError, match="ablation.seeds"):
         load_ablation(write_ablation(tmp_path), ["--ablation.seeds=0"])
+    with pytest.raises(ConfigError, match=r"^data.shards_url=s3://b/x: the ablation prepares its own shards"):
+        run_ablation(write_ablation(tmp_path), ["--data.shards_url=s3://b/x"], log=lambda _: None)
 
 
 def test_only_selects_variants_and_keeps_the_baseline(tmp_path: Path) -> None:
