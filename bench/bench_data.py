@@ -50,8 +50,9 @@ def config(args: argparse.Namespace, train: str | None = None):
                               f"--data.seq_len={args.seq_len}", f"--data.num_proc={args.num_proc}"])
 
 
-def prep(cfg) -> dict:
-    """`make data`'s train split of `cfg` into a temporary directory, timed with the tokenizer's loading."""
+def prep(cfg) -> tuple[dict, dict]:
+    """`make data`'s train split of `cfg` into a temporary directory, timed with the tokenizer's loading: the
+    side's figures, and the split's record."""
     from data_prep.corpus import Corpus
     from data_prep.prepare import build_split, num_workers
     from data_prep.shards import token_dtype
@@ -66,22 +67,18 @@ def prep(cfg) -> dict:
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "blocks": record["num_blocks"], "tokens": record["num_tokens"],
             "padding_fraction": record["padding_fraction"], "dropped_tokens": 0,
-            "workers": num_workers(cfg.data.num_proc), "record": record}
+            "workers": num_workers(cfg.data.num_proc)}, record
 
 
 def side_ours(args: argparse.Namespace) -> dict:
-    result = prep(config(args))
-    del result["record"]
-    return result
+    return prep(config(args))[0]
 
 
 def side_mixture(args: argparse.Namespace) -> dict:
     """Ours on a three-source weighted mixture (weights 1, 2, 0.5; each source `_copies` times over)."""
     with tempfile.TemporaryDirectory() as work:
-        result = prep(config(args, json.dumps(mixture_sources(args.corpus, args._copies, Path(work)))))
-    record = result.pop("record")
-    result["sources"] = record.get("sources")
-    return result
+        result, record = prep(config(args, json.dumps(mixture_sources(args.corpus, args._copies, Path(work)))))
+    return {**result, "sources": record["sources"]}
 
 
 def side_ceiling(args: argparse.Namespace) -> dict:
