@@ -40,6 +40,7 @@ from data_prep.config import ExperimentConfig
 from .classifier import ClassifierModule, build_model, check_model_dir, resolve_model
 from .finetune_report import markdown, summarise, update_report
 from .hf import max_seq_len
+from .host_memory import RetainHostMemory
 from .task import (
     Encoded,
     Examples,
@@ -182,11 +183,13 @@ def _one_seed(cfg: ExperimentConfig, tf: TaskFile, seed: int, model_dir: Path, t
     valid_loader = torch.utils.data.DataLoader(order, batch_size=max(ft.batch_size, 64), collate_fn=valid.collate)
     steps_per_epoch = len(train_loader)
     module = ClassifierModule(model, ft, task, total_steps=steps_per_epoch * ft.epochs, log=log)
+    # the experiment's host-memory setting (host_memory.py): fine-tuning allocates the same tensors every step too
+    memory = [RetainHostMemory()] if cfg.trainer.retain_host_memory else []
     stop = [EarlyStopping(monitor=f"val/{task.metrics[0]}", mode="max", patience=ft.patience,
                           check_on_train_epoch_end=False)] if ft.patience else []
     kwargs: dict[str, Any] = dict(
         max_epochs=ft.epochs, accelerator=ft.accelerator, devices=1, precision=ft.precision,
-        logger=CSVLogger(save_dir=str(out), name="logs", version=""), callbacks=stop, enable_checkpointing=False,
+        logger=CSVLogger(save_dir=str(out), name="logs", version=""), callbacks=[*memory, *stop], enable_checkpointing=False,
         num_sanity_val_steps=0, val_check_interval=1.0 / ft.evals_per_epoch if ft.evals_per_epoch > 1 else None,
         log_every_n_steps=max(1, min(50, steps_per_epoch // 4)), enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(out),

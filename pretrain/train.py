@@ -29,6 +29,7 @@ from .checkpoint import (
 )
 from .data import ShardDataModule, batch_geometry
 from .export import HFExportCallback
+from .host_memory import RetainHostMemory
 from .module import MLMModule
 from .rollback import Diverged, RollbackGuard, RollbackState, TrainingDiverged
 from .throughput import Throughput
@@ -188,6 +189,7 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
     # before every checkpoint callback (Lightning runs ModelCheckpoints last): no save after a bad step
     guard = [RollbackGuard(cfg.checkpoint.every_n_steps, t.log_every_n_steps)]
     bar = [progress_bar()] if overrides.get("enable_progress_bar", True) else []
+    memory = [RetainHostMemory()] if t.retain_host_memory else []
     throughput = [Throughput(cfg.data.seq_len, cfg.masking.probability, t.precision, t.peak_flops, t.log_every_n_steps)]
     kwargs: dict[str, Any] = dict(
         # One Lightning epoch is the whole run: the sampler's stream already spans the data epochs (data.py).
@@ -198,7 +200,7 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=cfg.optim.grad_clip or None,
         use_distributed_sampler=False,  # our samplers split the data by rank themselves (see data.py)
         num_sanity_val_steps=0, default_root_dir=str(cfg.run_path), logger=make_loggers(cfg, resume_step),
-        callbacks=[*guard, *throughput, *saving, *exporting, *bar, *(callbacks or [])],
+        callbacks=[*memory, *guard, *throughput, *saving, *exporting, *bar, *(callbacks or [])],
         plugins=[AtomicCheckpointIO()], enable_model_summary=False,  # Throughput prints the model's line
     )
     kwargs.update(overrides)
