@@ -189,7 +189,8 @@ def _one_seed(cfg: ExperimentConfig, tf: TaskFile, seed: int, model_dir: Path, t
                           check_on_train_epoch_end=False)] if ft.patience else []
     kwargs: dict[str, Any] = dict(
         max_epochs=ft.epochs, accelerator=ft.accelerator, devices=1, precision=ft.precision,
-        logger=CSVLogger(save_dir=str(out), name="logs", version=""), callbacks=[*memory, *stop], enable_checkpointing=False,
+        logger=CSVLogger(save_dir=str(out), name="logs", version=""), callbacks=[*memory, *stop],
+        enable_checkpointing=False,
         num_sanity_val_steps=0, val_check_interval=1.0 / ft.evals_per_epoch if ft.evals_per_epoch > 1 else None,
         log_every_n_steps=max(1, min(50, steps_per_epoch // 4)), enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(out),

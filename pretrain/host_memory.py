@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from typing import Any
 
 import pytorch_lightning as pl
@@ -34,6 +35,7 @@ _INT_MAX = 2**31 - 1
 _GLIBC_SETTLED = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 * 2**20), (M_TRIM_THRESHOLD, 64 * 2**20))
 
 
+@functools.cache
 def _glibc() -> Any | None:
     """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
     name = ctypes.util.find_library("c")
@@ -58,18 +60,20 @@ def retain(enabled: bool = True) -> bool:
     return ok
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (glibc >= 2.33)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
 def mapped_bytes() -> int:
     """Bytes glibc currently holds in mmap-ed blocks (mallinfo2's hblkhd); -1 without glibc's mallinfo2."""
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return -1
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
-
-    libc.mallinfo2.restype = MallInfo2
+    libc.mallinfo2.restype = _MallInfo2
     return int(libc.mallinfo2().hblkhd)
 
 
