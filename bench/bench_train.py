@@ -12,10 +12,13 @@ Rows:
   fp32-retained   the same, with HF given our host-memory setting too: what the rest of ours is worth;
   compiled        ours with `trainer.compile: true` vs eager (the first step's time, mostly compilation, reported);
   unpadded        ours on DOC-SENTENCES (rows end at document ends, so batches are padded) with
-                  `trainer.unpad` on vs off.
+                  `trainer.unpad` on vs off;
+  last-layer      ours with `trainer.last_layer_subset` on vs off (the last layer at the MLM targets only).
 
 MFU: the MLM objective's FLOPs (LM head on the masked share) x tokens/s over the peak of the row's dtype: the best
-matmul FLOP/s torch reaches here on a CPU, the datasheet figure on a GPU.
+matmul FLOP/s torch reaches here on a CPU, the datasheet figure on a GPU. Ours counts what its step computes (the
+last layer at the targets, `trainer.last_layer_subset`); HF is given the same count with the whole last layer, though
+its dense head does several times the head's work.
 
     python bench/bench_train.py                                # small (4x256, vocab 50265, 32x128) rows, then base
     python bench/bench_train.py --sizes small --rows fp32,bf16
@@ -57,20 +60,23 @@ ROWS = {
     "compiled": ("32-true", (), ("--trainer.compile=true",)),
     "compiled-bf16": ("bf16-mixed", (), ("--trainer.compile=true",)),
     "unpadded": ("32-true", ("--trainer.unpad=false",), ()),
+    "last-layer": ("32-true", ("--trainer.last_layer_subset=false",), ()),
 }
 ROW_LABEL = {"fp32": "ours vs HF, fp32", "fp32-retained": "ours vs HF with our host-memory setting, fp32",
              "bf16": "ours vs HF, bf16-mixed", "compiled": "ours compiled vs eager, fp32",
              "compiled-bf16": "ours compiled vs eager, bf16-mixed",
-             "unpadded": "ours DOC-SENTENCES unpadded vs padded, fp32"}
+             "unpadded": "ours DOC-SENTENCES unpadded vs padded, fp32",
+             "last-layer": "ours last layer at the targets vs whole, fp32"}
 
 
-def model_flops_per_token(layers: int, hidden: int, ffn: int, seq: int, vocab: int, mask_p: float = 0.15) -> float:
+def model_flops_per_token(layers: int, hidden: int, ffn: int, seq: int, vocab: int, mask_p: float = 0.15,
+                          last_layer_subset: bool = False) -> float:
     from pretrain.model import RobertaConfig
     from pretrain.throughput import flops_per_token
 
     cfg = RobertaConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=1, intermediate_size=ffn,
                         max_position_embeddings=seq + 2)
-    return flops_per_token(cfg, seq, mask_p)
+    return flops_per_token(cfg, seq, mask_p, last_layer_subset)
 
 
 class StepTimer:
@@ -204,7 +210,6 @@ def main() -> int:
             # measured afresh on a CPU (not the cached figure): the machine's load now is the load of the row
             peak, source = peak_flops(device, precision) if cuda else (
                 measure_matmul_flops(device, precision_dtype(precision)), "measured")
-            flops = model_flops_per_token(layers, hidden, ffn, seq, 50265)
             times: dict[str, list[float]] = {"A": [], "B": []}
             tokens: dict[str, list[int]] = {"A": [], "B": []}
             first: dict[str, list[float]] = {"A": [], "B": []}
@@ -234,6 +239,8 @@ def main() -> int:
                 rate = statistics.median(tokens[side]) / s
                 spec = a if side == "A" else b
                 name = spec if isinstance(spec, str) else ("ours_" + side)
+                subset = not isinstance(spec, str) and "--trainer.last_layer_subset=false" not in spec
+                flops = model_flops_per_token(layers, hidden, ffn, seq, 50265, last_layer_subset=subset)
                 r[side] = {"who": name, "tokens_per_s": round(rate), "mfu": round(rate * flops / peak, 4),
                            "first_step_s": round(statistics.median(first[side]), 2),
                            **({"peak_gib": round(max(memory[side]), 2)} if memory[side] else {})}

@@ -352,6 +352,7 @@ class ShardDataModule(pl.LightningDataModule):
             start_probability=m.start_probability, anneal_steps=m.anneal_steps,
             # compile: static shapes (a phase's batches nearly all pad to seq_len), padded attention
             pad_to_multiple_of=min(64, cfg.data.seq_len) if cfg.trainer.compile else 0,
+            row_slots=cfg.trainer.last_layer_subset,  # the last layer at the targets only (model.encode_targets)
         )
         self.phase_metas = [self._short_meta(), self.meta_path] if cfg.data.short_seq_len else [self.meta_path]
         self.train_phases: list[ShardSplit] = []

@@ -26,6 +26,11 @@ optimizer step it is trained at (`step`, set by the data module), so a mask is a
 index, step); items without a step (validation, the yardstick) use the final rate. Target slots are bounded at the
 run's highest rate, so shapes stay static across the schedule.
 
+Per-row slots (`row_slots`, trainer.last_layer_subset): every row gets the same number K of target slots, the
+bound of its length at the highest rate, its own targets first and then `IGNORE` slots at its last position. Slot s
+then belongs to row s // K, which is what lets the last encoder layer run on the targets only
+(`RobertaForMLM.encode_targets`): its queries are a (B, K) block against the row's keys.
+
 Static masking (dynamic=False) is the same function with `epoch % static_copies` in place of the epoch: each
 sequence has exactly `static_copies` fixed patterns, served in turn, like BERT's data duplicated 10 times.
 """
@@ -82,6 +87,11 @@ class MaskingCollator:
     static shapes for `torch.compile`: pad every batch to a multiple of this, and its target slots always to
     the bound of that shape, so batches of a phase share their shapes (FULL-SENTENCES blocks end at sentence
     boundaries: only ~8% are full length, so nearly every batch is padded)."""
+
+    row_slots: bool = False
+    """Lay the target slots out per row: K = `num_targets(T)` at the highest rate for every row of a B x T batch,
+    its targets then `IGNORE` slots at its last position (sorted order kept), and say so in the batch (`row_slots`),
+    so that the last encoder layer can run on the targets only (trainer.last_layer_subset)."""
 
     start_probability: float | None = None
     """The rate at step 0 of a masking-rate schedule (linear to `probability` over `anneal_steps`); None: off."""
@@ -176,8 +186,9 @@ class MaskingCollator:
         original ids there, `padded` (bool) whether some row is padded, `num_tokens` (int) the real tokens,
         `num_candidates` (int) those that may be chosen (the denominator of the mask rate). When no row is
         padded, or with `pad_to_multiple_of`, the S slots are padded to `target_slots(B, T)` with position 0 and
-        target `IGNORE`; otherwise a padded batch has `unpad_index` (N,), `cu_seqlens` (B+1,) and `max_seqlen`
-        (int), where its real tokens are (`model.Unpadded`).
+        target `IGNORE`; with `row_slots` they are B x K slots per row (`_row_slots`) and `row_slots` (bool) says
+        so. Unless `pad_to_multiple_of`, a padded batch has `unpad_index` (N,), `cu_seqlens` (B+1,) and
+        `max_seqlen` (int), where its real tokens are (`model.Unpadded`).
         Also `nsp_labels` (B,) when the items carry `nsp_label`, and `step_counts` (2,), the targets and
         sequences of the whole optimizer step on this rank, when the first item carries `step_blocks` (the
         first micro-batch of a step, data.py)."""
@@ -193,11 +204,14 @@ class MaskingCollator:
         for b, (ids, _, _) in enumerate(masked):
             input_ids[b, : ids.size] = ids
             attention_mask[b, : ids.size] = 1
-        # Row b's positions are sorted and offset by b * T, so the concatenation is sorted too.
-        positions = np.concatenate([pos + b * T for b, (_, pos, _) in enumerate(masked)])
-        targets = np.concatenate([tgt for _, _, tgt in masked])
         padded = bool((lengths < T).any())
-        if not padded or self.pad_to_multiple_of:  # static shapes: pad the targets to the shape's bound
+        if self.row_slots:
+            positions, targets = self._row_slots(masked, T)
+        else:
+            # Row b's positions are sorted and offset by b * T, so the concatenation is sorted too.
+            positions = np.concatenate([pos + b * T for b, (_, pos, _) in enumerate(masked)])
+            targets = np.concatenate([tgt for _, _, tgt in masked])
+        if not self.row_slots and (not padded or self.pad_to_multiple_of):  # static shapes: pad to the bound
             slots = self.target_slots(B, T)
             assert targets.size <= slots, f"{targets.size} targets > the bound {slots} of a {B}x{T} batch"
             positions = np.concatenate([positions, np.zeros(slots - positions.size, dtype=np.int64)])
@@ -210,6 +224,7 @@ class MaskingCollator:
             "num_tokens": int(lengths.sum()),
             "num_candidates": sum(self.num_candidates(it["input_ids"]) for it in items),
             "padded": padded,
+            "row_slots": self.row_slots,
         }
         if padded and not self.pad_to_multiple_of:
             batch["unpad_index"] = torch.from_numpy(np.flatnonzero(attention_mask))
@@ -220,6 +235,20 @@ class MaskingCollator:
         if "step_blocks" in items[0]:
             batch["step_counts"] = torch.tensor(self.step_counts(items[0]["step_blocks"], step), dtype=torch.long)
         return batch
+
+    def _row_slots(self, masked: list[tuple[np.ndarray, np.ndarray, np.ndarray]], T: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, targets) (B * K,) with row b's K slots at [b * K, (b + 1) * K): its targets, then `IGNORE`
+        slots at its last position b * T + T - 1, so the flat positions stay sorted."""
+        K = self.target_slots(1, T)
+        positions = np.empty((len(masked), K), dtype=np.int64)
+        targets = np.full((len(masked), K), IGNORE, dtype=np.int64)
+        for b, (_, pos, tgt) in enumerate(masked):
+            assert pos.size <= K, f"{pos.size} targets > the bound {K} of a row of {T}"
+            positions[b, : pos.size] = pos + b * T
+            positions[b, pos.size:] = b * T + T - 1
+            targets[b, : tgt.size] = tgt
+        return positions.reshape(-1), targets.reshape(-1)
 
     def target_slots(self, rows: int, length: int) -> int:
         """Target slots of a rows x length batch: the most targets any such batch can have (`num_targets` grows

@@ -15,7 +15,10 @@ What differs from `transformers` is speed, not maths:
 - a padded batch runs unpadded (`Unpadded`): pad tokens are dropped before the embeddings, every per-token
   layer (projections, feed-forward, LayerNorm) runs on the real tokens only, and only attention sees the rows
   again: through a variable-length kernel on CUDA where one applies, else re-padded around
-  `scaled_dot_product_attention` with a key-padding mask. The hidden states are scattered back to (B, T, C).
+  `scaled_dot_product_attention` with a key-padding mask. The hidden states are scattered back to (B, T, C);
+- `encode_targets` runs the last layer on the MLM targets only (flash-attn's BERT calls it `last_layer_subset`):
+  its keys and values come from every token, but nothing else of that layer is needed anywhere but the targets,
+  so at 15% targets it costs about a quarter of a layer.
 
 Reading order: config, embeddings, attention, layer, encoder, LM head, NSP head, the model, the HF name map.
 Shapes: B batch, T sequence length, C hidden size, H heads, D head size, N masked tokens, V vocabulary.
@@ -170,6 +173,15 @@ class Unpadded(NamedTuple):
         cu[1:] = lengths.cumsum(0)
         return Unpadded(index, cu, int(lengths.max()) if lengths.numel() else 0)
 
+    def pad(self, t: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Packed (N, H, D) -> (B, H, T, D), zeros at the pads."""
+        N, H, D = t.shape
+        return t.new_zeros(B * T, H, D).index_copy(0, self.index, t).view(B, T, H, D).transpose(1, 2)
+
+    def rows(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Packed (N, C) -> (B * T, C), zeros at the pads."""
+        return x.new_zeros(B * T, x.shape[-1]).index_copy(0, self.index, x)
+
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded: Unpadded, key_mask: torch.Tensor,
                      dropout_p: float) -> torch.Tensor:
@@ -185,11 +197,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded
         cu, m = unpadded.cu_seqlens, unpadded.max_seqlen
         return kernel(q, k, v, cu, cu, m, m)
     B, T = key_mask.shape[0], key_mask.shape[-1]
-
-    def pad(t: torch.Tensor) -> torch.Tensor:  # (N, H, D) -> (B, H, T, D), zeros at the pads
-        return t.new_zeros(B * T, H, D).index_copy(0, unpadded.index, t).view(B, T, H, D).transpose(1, 2)
-
-    y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_mask, dropout_p=dropout_p)
+    q, k, v = (unpadded.pad(t, B, T) for t in (q, k, v))  # (B, H, T, D)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
     return y.transpose(1, 2).reshape(B * T, H, D).index_select(0, unpadded.index)  # (N, H, D)
 
 
@@ -254,6 +263,22 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
+    def at_rows(self, xq: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, unpadded: Unpadded | None,
+                B: int, T: int) -> torch.Tensor:
+        """Attention output (S, C) for queries `xq` (S, C), S = B x K laid out per row (query s in row s // K),
+        against the keys and values of every token of `x`: (B, T, C), or (N, C) with `unpadded`. `mask` is None
+        or the (B, 1, 1, T) key-padding mask."""
+        S, C = xq.shape
+        H, D = self.num_heads, C // self.num_heads
+        q = self.query(xq).view(B, S // B, H, D).transpose(1, 2)  # (B, H, K, D)
+        if unpadded is None:
+            k, v = (p(x).view(B, T, H, D).transpose(1, 2) for p in (self.key, self.value))  # (B, H, T, D)
+        else:
+            k, v = (unpadded.pad(p(x).view(-1, H, D), B, T) for p in (self.key, self.value))  # (B, H, T, D)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, K, D)
+        return self.out(y.transpose(1, 2).reshape(S, C))  # (S, C)
+
 
 class Layer(nn.Module):
     """Post-LN encoder layer: x = LN(x + drop(attn(x))); x = LN(x + drop(W2 gelu(W1 x)))."""
@@ -269,7 +294,19 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpadded: Unpadded | None = None) -> torch.Tensor:
         x = self.attn_norm(x + self.dropout(self.attn(x, mask, unpadded)))  # (B, T, C) or (N, C)
-        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))  # (B, T, C) or (N, C)
+        return self.feed_forward(x)  # (B, T, C) or (N, C)
+
+    def at_rows(self, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None, unpadded: Unpadded | None,
+                B: int, T: int) -> torch.Tensor:
+        """This layer's output (S, C) at `rows` (S,), flat indices into B*T laid out per row (B x K), from its
+        input `x`: (B, T, C), or (N, C) with `unpadded`. Equal to `forward(x, ...)` at those rows."""
+        full = x.flatten(0, 1) if unpadded is None else unpadded.rows(x, B, T)  # (B*T, C)
+        xs = full.index_select(0, rows)  # (S, C)
+        xs = self.attn_norm(xs + self.dropout(self.attn.at_rows(xs, x, mask, unpadded, B, T)))
+        return self.feed_forward(xs)  # (S, C)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
 
 
 def attention_bias(
@@ -380,6 +417,29 @@ class RobertaForMLM(nn.Module):
             the flash kernel can run, and a padded batch runs unpadded.
         """
         B, T = input_ids.shape
+        x, mask, unpadded = self._embed(input_ids, attention_mask, attention_segments, unpadded)
+        x = self.encoder(x, mask, unpadded)  # (B, T, C) or (N, C)
+        return x if unpadded is None else unpadded.rows(x, B, T).view(B, T, -1)  # (B, T, C)
+
+    def encode_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor,
+                       unpadded: Unpadded | None = None) -> torch.Tensor:
+        """Final hidden states at `positions` only (S, C): `encode(...)` there, with the last layer run on those
+        rows alone (its keys and values still come from every token). `positions` (S,) are flat indices into
+        B*T laid out per row, S = B x K with slot s in row s // K (the collator's `row_slots`); the other
+        arguments as `encode` (no segments)."""
+        B, T = input_ids.shape
+        assert positions.ndim == 1 and positions.shape[0] % B == 0, "positions must be B x K slots, row by row"
+        x, mask, unpadded = self._embed(input_ids, attention_mask, None, unpadded)
+        *below, last = self.encoder.layers
+        for layer in below:
+            x = layer(x, mask, unpadded)
+        return last.at_rows(x, positions, mask, unpadded, B, T)  # (S, C)
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               attention_segments: torch.Tensor | None, unpadded: Unpadded | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, Unpadded | None]:
+        """(the embeddings (B, T, C), or (N, C) when the batch runs unpadded; the attention mask; `unpadded`)."""
+        T = input_ids.shape[1]
         assert T <= self.cfg.max_seq_len, f"sequence length {T} > max_seq_len {self.cfg.max_seq_len}"
         if attention_mask is not None and attention_segments is None and unpadded is None and self.unpad:
             unpadded = Unpadded.from_mask(attention_mask)
@@ -387,11 +447,9 @@ class RobertaForMLM(nn.Module):
                 attention_mask = None
         mask = attention_bias(attention_mask, attention_segments, T, input_ids.device)
         if unpadded is None:
-            x = self.embeddings(input_ids, attention_segments)  # (B, T, C)
-            return self.encoder(x, mask)  # (B, T, C)
+            return self.embeddings(input_ids, attention_segments), mask, None  # (B, T, C)
         assert attention_mask is not None and attention_segments is None, "unpadded needs the attention mask alone"
-        x = self.encoder(self.embeddings(input_ids, None, unpadded), mask, unpadded)  # (N, C)
-        return x.new_zeros(B * T, x.shape[-1]).index_copy(0, unpadded.index, x).view(B, T, -1)  # (B, T, C)
+        return self.embeddings(input_ids, None, unpadded), mask, unpadded  # (N, C)
 
     def mlm_logits(self, hidden: torch.Tensor, masked_positions: torch.Tensor | None = None) -> torch.Tensor:
         """LM-head logits: dense (B, T, V) without `masked_positions`; (N, V) with it, N the number of masked

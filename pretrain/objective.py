@@ -9,6 +9,10 @@ Shapes are those of the batch. Under `trainer.compile` the collator pads every b
 and its target slots to the bound of that shape (masking.py), and the padded batch runs padded attention, so a
 phase's batches share one shape and the graph is traced once. Otherwise a padded batch runs unpadded
 (`model.Unpadded`), with shapes that vary from batch to batch.
+
+With `row_slots` (the collator's, trainer.last_layer_subset) the target slots are B x K, row by row, and the last
+encoder layer runs on them only (`RobertaForMLM.encode_targets`). NSP needs every row's <s> state, so a batch
+with NSP labels runs the whole last layer.
 """
 
 from __future__ import annotations
@@ -22,19 +26,24 @@ from .model import RobertaForMLM, Unpadded
 
 def mlm_objective(model: RobertaForMLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   masked_positions: torch.Tensor, masked_targets: torch.Tensor, unpadded: Unpadded | None = None,
-                  nsp_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  nsp_labels: torch.Tensor | None = None, row_slots: bool = False) -> dict[str, torch.Tensor]:
     """Sums over the micro-batch: `mlm_sum` (cross-entropy over the targets), `mlm_correct`, `n_masked` (real
     targets, `IGNORE` slots left out) and, with NSP, `nsp_sum` and `nsp_correct` over the sequences.
 
     input_ids (B, T); attention_mask (B, T) or None when nothing is padded; masked_positions (S,) flat indices
-    into B*T; masked_targets (S,) the original ids there, or `IGNORE`; nsp_labels (B,)."""
-    hidden = model.encode(input_ids, attention_mask, unpadded=unpadded)  # (B, T, C)
-    logits = model.mlm_logits(hidden, masked_positions)  # (S, V): sparse prediction
+    into B*T; masked_targets (S,) the original ids there, or `IGNORE`; nsp_labels (B,); row_slots: the slots are
+    B x K, row by row."""
+    nsp = nsp_labels is not None and model.nsp_head is not None
+    if row_slots and not nsp:  # the last layer at the targets only
+        logits = model.lm_head(model.encode_targets(input_ids, attention_mask, masked_positions, unpadded))  # (S, V)
+    else:
+        hidden = model.encode(input_ids, attention_mask, unpadded=unpadded)  # (B, T, C)
+        logits = model.mlm_logits(hidden, masked_positions)  # (S, V): sparse prediction
     real = masked_targets != IGNORE  # (S,)
     out = {"mlm_sum": F.cross_entropy(logits.float(), masked_targets, ignore_index=IGNORE, reduction="sum"),
            "n_masked": real.sum(),
            "mlm_correct": ((logits.detach().argmax(-1) == masked_targets) & real).sum()}
-    if nsp_labels is not None and model.nsp_head is not None:
+    if nsp:
         nsp_logits = model.nsp_logits(hidden)  # (B, 2)
         out["nsp_sum"] = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="sum")
         out["nsp_correct"] = (nsp_logits.detach().argmax(-1) == nsp_labels).sum()
@@ -47,7 +56,7 @@ def batch_inputs(batch: dict, unpad: bool = True) -> dict:
     padded = batch.get("padded", "unpad_index" in batch)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"] if padded else None,
               "masked_positions": batch["masked_positions"], "masked_targets": batch["masked_targets"],
-              "nsp_labels": batch.get("nsp_labels")}
+              "nsp_labels": batch.get("nsp_labels"), "row_slots": batch.get("row_slots", False)}
     if padded and unpad and "unpad_index" in batch:
         inputs["unpadded"] = Unpadded(batch["unpad_index"], batch["cu_seqlens"], batch["max_seqlen"])
     return inputs

@@ -29,12 +29,18 @@ import torch
 from .model import RobertaConfig
 
 
-def flops_per_token(cfg: RobertaConfig, seq_len: int, mask_probability: float) -> float:
-    """Training FLOPs per token of the MLM objective (sparse head), at rows of `seq_len` tokens."""
+def flops_per_token(cfg: RobertaConfig, seq_len: int, mask_probability: float, last_layer_subset: bool = False
+                    ) -> float:
+    """Training FLOPs per token of the MLM objective (sparse head), at rows of `seq_len` tokens; with
+    `last_layer_subset` the last layer computes its keys and values for every token and the rest at the targets."""
     C, F_, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     per_layer = 2 * (4 * C * C + 2 * C * F_) + 2 * 2 * seq_len * C  # q, k, v, out, ffn; scores and values
     head = mask_probability * 2 * (C * C + C * V)  # dense + decoder on the masked tokens only
-    return 3.0 * (cfg.num_layers * per_layer + head)
+    layers = cfg.num_layers * per_layer
+    if last_layer_subset:
+        keys_values = 2 * 2 * C * C
+        layers -= (1 - mask_probability) * (per_layer - keys_values)
+    return 3.0 * (layers + head)
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -118,8 +124,9 @@ class Throughput(pl.Callback):
     """Logs `train/tokens_per_s` and `train/mfu` at logging steps; `summary()` gives the run's figures."""
 
     def __init__(self, seq_len: int, mask_probability: float, precision: str, configured_peak: float,
-                 log_every_n_steps: int):
+                 log_every_n_steps: int, last_layer_subset: bool = False):
         self.seq_len, self.mask_probability = seq_len, mask_probability
+        self.last_layer_subset = last_layer_subset
         self.precision, self.configured_peak = precision, configured_peak
         self.flops_per_token = 0.0
         self.log_every = max(1, log_every_n_steps)
@@ -134,7 +141,7 @@ class Throughput(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
-        self.flops_per_token = flops_per_token(model.cfg, self.seq_len, self.mask_probability)
+        self.flops_per_token = flops_per_token(model.cfg, self.seq_len, self.mask_probability, self.last_layer_subset)
         self.peak, self.peak_source = peak_flops(pl_module.device, self.precision, self.configured_peak)
         self._world = trainer.world_size
         if trainer.global_rank == 0:  # instead of Lightning's table, whose FLOPs column reads 0 without an example
@@ -142,7 +149,7 @@ class Throughput(pl.Callback):
             c = model.cfg
             print(f"model: {c.num_layers} layers x {c.hidden_size} ({c.num_heads} heads), {params / 1e6:.1f}M "
                   f"parameters, {self.flops_per_token / 1e6:.1f} MFLOPs per token trained (seq {self.seq_len}, "
-                  f"sparse head); peak {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source})", flush=True)
+                  f"sparse head{', last layer at the targets' if self.last_layer_subset else ''}); peak {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source})", flush=True)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

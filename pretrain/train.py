@@ -190,7 +190,8 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
     guard = [RollbackGuard(cfg.checkpoint.every_n_steps, t.log_every_n_steps)]
     bar = [progress_bar()] if overrides.get("enable_progress_bar", True) else []
     memory = [RetainHostMemory()] if t.retain_host_memory else []
-    throughput = [Throughput(cfg.data.seq_len, cfg.masking.probability, t.precision, t.peak_flops, t.log_every_n_steps)]
+    throughput = [Throughput(cfg.data.seq_len, cfg.masking.probability, t.precision, t.peak_flops, t.log_every_n_steps,
+                             t.last_layer_subset)]
     kwargs: dict[str, Any] = dict(
         # One Lightning epoch is the whole run: the sampler's stream already spans the data epochs (data.py).
         max_steps=t.max_steps, max_epochs=1, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
