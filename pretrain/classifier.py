@@ -1,11 +1,17 @@
 """The model fine-tuned: the stock `transformers.RobertaForSequenceClassification` on a pretrained (or
 re-initialised) RoBERTa directory, and the LightningModule that trains it and keeps its best validation.
+
+The stock model holds the weights and is what is saved; with `finetune.unpad` (the default) its encoder is run
+through this project's (`shared_encoder`: model.py's layers over the very same tensors), so a padded batch runs on
+its real tokens only and the last layer at <s> only, which is all the classification head reads. Logits and
+gradients equal the stock forward's within 1e-5 (tests/test_finetune_unpad.py).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -14,6 +20,7 @@ import torch
 from data_prep.config import ExperimentConfig
 
 from .metrics import compute
+from .model import RobertaConfig, RobertaForMLM, Unpadded, hf_name_map
 from .module import adamw
 from .schedules import LRSchedule
 from .task import FinetuneConfig, FinetuneError, TaskConfig
@@ -92,6 +99,31 @@ def build_model(model_dir: Path, task: TaskConfig, names: list[str], from_scratc
         transformers.logging.set_verbosity(verbosity)
 
 
+def shared_encoder(model: torch.nn.Module) -> RobertaForMLM | None:
+    """model.py's embeddings and layers over the stock classifier's own parameters (the same tensors: an update
+    to one is an update to the other, and moving the classifier moves them), without an LM head; None, with the
+    stock forward to run, when its config asks for something model.py does not compute."""
+    c = model.config
+    if (c.hidden_act != "gelu" or getattr(c, "position_embedding_type", "absolute") not in (None, "absolute")
+            or c.is_decoder or not hasattr(model, "roberta")):
+        return None
+    cfg = RobertaConfig(
+        vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings, pad_token_id=c.pad_token_id,
+        hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size, dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob, layer_norm_eps=c.layer_norm_eps,
+        initializer_range=c.initializer_range)
+    with torch.device("meta"):  # no memory: every tensor is replaced by the classifier's below
+        encoder = RobertaForMLM(cfg)
+    encoder.lm_head = None
+    for ours, theirs in hf_name_map(cfg.num_layers):
+        if not ours.startswith("lm_head"):
+            owner, _, leaf = ours.rpartition(".")
+            setattr(encoder.get_submodule(owner), leaf, model.get_parameter(theirs))
+    assert not any(p.is_meta for p in encoder.parameters()), "a tensor of the encoder was not shared"
+    return encoder
+
+
 class ClassifierModule(pl.LightningModule):
     """Loss from the stock head (cross-entropy, or MSE for regression); validation metrics on the whole split,
     and the weights of the best validation kept in memory."""
@@ -99,14 +131,32 @@ class ClassifierModule(pl.LightningModule):
     def __init__(self, model: torch.nn.Module, ft: FinetuneConfig, task: TaskConfig, total_steps: int, log=print):
         super().__init__()
         self.model, self.ft, self.task, self.total_steps, self._print = model, ft, task, total_steps, log
+        self.encoder = shared_encoder(model) if ft.unpad else None  # the same parameters as model.roberta
+        if ft.unpad and self.encoder is None:
+            log("finetune.unpad: this config is not one model.py computes; the stock forward runs")
         self.main = task.metrics[0]
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, Any]] = []
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"])
+    def forward(self, batch: dict[str, Any]) -> Any:
+        """(loss, logits), as the stock model's output."""
+        if self.encoder is None:
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"])
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        B, T = input_ids.shape
+        unpadded = Unpadded(batch["unpad_index"], batch["cu_seqlens"], batch["max_seqlen"]) \
+            if "unpad_index" in batch else None
+        mask = batch["attention_mask"] if unpadded is not None else None  # unpadded or full: no mask to apply
+        first = torch.arange(B, device=input_ids.device) * T  # each row's <s>, all the head reads
+        hidden = self.encoder.encode_targets(input_ids, mask, first, unpadded)  # (B, C)
+        logits = self.model.classifier(hidden[:, None])  # (B, num_labels)
+        if self.task.problem == "regression":
+            loss = torch.nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+        return SimpleNamespace(loss=loss, logits=logits)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss

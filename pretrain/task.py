@@ -18,6 +18,7 @@ from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, fro
 from data_prep.typed_config import read_yaml_mapping
 
 from .metrics import CLASSIFICATION, REGRESSION
+from .model import Unpadded
 
 
 class FinetuneError(ValueError):
@@ -86,6 +87,9 @@ class FinetuneConfig:
     max_train_examples: int = option(0, "Train on a seeded random subset of this many examples; 0: all of them.")
     accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu.")
     precision: str = option("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed.")
+    unpad: bool = option(True, "Run the stock classifier's encoder through this project's (model.py, the same "
+                         "tensors): padded batches on their real tokens only, the last layer at <s> only; same "
+                         "logits within 1e-5. false: the stock forward.")
 
     def __post_init__(self) -> None:
         for key in ("seeds", "max_length", "epochs", "batch_size", "evals_per_epoch"):
@@ -289,13 +293,17 @@ class Encoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
-    def collate(self, index: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, index: list[int]) -> dict[str, Any]:
         T = max(len(self.ids[i]) for i in index)
         input_ids = torch.full((len(index), T), self.pad_id, dtype=torch.long)  # (B, T)
         for row, i in enumerate(index):
             input_ids[row, : len(self.ids[i])] = torch.tensor(self.ids[i])
-        return {"input_ids": input_ids, "attention_mask": input_ids.ne(self.pad_id).long(),
-                "labels": torch.from_numpy(self.y[index]), "index": torch.tensor(index)}
+        batch = {"input_ids": input_ids, "attention_mask": input_ids.ne(self.pad_id).long(),
+                 "labels": torch.from_numpy(self.y[index]), "index": torch.tensor(index)}
+        unpadded = Unpadded.from_mask(batch["attention_mask"])  # here on the host: no sync in the step
+        if unpadded is not None:  # where a padded batch's real tokens are (model.Unpadded)
+            batch |= {"unpad_index": unpadded.index, "cu_seqlens": unpadded.cu_seqlens, "max_seqlen": unpadded.max_seqlen}
+        return batch
 
 
 def encode(tokenizer: Any, ex: Examples, max_length: int) -> list[list[int]]:
