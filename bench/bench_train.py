@@ -169,7 +169,8 @@ def write_results(results: dict, out: Path, cuda: bool) -> None:
                      + (f" {B['peak_gib']} / {A['peak_gib']} GiB |" if "peak_gib" in B else ""))
     table = "\n".join(lines) + "\n\nB is the first-named side (ours), A the second; tokens/s are real tokens " \
         "(no padding); medians of per-step times after 3 warm-up steps, sides alternating. MFU counts the MLM " \
-        "objective's FLOPs (LM head on masked tokens) over the peak of the row's dtype " \
+        "objective's FLOPs (LM head on masked tokens; ours: the last layer at the targets, as its step computes) " \
+        "over the peak of the row's dtype " \
         f"({'datasheet' if cuda else 'best matmul FLOP/s measured here'}); {results['machine']}.\n"
     (out / f"{name}.md").write_text(table)
     print(table)
