@@ -7,7 +7,8 @@ arXiv 1810.04805): post-LayerNorm encoder layers, learned absolute positions tha
 same shape and meaning as in `transformers`, export is the name map `HF_NAME_MAP` at the bottom of this file.
 
 What differs from `transformers` is speed, not maths:
-- attention is `torch.nn.functional.scaled_dot_product_attention` (fused kernels);
+- attention is `torch.nn.functional.scaled_dot_product_attention` (fused kernels), and on a CPU in training
+  dropout and attention dropout draw a cheaper mask (dropout.py);
 - the LM head runs only on the masked positions when `masked_positions` is given (sparse prediction, as
   fairseq): with a 50K vocabulary the head is a large share of a small or base model's compute;
 - `attention_segments` packs several short blocks into one row with block-diagonal attention and positions
@@ -32,6 +33,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .dropout import Dropout, attention
 
 
 @dataclass
@@ -198,7 +201,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded
         return kernel(q, k, v, cu, cu, m, m)
     B, T = key_mask.shape[0], key_mask.shape[-1]
     q, k, v = (unpadded.pad(t, B, T) for t in (q, k, v))  # (B, H, T, D)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+    y = attention(q, k, v, key_mask, dropout_p)
     return y.transpose(1, 2).reshape(B * T, H, D).index_select(0, unpadded.index)  # (N, H, D)
 
 
@@ -224,7 +227,7 @@ class Embeddings(nn.Module):
         # RoBERTa has one token type; its row is kept because `transformers` has it and adds it everywhere.
         self.token_type = nn.Embedding(1, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, segments: torch.Tensor | None = None,
                 unpadded: Unpadded | None = None) -> torch.Tensor:
@@ -260,7 +263,7 @@ class SelfAttention(nn.Module):
         q, k, v = (
             p(x).view(B, T, H, D).transpose(1, 2) for p in (self.query, self.key, self.value)
         )  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, T, D)
+        y = attention(q, k, v, mask, dropout_p)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
     def at_rows(self, xq: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, unpadded: Unpadded | None,
@@ -276,7 +279,7 @@ class SelfAttention(nn.Module):
         else:
             k, v = (unpadded.pad(p(x).view(-1, H, D), B, T) for p in (self.key, self.value))  # (B, H, T, D)
         dropout_p = self.attention_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, K, D)
+        y = attention(q, k, v, mask, dropout_p)  # (B, H, K, D)
         return self.out(y.transpose(1, 2).reshape(S, C))  # (S, C)
 
 
@@ -290,7 +293,7 @@ class Layer(nn.Module):
         self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpadded: Unpadded | None = None) -> torch.Tensor:
         x = self.attn_norm(x + self.dropout(self.attn(x, mask, unpadded)))  # (B, T, C) or (N, C)
