@@ -181,7 +181,7 @@ class TrainerConfig:
                            "shapes: batches padded to a multiple of 64 tokens, padded attention (masking.py).")
     unpad: bool = option(True, "Run padded batches on their real tokens only (varlen attention); same results.")
     last_layer_subset: bool = option(True, "Run the last encoder layer on the MLM targets only (its keys and values "
-                                     "on every token): the same function, ~1/L of the encoder's work saved (1.1x at "
+                                     "on every token): the same function, ~0.7/L of the encoder's work saved (1.1x at "
                                      "small and base on a CPU); the collator lays target slots out per row for it.")
     retain_host_memory: bool = option(True, "On a CPU, keep freed memory in the process (glibc mallopt: no mmap, no "
                                       "trim) so each step reuses its large tensors' pages instead of faulting them in "

@@ -14,6 +14,8 @@ Elsewhere (CUDA: fused dropout and flash attention with dropout in one kernel) a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,9 +27,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     """(a bool mask of `shape`, True where kept, at drop rate `p` quantised to 1/65536; the scale that makes the
     kept values' expectation exact: 1 / the quantised keep rate)."""
     drop_levels = round(p * _LEVELS)
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     quarters = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
     return quarters >= drop_levels - _LEVELS // 2, _LEVELS / (_LEVELS - drop_levels)

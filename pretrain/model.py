@@ -176,14 +176,13 @@ class Unpadded(NamedTuple):
         cu[1:] = lengths.cumsum(0)
         return Unpadded(index, cu, int(lengths.max()) if lengths.numel() else 0)
 
-    def pad(self, t: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Packed (N, H, D) -> (B, H, T, D), zeros at the pads."""
-        N, H, D = t.shape
-        return t.new_zeros(B * T, H, D).index_copy(0, self.index, t).view(B, T, H, D).transpose(1, 2)
-
     def rows(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Packed (N, C) -> (B * T, C), zeros at the pads."""
-        return x.new_zeros(B * T, x.shape[-1]).index_copy(0, self.index, x)
+        """Packed (N, ...) -> (B * T, ...), zeros at the pads."""
+        return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x)
+
+    def pad(self, t: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Packed heads (N, H, D) -> (B, H, T, D), zeros at the pads."""
+        return self.rows(t, B, T).view(B, T, *t.shape[1:]).transpose(1, 2)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded: Unpadded, key_mask: torch.Tensor,
