@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 from .config import ConfigError
 from .corpus import CorpusError
+from .pack import WorkerError
 from .shards import ShardError
 from .tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, CorpusError, TokenizerError, ShardError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CorpusError, TokenizerError, ShardError, WorkerError, FileNotFoundError)
 """Errors of every command that the user fixes: exit code 2."""
 
 

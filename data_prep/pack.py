@@ -57,6 +57,8 @@ import os
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -211,15 +213,28 @@ def encode_stream(
         for lines, first in batches:
             yield encode(lines, first)
         return
-    # spawn, not fork: the parent may hold tokenizer threads, and forking a threaded process is unsafe
-    with mp.get_context("spawn").Pool(num_proc, _init_worker, (str(tokenizer_json), np.dtype(dtype).str)) as pool:
+    # spawn, not fork: the parent may hold tokenizer threads, and forking a threaded process is unsafe. An
+    # executor, not `multiprocessing.Pool`: a Pool replaces a worker that dies (killed for memory, or failing as it
+    # starts) and its task never completes, so the run would hang; the executor fails the task instead.
+    context = mp.get_context("spawn")
+    with ProcessPoolExecutor(num_proc, context, _init_worker, (str(tokenizer_json), np.dtype(dtype).str)) as pool:
         pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for batch in batches:
+                pending.append(pool.submit(_encode_in_worker, batch))
+                if len(pending) >= 2 * num_proc:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool as e:
+            raise WorkerError(
+                f"data: a tokenizer worker process died ({e}). It was killed (out of memory: lower data.num_proc) "
+                "or failed as it started: a script that calls data preparation must do "
+                "so under `if __name__ == \"__main__\":`, since the workers import it again") from None
+
+
+class WorkerError(RuntimeError):
+    """A worker process of `encode_stream` died."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing as mp
 import os
 import resource
 import sys
@@ -113,7 +114,14 @@ def num_workers(num_proc: int) -> int:
 def run_dir_lock(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Iterator[None]:
     """Holds `run_dir/.prepare.lock` while the tokenizer and shards are built or checked. Under torchrun every
     rank runs `make pretrain`: the first prepares, the others wait here and then find the data up to date,
-    instead of writing the same files at once."""
+    instead of writing the same files at once.
+
+    Refused in a worker process that is importing the main script (a script without `if __name__ ==
+    "__main__":`): it would wait here for its own parent forever; failing, it ends the parent's run with
+    `pack.WorkerError` instead."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise RuntimeError("data preparation was started while a worker process imported the main script: call it "
+                           "under `if __name__ == \"__main__\":`")
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     lock = FileLock(cfg.run_path / ".prepare.lock")
     try:

@@ -237,3 +237,24 @@ def test_a_second_process_waits_for_the_first_instead_of_writing_the_same_files(
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "data: wrote" in out and len(list((cfg.run_path / "data").glob("*/meta.json"))) == 1
+
+
+@pytest.mark.timeout(180)
+def test_a_script_without_a_main_guard_fails_with_the_fix_instead_of_hanging(tmp_path, text_corpus, repo_root) -> None:
+    """The tokenizer workers are spawned, so they import the main script again; one that calls `prepare_data` at
+    its top level used to leave the workers waiting on the run directory's lock, and the run hung for ever."""
+    script = tmp_path / "prep.py"
+    script.write_text(
+        "from data_prep.config import load_config\n"
+        "from data_prep.prepare import prepare_data\n"
+        f"cfg = load_config(None, ['--run_dir={tmp_path / 'run'}', '--corpus.train={text_corpus}', "
+        "'--tokenizer.vocab_size=400', '--data.seq_len=32', '--data.num_proc=2'])\n"
+        "prepare_data(cfg)\n")
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=150)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("data_prep.pack.WorkerError: data: a tokenizer worker process died"), last
+    assert 'if __name__ == "__main__":' in last
+    assert not (tmp_path / "run" / "data").exists() or not list((tmp_path / "run" / "data").rglob("meta.json"))
