@@ -299,13 +299,17 @@ class Layer(nn.Module):
         return self.feed_forward(x)  # (B, T, C) or (N, C)
 
     def at_rows(self, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None, unpadded: Unpadded | None,
-                B: int, T: int) -> torch.Tensor:
+                B: int, T: int, keep: torch.Tensor | None = None) -> torch.Tensor:
         """This layer's output (S, C) at `rows` (S,), flat indices into B*T laid out per row (B x K), from its
-        input `x`: (B, T, C), or (N, C) with `unpadded`. Equal to `forward(x, ...)` at those rows."""
+        input `x`: (B, T, C), or (N, C) with `unpadded`. Equal to `forward(x, ...)` at those rows. With `keep`
+        (R,), indices into the S rows: the output (R, C) at those only (attention takes the B x K block)."""
         full = x.flatten(0, 1) if unpadded is None else unpadded.rows(x, B, T)  # (B*T, C)
         xs = full.index_select(0, rows)  # (S, C)
-        xs = self.attn_norm(xs + self.dropout(self.attn.at_rows(xs, x, mask, unpadded, B, T)))
-        return self.feed_forward(xs)  # (S, C)
+        a = self.attn.at_rows(xs, x, mask, unpadded, B, T)  # (S, C)
+        if keep is not None:
+            xs, a = xs.index_select(0, keep), a.index_select(0, keep)  # (R, C)
+        xs = self.attn_norm(xs + self.dropout(a))
+        return self.feed_forward(xs)  # (S, C), or (R, C)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
@@ -424,18 +428,19 @@ class RobertaForMLM(nn.Module):
         return x if unpadded is None else unpadded.rows(x, B, T).view(B, T, -1)  # (B, T, C)
 
     def encode_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor,
-                       unpadded: Unpadded | None = None) -> torch.Tensor:
+                       unpadded: Unpadded | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states at `positions` only (S, C): `encode(...)` there, with the last layer run on those
         rows alone (its keys and values still come from every token). `positions` (S,) are flat indices into
         B*T laid out per row, S = B x K with slot s in row s // K (the collator's `row_slots`); the other
-        arguments as `encode` (no segments)."""
+        arguments as `encode` (no segments). With `keep` (R,), indices into the S slots, only those rows (R, C)
+        are returned, and the last layer's feed-forward runs on them alone."""
         B, T = input_ids.shape
         assert positions.ndim == 1 and positions.shape[0] % B == 0, "positions must be B x K slots, row by row"
         x, mask, unpadded = self._embed(input_ids, attention_mask, None, unpadded)
         *below, last = self.encoder.layers
         for layer in below:
             x = layer(x, mask, unpadded)
-        return last.at_rows(x, positions, mask, unpadded, B, T)  # (S, C)
+        return last.at_rows(x, positions, mask, unpadded, B, T, keep)  # (S, C), or (R, C)
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                attention_segments: torch.Tensor | None, unpadded: Unpadded | None

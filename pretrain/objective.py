@@ -8,7 +8,8 @@ the whole optimizer step's counts (module.py) and the metrics are read at loggin
 Shapes are those of the batch. Under `trainer.compile` the collator pads every batch to a multiple of 64 tokens
 and its target slots to the bound of that shape (masking.py), and the padded batch runs padded attention, so a
 phase's batches share one shape and the graph is traced once. Otherwise a padded batch runs unpadded
-(`model.Unpadded`), with shapes that vary from batch to batch.
+(`model.Unpadded`), with shapes that vary from batch to batch: its pad tokens, and its target slots that hold no
+target (`real_slots`), are left out of the encoder and the head.
 
 With `row_slots` (the collator's, trainer.last_layer_subset) the target slots are B x K, row by row, and the last
 encoder layer runs on them only (`RobertaForMLM.encode_targets`). NSP needs every row's <s> state, so a batch
@@ -26,16 +27,21 @@ from .model import RobertaForMLM, Unpadded
 
 def mlm_objective(model: RobertaForMLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   masked_positions: torch.Tensor, masked_targets: torch.Tensor, unpadded: Unpadded | None = None,
-                  nsp_labels: torch.Tensor | None = None, row_slots: bool = False) -> dict[str, torch.Tensor]:
+                  nsp_labels: torch.Tensor | None = None, row_slots: bool = False,
+                  real_slots: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Sums over the micro-batch: `mlm_sum` (cross-entropy over the targets), `mlm_correct`, `n_masked` (real
     targets, `IGNORE` slots left out) and, with NSP, `nsp_sum` and `nsp_correct` over the sequences.
 
     input_ids (B, T); attention_mask (B, T) or None when nothing is padded; masked_positions (S,) flat indices
     into B*T; masked_targets (S,) the original ids there, or `IGNORE`; nsp_labels (B,); row_slots: the slots are
-    B x K, row by row."""
+    B x K, row by row; real_slots (R,) with `row_slots`: the slots that hold a target, where the last layer's
+    feed-forward and the head run (the others are padding), or None: all of them."""
     nsp = nsp_labels is not None and model.nsp_head is not None
     if row_slots and not nsp:  # the last layer at the targets only
-        logits = model.lm_head(model.encode_targets(input_ids, attention_mask, masked_positions, unpadded))  # (S, V)
+        hidden = model.encode_targets(input_ids, attention_mask, masked_positions, unpadded, real_slots)  # (S|R, C)
+        logits = model.lm_head(hidden)  # (S, V), or (R, V)
+        if real_slots is not None:
+            masked_targets = masked_targets.index_select(0, real_slots)  # (R,)
     else:
         hidden = model.encode(input_ids, attention_mask, unpadded=unpadded)  # (B, T, C)
         logits = model.mlm_logits(hidden, masked_positions)  # (S, V): sparse prediction
@@ -59,4 +65,5 @@ def batch_inputs(batch: dict, unpad: bool = True) -> dict:
               "nsp_labels": batch.get("nsp_labels"), "row_slots": batch.get("row_slots", False)}
     if padded and unpad and "unpad_index" in batch:
         inputs["unpadded"] = Unpadded(batch["unpad_index"], batch["cu_seqlens"], batch["max_seqlen"])
+        inputs["real_slots"] = batch.get("real_slots")
     return inputs

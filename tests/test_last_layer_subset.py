@@ -101,9 +101,31 @@ def test_the_last_layer_runs_on_the_target_slots_only() -> None:
     batch = collator(row_slots=True)(rows([32, 10, 5], seed=1))
     out = mlm_objective(model, **batch_inputs(batch))
     out["mlm_sum"].backward()
-    K = collator().num_targets(32)
-    assert seen == {"first": [47], "last": [3 * K], "last_keys": [47]}  # keys and values: every real token
+    R = sum(collator().num_targets(n - 2) for n in (32, 10, 5))
+    assert int(batch["real_slots"].numel()) == R < batch["masked_positions"].numel()
+    # keys and values: every real token; the feed-forward: the slots that hold a target (unpadded batch)
+    assert seen == {"first": [47], "last": [R], "last_keys": [47]}
     assert torch.isfinite(out["mlm_sum"])
+
+
+def test_real_slots_are_the_slots_with_a_target_and_change_nothing_but_the_work() -> None:
+    items = rows([32, 9, 30, 17], seed=8)
+    batch = collator(row_slots=True)(items)
+    assert torch.equal(batch["real_slots"], (batch["masked_targets"] != IGNORE).nonzero().squeeze(1))
+    assert "real_slots" not in collator(row_slots=True)(rows([32] * 3, seed=8))  # nothing padded
+    assert "real_slots" not in collator(row_slots=True, pad_to_multiple_of=32)(items)  # static shapes
+    model, reference = tiny_model(dropout=0.0, attention_dropout=0.0), tiny_model(dropout=0.0, attention_dropout=0.0)
+    inputs = batch_inputs(batch)
+    assert inputs["real_slots"] is batch["real_slots"]
+    a = mlm_objective(model, **inputs)
+    b = mlm_objective(reference, **inputs | {"real_slots": None})
+    assert int(a["n_masked"]) == int(b["n_masked"]) == batch["real_slots"].numel()
+    assert int(a["mlm_correct"]) == int(b["mlm_correct"])
+    torch.testing.assert_close(a["mlm_sum"], b["mlm_sum"], rtol=1e-6, atol=1e-5)
+    a["mlm_sum"].backward()
+    b["mlm_sum"].backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_flops_per_token_counts_the_last_layer_at_the_targets() -> None:
