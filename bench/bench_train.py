@@ -163,7 +163,8 @@ def write_results(results: dict, out: Path, cuda: bool) -> None:
              + (" peak memory B / A |" if cuda else ""), "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     for r in results["rows"]:
         A, B = r["A"], r["B"]
-        lines.append(f"| {r['label']} | {r['size']} ({r['layers']}x{r['hidden']}, seq {r['seq_len']}, micro "
+        label = r["label"] + (f" ({r['padding']:.1%} padding)" if "padding" in r else "")
+        lines.append(f"| {label} | {r['size']} ({r['layers']}x{r['hidden']}, seq {r['seq_len']}, micro "
                      f"{r['micro_batch']}) | {B['tokens_per_s']:,} | {A['tokens_per_s']:,} | {r['ratio']}x | "
                      f"{B['mfu']:.1%} | {A['mfu']:.1%} | {B['first_step_s']} s | {A['first_step_s']} s |"
                      + (f" {B['peak_gib']} / {A['peak_gib']} GiB |" if "peak_gib" in B else ""))
@@ -246,6 +247,8 @@ def main() -> int:
                            "first_step_s": round(statistics.median(first[side]), 2),
                            **({"peak_gib": round(max(memory[side]), 2)} if memory[side] else {})}
             r["ratio"] = round(r["B"]["tokens_per_s"] / r["A"]["tokens_per_s"], 3)
+            if packing == "doc_sentences":  # the share of the padded batches' positions that are padding
+                r["padding"] = round(1 - statistics.median(tokens["B"]) / (micro * seq), 4)
             results["rows"].append(r)
             print(json.dumps(r), flush=True)
     write_results(results, Path(args.out), cuda)

@@ -188,7 +188,7 @@ class MaskingCollator:
         padded, or with `pad_to_multiple_of`, the S slots are padded to `target_slots(B, T)` with position 0 and
         target `IGNORE`; with `row_slots` they are B x K slots per row (`_row_slots`) and `row_slots` (bool) says
         so. Unless `pad_to_multiple_of`, a padded batch has `unpad_index` (N,), `cu_seqlens` (B+1,) and
-        `max_seqlen` (int), where its real tokens are (`model.Unpadded`), and with `row_slots` `real_slots` (R,), the
+        `max_seqlen` (int) and `row_lengths` (list of ints), where its real tokens are (`model.Unpadded`), and with `row_slots` `real_slots` (R,), the
         slots that hold a target (the others are padding too).
         Also `nsp_labels` (B,) when the items carry `nsp_label`, and `step_counts` (2,), the targets and
         sequences of the whole optimizer step on this rank, when the first item carries `step_blocks` (the
@@ -231,6 +231,7 @@ class MaskingCollator:
             batch["unpad_index"] = torch.from_numpy(np.flatnonzero(attention_mask))
             batch["cu_seqlens"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
             batch["max_seqlen"] = T
+            batch["row_lengths"] = lengths.tolist()  # host ints: attention on a CPU runs row by row without a read
             if self.row_slots:  # the slots of real targets: the unpadded step runs the rest of the head on them
                 batch["real_slots"] = torch.from_numpy(np.flatnonzero(targets != IGNORE))
         if "nsp_label" in items[0]:

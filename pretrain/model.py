@@ -163,6 +163,9 @@ class Unpadded(NamedTuple):
     """(B+1,) int32 offsets of each row's tokens in that packed order (the varlen kernels' format)."""
     max_seqlen: int
     """The longest row's real tokens."""
+    lengths: tuple[int, ...] | list[int] | None = None
+    """Each row's real tokens, as host ints (the collator's `row_lengths`), or None: read from `cu_seqlens`
+    where needed (attention on a CPU)."""
 
     @staticmethod
     def from_mask(attention_mask: torch.Tensor) -> Unpadded | None:
@@ -174,7 +177,8 @@ class Unpadded(NamedTuple):
             return None
         cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
         cu[1:] = lengths.cumsum(0)
-        return Unpadded(index, cu, int(lengths.max()) if lengths.numel() else 0)
+        host = tuple(lengths.tolist())
+        return Unpadded(index, cu, max(host, default=0), host)
 
     def rows(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """Packed (N, ...) -> (B * T, ...), zeros at the pads."""
@@ -189,12 +193,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded
                      dropout_p: float) -> torch.Tensor:
     """Attention of the packed rows (N, H, D) -> (N, H, D): each token sees its own row's real tokens.
 
-    On CUDA without dropout this is torch's variable-length flash kernel over `cu_seqlens` (no padding at all).
-    Elsewhere the rows are re-padded to (B, H, T, D) for `scaled_dot_product_attention` with the key-padding
-    mask, and packed again: attention is the one layer that needs the rows, and at T <= 512 it is a small
-    share of a layer's FLOPs, so the gain of unpadding the projections and the feed-forward stays."""
+    On CUDA without dropout this is torch's variable-length flash kernel over `cu_seqlens` (no padding at all);
+    with dropout there the rows are re-padded to (B, H, T, D) for `scaled_dot_product_attention` with the
+    key-padding mask, and packed again. On a CPU each run of consecutive rows of one length attends as one
+    (rows, H, L, D) batch, views of the packed tokens: no padding and no mask, so attention's work falls with
+    the padding as the rest of the layer's does (quadratically, in fact), for one call per run (a short row
+    is mostly a run of its own; full rows run together)."""
     N, H, D = q.shape
-    kernel = _varlen_kernel() if q.is_cuda and dropout_p == 0.0 else None
+    if not q.is_cuda and not torch.compiler.is_compiling():  # a traced graph takes the re-padded form below
+        return _attention_by_runs(q, k, v, unpadded, dropout_p)
+    kernel = _varlen_kernel() if dropout_p == 0.0 else None
     if kernel is not None:  # not run on a GPU yet: see README
         cu, m = unpadded.cu_seqlens, unpadded.max_seqlen
         return kernel(q, k, v, cu, cu, m, m)
@@ -202,6 +210,24 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded
     q, k, v = (unpadded.pad(t, B, T) for t in (q, k, v))  # (B, H, T, D)
     y = attention(q, k, v, key_mask, dropout_p)
     return y.transpose(1, 2).reshape(B * T, H, D).index_select(0, unpadded.index)  # (N, H, D)
+
+
+def _attention_by_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded: Unpadded,
+                       dropout_p: float) -> torch.Tensor:
+    """`varlen_attention` on a host device: each run of m consecutive rows of length L is a (m, H, L, D) view of
+    the packed tokens. The lengths are the collator's host ints, else read from `cu_seqlens` (a host tensor)."""
+    N, H, D = q.shape
+    lengths = unpadded.lengths if unpadded.lengths is not None else unpadded.cu_seqlens.diff().tolist()
+    out, start, b = [], 0, 0
+    while b < len(lengths):
+        L, m = lengths[b], 1
+        while b + m < len(lengths) and lengths[b + m] == L:
+            m += 1
+        if L:
+            qs, ks, vs = (t[start:start + m * L].view(m, L, H, D).transpose(1, 2) for t in (q, k, v))
+            out.append(attention(qs, ks, vs, None, dropout_p).transpose(1, 2).reshape(m * L, H, D))
+        start, b = start + m * L, b + m
+    return torch.cat(out) if len(out) != 1 else out[0]  # (N, H, D)
 
 
 def _varlen_kernel():
