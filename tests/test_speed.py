@@ -43,7 +43,17 @@ def rows(lengths: list[int], seed: int = 0) -> list[dict]:
 
 
 @pytest.mark.parametrize("left", [False, True])
-def test_unpadded_encoder_equals_the_padded_one(left: bool) -> None:
+@pytest.mark.parametrize("by_runs", [True, False])
+def test_unpadded_encoder_equals_the_padded_one(left: bool, by_runs: bool, monkeypatch) -> None:
+    """Attention on a CPU runs by runs of equal-length rows where that saves work, else re-padded: both."""
+    import pretrain.model
+
+    calls = []
+    real_runs = pretrain.model._attention_by_runs
+    monkeypatch.setattr(pretrain.model, "_attention_by_runs", lambda *a: calls.append(1) or real_runs(*a))
+    if not by_runs:
+        monkeypatch.setattr(pretrain.model, "RUNS_MAX_WORK", 0.0)
+        monkeypatch.setattr(pretrain.model, "RUNS_FEW", 0)
     model = tiny_model(dropout=0.0, attention_dropout=0.0)
     lengths = [32, 7, 19, 3, 30]
     ids = torch.full((len(lengths), 32), PAD)
@@ -69,6 +79,7 @@ def test_unpadded_encoder_equals_the_padded_one(left: bool) -> None:
     for (name, a), b in zip(model.named_parameters(), padded_model.parameters(), strict=True):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-9, msg=name)
+    assert (len(calls) > 0) == by_runs
 
 
 def test_unpadded_runs_on_the_real_tokens_only(monkeypatch: pytest.MonkeyPatch) -> None:
