@@ -146,8 +146,7 @@ class ClassifierModule(pl.LightningModule):
                               labels=batch["labels"])
         input_ids, labels = batch["input_ids"], batch["labels"]
         B, T = input_ids.shape
-        unpadded = Unpadded(batch["unpad_index"], batch["cu_seqlens"], batch["max_seqlen"], batch.get("row_lengths")) \
-            if "unpad_index" in batch else None
+        unpadded = Unpadded.from_batch(batch)
         mask = batch["attention_mask"] if unpadded is not None else None  # unpadded or full: no mask to apply
         first = torch.arange(B, device=input_ids.device) * T  # each row's <s>, all the head reads
         hidden = self.encoder.encode_targets(input_ids, mask, first, unpadded)  # (B, C)

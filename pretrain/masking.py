@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .model import Unpadded
 from .schedules import MaskSchedule
 
 # Names this generator's stream in Philox's counter, so that other users of (seed, index) draw other numbers.
@@ -228,10 +229,10 @@ class MaskingCollator:
             "row_slots": self.row_slots,
         }
         if padded and not self.pad_to_multiple_of:
-            batch["unpad_index"] = torch.from_numpy(np.flatnonzero(attention_mask))
-            batch["cu_seqlens"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-            batch["max_seqlen"] = T
-            batch["row_lengths"] = lengths.tolist()  # host ints: attention on a CPU runs row by row without a read
+            # where the real tokens are (model.Unpadded); the row lengths as host ints too, for attention on a CPU
+            batch |= Unpadded(torch.from_numpy(np.flatnonzero(attention_mask)),
+                              torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), T,
+                              lengths.tolist()).as_batch()
             if self.row_slots:  # the slots of real targets: the unpadded step runs the rest of the head on them
                 batch["real_slots"] = torch.from_numpy(np.flatnonzero(targets != IGNORE))
         if "nsp_label" in items[0]:

@@ -163,9 +163,8 @@ class Unpadded(NamedTuple):
     """(B+1,) int32 offsets of each row's tokens in that packed order (the varlen kernels' format)."""
     max_seqlen: int
     """The longest row's real tokens."""
-    lengths: tuple[int, ...] | list[int] | None = None
-    """Each row's real tokens, as host ints (the collator's `row_lengths`), or None: read from `cu_seqlens`
-    where needed (attention on a CPU)."""
+    lengths: list[int] | None = None
+    """Each row's real tokens, as host ints, or None: read from `cu_seqlens` where needed (attention on a CPU)."""
 
     @staticmethod
     def from_mask(attention_mask: torch.Tensor) -> Unpadded | None:
@@ -177,8 +176,20 @@ class Unpadded(NamedTuple):
             return None
         cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
         cu[1:] = lengths.cumsum(0)
-        host = tuple(lengths.tolist())
+        host = lengths.tolist()
         return Unpadded(index, cu, max(host, default=0), host)
+
+    @staticmethod
+    def from_batch(batch: dict) -> Unpadded | None:
+        """From a collated batch's keys (`as_batch`); None when the batch has none (nothing padded)."""
+        if "unpad_index" not in batch:
+            return None
+        return Unpadded(batch["unpad_index"], batch["cu_seqlens"], batch["max_seqlen"], batch.get("row_lengths"))
+
+    def as_batch(self) -> dict:
+        """The keys a collator adds to a padded batch: `unpad_index`, `cu_seqlens`, `max_seqlen`, `row_lengths`."""
+        return {"unpad_index": self.index, "cu_seqlens": self.cu_seqlens, "max_seqlen": self.max_seqlen,
+                "row_lengths": self.lengths}
 
     def rows(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """Packed (N, ...) -> (B * T, ...), zeros at the pads."""
@@ -195,13 +206,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded
 
     On CUDA without dropout this is torch's variable-length flash kernel over `cu_seqlens` (no padding at all);
     with dropout there the rows are re-padded to (B, H, T, D) for `scaled_dot_product_attention` with the
-    key-padding mask, and packed again. On a CPU, where that saves enough (`_runs_pay`), each run of
+    key-padding mask, and packed again. On a CPU, where that saves enough (`RUNS_MAX_WORK`), each run of
     consecutive rows of one length attends as one (rows, H, L, D) batch, views of the packed tokens: no padding
     and no mask, so attention's work falls with the padding (quadratically), for one call per run."""
     N, H, D = q.shape
     B, T = key_mask.shape[0], key_mask.shape[-1]
-    if not q.is_cuda and not torch.compiler.is_compiling() and _runs_pay(unpadded, T):  # (a graph: re-padded)
-        return _attention_by_runs(q, k, v, unpadded, dropout_p)
+    if not q.is_cuda and not torch.compiler.is_compiling():  # a traced graph takes the re-padded form below
+        runs = _runs(unpadded)
+        if len(runs) <= RUNS_FEW or sum(m * L * L for L, m in runs) <= RUNS_MAX_WORK * B * T * T:
+            return _attention_by_runs(q, k, v, runs, dropout_p)
     kernel = _varlen_kernel() if q.is_cuda and dropout_p == 0.0 else None
     if kernel is not None:  # not run on a GPU yet: see README
         cu, m = unpadded.cu_seqlens, unpadded.max_seqlen
@@ -219,31 +232,30 @@ the re-padded B x T^2, or when there are at most `RUNS_FEW` runs. One call per r
 RUNS_FEW = 4
 
 
-def _lengths(unpadded: Unpadded) -> list[int] | tuple[int, ...]:
-    return unpadded.lengths if unpadded.lengths is not None else unpadded.cu_seqlens.diff().tolist()
+def _runs(unpadded: Unpadded) -> list[tuple[int, int]]:
+    """(length L, rows m) of each run of consecutive rows of one length, in order. The lengths are the
+    collator's host ints, else read from `cu_seqlens` (a host tensor here)."""
+    lengths = unpadded.lengths if unpadded.lengths is not None else unpadded.cu_seqlens.diff().tolist()
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return runs
 
 
-def _runs_pay(unpadded: Unpadded, T: int) -> bool:
-    lengths = _lengths(unpadded)
-    runs = 1 + sum(a != b for a, b in zip(lengths, lengths[1:], strict=False))
-    return runs <= RUNS_FEW or sum(n * n for n in lengths) <= RUNS_MAX_WORK * len(lengths) * T * T
-
-
-def _attention_by_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded: Unpadded,
+def _attention_by_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int]],
                        dropout_p: float) -> torch.Tensor:
-    """`varlen_attention` on a host device: each run of m consecutive rows of length L is a (m, H, L, D) view of
-    the packed tokens. The lengths are the collator's host ints, else read from `cu_seqlens` (a host tensor)."""
+    """`varlen_attention` on a host device: each run of m rows of length L (`_runs`) is a (m, H, L, D) view of
+    the packed tokens."""
     N, H, D = q.shape
-    lengths = _lengths(unpadded)
-    out, start, b = [], 0, 0
-    while b < len(lengths):
-        L, m = lengths[b], 1
-        while b + m < len(lengths) and lengths[b + m] == L:
-            m += 1
+    out, start = [], 0
+    for L, m in runs:
         if L:
             qs, ks, vs = (t[start:start + m * L].view(m, L, H, D).transpose(1, 2) for t in (q, k, v))
             out.append(attention(qs, ks, vs, None, dropout_p).transpose(1, 2).reshape(m * L, H, D))
-        start, b = start + m * L, b + m
+        start += m * L
     return torch.cat(out) if len(out) != 1 else out[0]  # (N, H, D)
 
 

@@ -63,8 +63,7 @@ def batch_inputs(batch: dict, unpad: bool = True) -> dict:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"] if padded else None,
               "masked_positions": batch["masked_positions"], "masked_targets": batch["masked_targets"],
               "nsp_labels": batch.get("nsp_labels"), "row_slots": batch.get("row_slots", False)}
-    if padded and unpad and "unpad_index" in batch:
-        inputs["unpadded"] = Unpadded(batch["unpad_index"], batch["cu_seqlens"], batch["max_seqlen"],
-                                      batch.get("row_lengths"))
-        inputs["real_slots"] = batch.get("real_slots")
+    unpadded = Unpadded.from_batch(batch) if padded and unpad else None
+    if unpadded is not None:
+        inputs["unpadded"], inputs["real_slots"] = unpadded, batch.get("real_slots")
     return inputs

@@ -302,8 +302,7 @@ class Encoded(torch.utils.data.Dataset):
                  "labels": torch.from_numpy(self.y[index]), "index": torch.tensor(index)}
         unpadded = Unpadded.from_mask(batch["attention_mask"])  # here on the host: no sync in the step
         if unpadded is not None:  # where a padded batch's real tokens are (model.Unpadded)
-            batch |= {"unpad_index": unpadded.index, "cu_seqlens": unpadded.cu_seqlens, "max_seqlen": unpadded.max_seqlen,
-                      "row_lengths": list(unpadded.lengths)}
+            batch |= unpadded.as_batch()
         return batch
 
 
