@@ -22,6 +22,7 @@ Validation always uses the long valid blocks.
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,16 @@ Skips = list[list[int]]
 def _now(value: Any) -> Any:
     """A sampler argument that may be a callable read when iteration begins (after a checkpoint is restored)."""
     return value() if callable(value) else value
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM and SIGUSR1: they are the trainer's to act on (`PreemptionCheckpoint` saves
+    at the next step boundary, for which the workers must still deliver batches). SLURM signals every process of
+    a job step, workers included, and a worker killed by SIGTERM made the trainer fail with "DataLoader worker is
+    killed by signal" instead of saving. A worker still ends with its trainer: the loader stops it, or it sees
+    its parent gone."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class BlockDataset(Dataset):
@@ -390,7 +401,7 @@ class ShardDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset, **how, collate_fn=self.collator,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=4 if workers > 0 else None, worker_init_fn=leave_stop_signals_to_the_trainer,
             # its own generator: creating an iterator must not draw from the global one that dropout uses
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
