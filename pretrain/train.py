@@ -270,6 +270,8 @@ def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | 
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         # `resume --ckpt` from another run_dir: its best-k bookkeeping is of no use here, as Lightning says
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        # validation sums are reduced over ranks by hand before they are logged (module.py): nothing to sync
+        warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return trainer
 

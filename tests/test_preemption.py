@@ -112,6 +112,7 @@ def test_two_cpu_ranks_train_like_one_device(shards, corpus_file: Path, tmp_path
     proc = subprocess.run(cli("fit", run, corpus_file, *no_dropout, "--trainer.devices=2", "--trainer.strategy=ddp"),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sync_dist=True" not in proc.stderr  # validation sums are reduced by hand; Lightning's advice is noise
     got = {k[len("model."):]: v for k, v in weights(run / "checkpoints" / "last.ckpt").items()}
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
