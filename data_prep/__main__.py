@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("fetch needs data.shards_url (the URL `python -m data_prep upload` wrote to)")
             fetch_shards(cfg)
 
-    return run_command(build)
+    return run_command(build, stop_on_sigterm=True)
 
 
 def upload(cfg: ExperimentConfig, url: str | None, force: bool) -> None:

@@ -6,6 +6,7 @@ fix), and a non-zero exit code; never a traceback. Anything else is a bug and ke
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
@@ -19,11 +20,23 @@ USER_ERRORS = (ConfigError, CorpusError, TokenizerError, ShardError, WorkerError
 """Errors of every command that the user fixes: exit code 2."""
 
 
-def run_command(body: Callable[[], int | None], errors: dict[type[BaseException], int] | None = None) -> int:
+class Terminated(Exception):
+    """SIGTERM arrived while a command that stops on it ran."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def run_command(body: Callable[[], int | None], errors: dict[type[BaseException], int] | None = None,
+                stop_on_sigterm: bool = False) -> int:
     """The exit code of `body()` (0 when it returns None). A `USER_ERRORS` error (exit 2) or one of `errors` (type
     -> exit code; the most specific type of the error decides) is printed as one line; Ctrl-C is `interrupted`,
-    130, as a shell reports SIGINT."""
+    130, as a shell reports SIGINT. With `stop_on_sigterm` (data preparation: nothing to save), SIGTERM (a job's
+    time limit, `scancel`, `kill`) ends the command as Ctrl-C does, its temporary files removed on the way out:
+    `terminated`, 143. Training leaves SIGTERM to its preemption save (pretrain/checkpoint.py)."""
     codes: dict[type[BaseException], int] = {kind: 2 for kind in USER_ERRORS} | (errors or {})
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if stop_on_sigterm else None
     try:
         return body() or 0
     except tuple(codes) as e:
@@ -32,3 +45,9 @@ def run_command(body: Callable[[], int | None], errors: dict[type[BaseException]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        if stop_on_sigterm:
+            signal.signal(signal.SIGTERM, previous)

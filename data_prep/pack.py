@@ -55,6 +55,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import re
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -191,6 +192,10 @@ _worker: SentenceEncoder | None = None
 
 def _init_worker(tokenizer_json: str, dtype: str) -> None:
     global _worker
+    # Ctrl-C and SIGTERM reach every process of the group (a terminal, SLURM): the parent acts on them and stops
+    # the pool. A worker killed by one while it sent a result left the executor waiting for the rest for ever.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
     _worker = SentenceEncoder(load_encoder(tokenizer_json), np.dtype(dtype))
 
@@ -217,20 +222,22 @@ def encode_stream(
     # executor, not `multiprocessing.Pool`: a Pool replaces a worker that dies (killed for memory, or failing as it
     # starts) and its task never completes, so the run would hang; the executor fails the task instead.
     context = mp.get_context("spawn")
-    with ProcessPoolExecutor(num_proc, context, _init_worker, (str(tokenizer_json), np.dtype(dtype).str)) as pool:
-        pending: deque = deque()
-        try:
-            for batch in batches:
-                pending.append(pool.submit(_encode_in_worker, batch))
-                if len(pending) >= 2 * num_proc:
-                    yield pending.popleft().result()
-            while pending:
+    pool = ProcessPoolExecutor(num_proc, context, _init_worker, (str(tokenizer_json), np.dtype(dtype).str))
+    pending: deque = deque()
+    try:
+        for batch in batches:
+            pending.append(pool.submit(_encode_in_worker, batch))
+            if len(pending) >= 2 * num_proc:
                 yield pending.popleft().result()
-        except BrokenProcessPool as e:
-            raise WorkerError(
-                f"data: a tokenizer worker process died ({e}). It was killed (out of memory: lower data.num_proc) "
-                "or failed as it started: a script that calls data preparation must do "
-                "so under `if __name__ == \"__main__\":`, since the workers import it again") from None
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool as e:
+        raise WorkerError(
+            f"data: a tokenizer worker process died ({e}). It was killed (out of memory: lower data.num_proc) "
+            "or failed as it started: a script that calls data preparation must do "
+            "so under `if __name__ == \"__main__\":`, since the workers import it again") from None
+    finally:  # also on Ctrl-C, SIGTERM or an error downstream: the batches not started are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class WorkerError(RuntimeError):

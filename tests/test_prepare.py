@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +260,36 @@ def test_a_script_without_a_main_guard_fails_with_the_fix_instead_of_hanging(tmp
     assert last.startswith("data_prep.pack.WorkerError: data: a tokenizer worker process died"), last
     assert 'if __name__ == "__main__":' in last
     assert not (tmp_path / "run" / "data").exists() or not list((tmp_path / "run" / "data").rglob("meta.json"))
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_to_the_whole_group_stops_data_prep_cleanly(tmp_path, repo_root, sig, code, line) -> None:
+    """SIGTERM (SLURM's time limit or scancel) and Ctrl-C reach the tokenizer workers too. The parent stops the
+    pool and ends with one line; no temporary shard file and no process is left. With the workers killed by the
+    signal, the executor could wait for ever on a result a dying worker had half sent."""
+    corpus = write_txt(tmp_path / "corpus.txt", make_documents(30_000))  # ~7 MB: encoding lasts seconds
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", "data", f"--run_dir={run}", f"--corpus.train={corpus}",
+         "--tokenizer.vocab_size=400", "--tokenizer.max_train_bytes=200000", "--data.seq_len=64",
+         "--data.num_proc=2"],
+        cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(run.glob("data/*/train.*.tmp*")):  # the train split's shard is being written
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the train split never started"
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the encoding
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == line and "Traceback" not in err, err
+    assert not list(run.rglob("*.tmp*")) and not list(run.rglob("meta.json"))
+    for _ in range(100):  # the workers end with their parent
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of the group outlived data prep")
