@@ -56,6 +56,8 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -190,8 +192,17 @@ def sentence_batches(docs: Iterable[list[str]], size: int) -> Iterator[tuple[lis
 _worker: SentenceEncoder | None = None
 
 
-def _init_worker(tokenizer_json: str, dtype: str) -> None:
+def _exit_with(parent: int) -> None:
+    """End this worker once `parent` is gone: a parent killed outright (SIGKILL, the OOM killer) left its workers
+    waiting on their task queue for ever, each holding a tokenizer."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _init_worker(tokenizer_json: str, dtype: str, parent: int) -> None:
     global _worker
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
     # Ctrl-C and SIGTERM reach every process of the group (a terminal, SLURM): the parent acts on them and stops
     # the pool. A worker killed by one while it sent a result left the executor waiting for the rest for ever.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -222,7 +233,7 @@ def encode_stream(
     # executor, not `multiprocessing.Pool`: a Pool replaces a worker that dies (killed for memory, or failing as it
     # starts) and its task never completes, so the run would hang; the executor fails the task instead.
     context = mp.get_context("spawn")
-    pool = ProcessPoolExecutor(num_proc, context, _init_worker, (str(tokenizer_json), np.dtype(dtype).str))
+    pool = ProcessPoolExecutor(num_proc, context, _init_worker, (str(tokenizer_json), np.dtype(dtype).str, os.getpid()))
     pending: deque = deque()
     try:
         for batch in batches:

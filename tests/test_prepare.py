@@ -262,11 +262,9 @@ def test_a_script_without_a_main_guard_fails_with_the_fix_instead_of_hanging(tmp
     assert not (tmp_path / "run" / "data").exists() or not list((tmp_path / "run" / "data").rglob("meta.json"))
 
 
-@pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_a_signal_to_the_whole_group_stops_data_prep_cleanly(tmp_path, repo_root, sig, code, line) -> None:
-    """SIGTERM (SLURM's time limit or scancel) and Ctrl-C reach the tokenizer workers too. The parent stops the
-    pool and ends with one line; no temporary shard file and no process is left. With the workers killed by the
-    signal, the executor could wait for ever on a result a dying worker had half sent."""
+def start_and_wait_for_encoding(tmp_path: Path, repo_root: Path) -> tuple[subprocess.Popen, Path]:
+    """`python -m data_prep data` with 2 tokenizer workers, in a process group of its own, once it encodes the
+    train split (its temporary shard exists)."""
     corpus = write_txt(tmp_path / "corpus.txt", make_documents(30_000))  # ~7 MB: encoding lasts seconds
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -275,21 +273,44 @@ def test_a_signal_to_the_whole_group_stops_data_prep_cleanly(tmp_path, repo_root
          "--data.num_proc=2"],
         cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list(run.glob("data/*/train.*.tmp*")):  # the train split's shard is being written
+    while not list(run.glob("data/*/train.*.tmp*")):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the train split never started"
         time.sleep(0.05)
     time.sleep(0.5)  # into the encoding
+    return proc, run
+
+
+def assert_group_ends(pgid: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, "a process of the group outlived data prep"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_to_the_whole_group_stops_data_prep_cleanly(tmp_path, repo_root, sig, code, line) -> None:
+    """SIGTERM (SLURM's time limit or scancel) and Ctrl-C reach the tokenizer workers too. The parent stops the
+    pool and ends with one line; no temporary shard file and no process is left. With the workers killed by the
+    signal, the executor could wait for ever on a result a dying worker had half sent."""
+    proc, run = start_and_wait_for_encoding(tmp_path, repo_root)
     os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1] == line and "Traceback" not in err, err
     assert not list(run.rglob("*.tmp*")) and not list(run.rglob("meta.json"))
-    for _ in range(100):  # the workers end with their parent
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("a process of the group outlived data prep")
+    assert_group_ends(proc.pid, 10)
+
+
+def test_workers_end_with_a_parent_killed_outright(tmp_path, repo_root) -> None:
+    """SIGKILL (the OOM killer) gives the parent no chance to stop its workers: they notice and end on their own.
+    They used to wait on their task queue for ever."""
+    proc, run = start_and_wait_for_encoding(tmp_path, repo_root)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert_group_ends(proc.pid, 10)
+    assert not list(run.rglob("meta.json"))
