@@ -42,8 +42,8 @@ def run_command(body: Callable[[], int | None], errors: dict[type[BaseException]
     except tuple(codes) as e:
         print(f"error: {e}", file=sys.stderr)
         return next(codes[kind] for kind in type(e).__mro__ if kind in codes)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     except Terminated:
         print("terminated", file=sys.stderr)

@@ -272,7 +272,15 @@ def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | 
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
         # validation sums are reduced over ranks by hand before they are logged (module.py): nothing to sync
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        except SystemExit:
+            if not trainer.interrupted:
+                raise
+            # Ctrl-C: Lightning shuts down and exits with 1 and no word; say what is left, and exit as Ctrl-C does
+            last = last_checkpoint(cfg)
+            raise KeyboardInterrupt(f"`make resume` continues from {last[0]} (step {last[1]})" if last
+                                    else "no checkpoint was written") from None
     return trainer
 
 

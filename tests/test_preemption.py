@@ -122,3 +122,17 @@ def test_two_cpu_ranks_train_like_one_device(shards, corpus_file: Path, tmp_path
             return [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
 
     assert val_losses(run) == pytest.approx(val_losses(tmp_path / "one"), abs=1e-4)
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Ctrl-C (SIGINT to the whole group, a loader worker included): Lightning shuts down gracefully and used to
+    exit 1 with no word; it ends as an interrupted command does and says where `make resume` continues."""
+    run = tmp_path / "int"
+    proc = start_and_wait_for(run, corpus_file, "step-0000010.ckpt", "--batch.num_workers=1")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("interrupted: `make resume` continues from ") and last.endswith(")"), out
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert f"(step {step})" in last and "Traceback" not in out
