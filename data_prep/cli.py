@@ -12,12 +12,16 @@ from collections.abc import Callable
 
 from .config import ConfigError
 from .corpus import CorpusError
-from .pack import WorkerError
 from .shards import ShardError
 from .tokenizer import TokenizerError
+from .workers import WorkerError
 
 USER_ERRORS = (ConfigError, CorpusError, TokenizerError, ShardError, WorkerError, FileNotFoundError)
 """Errors of every command that the user fixes: exit code 2."""
+
+
+TERMINATED = 143
+"""The exit code of a command stopped by SIGTERM (128 + 15, as a shell reports it)."""
 
 
 class Terminated(Exception):
@@ -47,7 +51,7 @@ def run_command(body: Callable[[], int | None], errors: dict[type[BaseException]
         return 130
     except Terminated:
         print("terminated", file=sys.stderr)
-        return 143
+        return TERMINATED
     finally:
         if stop_on_sigterm:
             signal.signal(signal.SIGTERM, previous)

@@ -52,16 +52,10 @@ pipeline is not exactly this one (`splittable`). `tests/test_encode_fast.py` com
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import re
-import signal
-import threading
-import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -70,6 +64,7 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from .config import Packing
+from .workers import WorkerError, WorkerPool
 
 PAIR_PACKINGS = ("segment_pair", "sentence_pair")
 IS_NEXT, NOT_NEXT = 0, 1  # Hugging Face's next_sentence_label convention
@@ -189,31 +184,10 @@ def sentence_batches(docs: Iterable[list[str]], size: int) -> Iterator[tuple[lis
         yield lines, first
 
 
-_worker: SentenceEncoder | None = None
-
-
-def _exit_with(parent: int) -> None:
-    """End this worker once `parent` is gone: a parent killed outright (SIGKILL, the OOM killer) left its workers
-    waiting on their task queue for ever, each holding a tokenizer."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
-
-
-def _init_worker(tokenizer_json: str, dtype: str, parent: int) -> None:
-    global _worker
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
-    # Ctrl-C and SIGTERM reach every process of the group (a terminal, SLURM): the parent acts on them and stops
-    # the pool. A worker killed by one while it sent a result left the executor waiting for the rest for ever.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+def _init_worker(tokenizer_json: str, dtype: str) -> Callable[[tuple[list[str], list[bool]]], Encoded]:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    _worker = SentenceEncoder(load_encoder(tokenizer_json), np.dtype(dtype))
-
-
-def _encode_in_worker(batch: tuple[list[str], list[bool]]) -> Encoded:
-    assert _worker is not None, "worker not initialised"
-    return _worker(*batch)
+    encode = SentenceEncoder(load_encoder(tokenizer_json), np.dtype(dtype))
+    return lambda batch: encode(*batch)
 
 
 def encode_stream(
@@ -229,30 +203,26 @@ def encode_stream(
         for lines, first in batches:
             yield encode(lines, first)
         return
-    # spawn, not fork: the parent may hold tokenizer threads, and forking a threaded process is unsafe. An
-    # executor, not `multiprocessing.Pool`: a Pool replaces a worker that dies (killed for memory, or failing as it
-    # starts) and its task never completes, so the run would hang; the executor fails the task instead.
-    context = mp.get_context("spawn")
-    pool = ProcessPoolExecutor(num_proc, context, _init_worker, (str(tokenizer_json), np.dtype(dtype).str, os.getpid()))
-    pending: deque = deque()
-    try:
-        for batch in batches:
-            pending.append(pool.submit(_encode_in_worker, batch))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    except BrokenProcessPool as e:
-        raise WorkerError(
-            f"data: a tokenizer worker process died ({e}). It was killed (out of memory: lower data.num_proc) "
-            "or failed as it started: a script that calls data preparation must do "
-            "so under `if __name__ == \"__main__\":`, since the workers import it again") from None
-    finally:  # also on Ctrl-C, SIGTERM or an error downstream: the batches not started are dropped
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-class WorkerError(RuntimeError):
-    """A worker process of `encode_stream` died."""
+    # Our own pool (workers.py), not `multiprocessing.Pool` nor `ProcessPoolExecutor`: a Pool replaces a worker
+    # that dies (killed for memory, or failing as it starts) and its task never completes, and an executor can wait
+    # for ever on a result that a dying worker had half sent; here a dead worker ends the run at once.
+    with WorkerPool(num_proc, _init_worker, (str(tokenizer_json), np.dtype(dtype).str)) as pool:
+        in_flight = 0
+        try:
+            for batch in batches:
+                pool.submit(batch)
+                in_flight += 1
+                if in_flight >= 2 * num_proc:
+                    yield pool.result()
+                    in_flight -= 1
+            for _ in range(in_flight):
+                yield pool.result()
+        except WorkerError as e:
+            raise WorkerError(
+                f"data: a tokenizer worker process died (pid {e.pid}, exit code {e.exitcode}). It was killed (out of "
+                "memory: lower data.num_proc) "
+                "or failed as it started: a script that calls data preparation must do "
+                "so under `if __name__ == \"__main__\":`, since the workers import it again") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

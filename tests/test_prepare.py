@@ -257,7 +257,7 @@ def test_a_script_without_a_main_guard_fails_with_the_fix_instead_of_hanging(tmp
                           timeout=150)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("data_prep.pack.WorkerError: data: a tokenizer worker process died"), last
+    assert last.startswith("data_prep.workers.WorkerError: data: a tokenizer worker process died"), last
     assert 'if __name__ == "__main__":' in last
     assert not (tmp_path / "run" / "data").exists() or not list((tmp_path / "run" / "data").rglob("meta.json"))
 
@@ -314,3 +314,18 @@ def test_workers_end_with_a_parent_killed_outright(tmp_path, repo_root) -> None:
     proc.communicate(timeout=60)
     assert_group_ends(proc.pid, 10)
     assert not list(run.rglob("meta.json"))
+
+
+def test_a_worker_killed_mid_encoding_fails_the_run_with_one_line(tmp_path, repo_root) -> None:
+    """One tokenizer worker killed (the OOM killer picks one): the run ends with the one-line error, exit 2, and
+    the other worker is stopped too; nothing waits for ever."""
+    proc, run = start_and_wait_for_encoding(tmp_path, repo_root)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert len(pids) == 2, workers
+    os.kill(pids[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines()[-1].startswith("error: data: a tokenizer worker process died"), err
+    assert not list(run.rglob("*.tmp*")) and not list(run.rglob("meta.json"))
+    assert_group_ends(proc.pid, 10)

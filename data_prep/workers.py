@@ -1,0 +1,114 @@
+"""Worker processes that apply one function to a stream of tasks, results in order, and never hang.
+
+`concurrent.futures.ProcessPoolExecutor` shares one result pipe among its workers, and the parent holds a write
+end of it too. A worker killed while it sends a result (SIGTERM to a SLURM job step or the OOM killer, which both
+reach workers) leaves the executor reading the rest of that message for ever, and a parent that then waits for
+the pool, or exits (the interpreter joins the executor's thread), hangs with it. Seen: `python -m data_prep data`
+under SIGTERM to its process group.
+
+Here each worker has a task queue and a result pipe of its own, and holds that pipe's only write end: a worker's
+death is end-of-file to the parent, at once, whatever it was doing. The parent sends task k to worker k mod n and
+reads result k from it, so results come in submission order. A worker ignores Ctrl-C (the parent acts on it and
+stops the pool) and ends by itself when its parent is gone (SIGKILL gives the parent no chance to stop it).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+class WorkerError(RuntimeError):
+    """A worker process died: `pid`, `exitcode` (negative: the signal that killed it)."""
+
+    def __init__(self, message: str, pid: int | None = None, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.pid, self.exitcode = pid, exitcode
+
+
+class WorkerFailed(RuntimeError):
+    """The function raised in a worker; the message holds the worker's traceback."""
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _worker_main(init: Callable[..., Callable[[Any], Any]], init_args: tuple, tasks: Any, results: Any,
+                 parent: int) -> None:
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    function = init(*init_args)
+    while (task := tasks.get()) is not None:
+        try:
+            result = (True, function(task))
+        except Exception:
+            result = (False, traceback.format_exc())
+        results.send(result)
+
+
+class WorkerPool:
+    """`num_proc` spawned processes, each running `init(*init_args)` once for the function it then applies to its
+    tasks. `submit` and `result` alternate freely; results come in submission order. Use as a context manager:
+    leaving it normally lets the workers finish and end; leaving it by an exception (Ctrl-C, SIGTERM, an error)
+    kills them, since nothing they do then is wanted."""
+
+    def __init__(self, num_proc: int, init: Callable[..., Callable[[Any], Any]], init_args: tuple = ()) -> None:
+        context = mp.get_context("spawn")  # not fork: the parent may hold tokenizer threads
+        self._workers: list[tuple[Any, Any, Any]] = []  # (process, task queue, result reader)
+        self._submitted = self._received = 0
+        for _ in range(num_proc):
+            tasks = context.Queue()  # its feeder thread sends, so the parent never blocks on a full pipe
+            tasks.cancel_join_thread()  # a dead worker's unread tasks must not hold up the parent's exit
+            reader, writer = context.Pipe(duplex=False)
+            process = context.Process(target=_worker_main, args=(init, init_args, tasks, writer, os.getpid()),
+                                      daemon=True)
+            process.start()
+            writer.close()  # the worker's is the only write end left: its death is end-of-file here
+            self._workers.append((process, tasks, reader))
+
+    def submit(self, task: Any) -> None:
+        self._workers[self._submitted % len(self._workers)][1].put(task)
+        self._submitted += 1
+
+    def result(self) -> Any:
+        """The result of the oldest task not yet returned."""
+        assert self._received < self._submitted, "no task in flight"
+        process, _, reader = self._workers[self._received % len(self._workers)]
+        try:
+            ok, value = reader.recv()
+        except (EOFError, OSError):
+            process.join(timeout=5)
+            raise WorkerError(f"worker process {process.pid} died (exit code {process.exitcode})", process.pid,
+                              process.exitcode) from None
+        self._received += 1
+        if not ok:
+            raise WorkerFailed(f"in worker process {process.pid}:\n{value}")
+        return value
+
+    def close(self, finish: bool) -> None:
+        """End the workers: let them finish and exit (`finish`), or kill them."""
+        for process, tasks, _ in self._workers:
+            if finish and process.is_alive():
+                tasks.put(None)
+            elif process.is_alive():
+                process.kill()
+        for process, tasks, reader in self._workers:
+            process.join()
+            tasks.close()
+            reader.close()
+        self._workers = []
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(finish=exc_type is None)

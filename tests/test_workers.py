@@ -1,0 +1,55 @@
+"""The worker pool of data preparation (data_prep/workers.py): results in order, a failure or a death reported at
+once, and no worker left behind however the pool is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from data_prep.workers import WorkerError, WorkerFailed, WorkerPool
+
+
+def _square_or_fail(offset: int):
+    def apply(task: int) -> tuple[int, int]:
+        if task < 0:
+            raise ValueError(f"negative task {task}")
+        return os.getpid(), task * task + offset
+    return apply
+
+
+def test_results_come_in_submission_order_from_every_worker() -> None:
+    with WorkerPool(3, _square_or_fail, (1,)) as pool:
+        got = []
+        for k in range(20):
+            pool.submit(k)
+            if k >= 5:
+                got.append(pool.result())
+        got += [pool.result() for _ in range(5)]
+        processes = [process for process, _, _ in pool._workers]
+    assert [value for _, value in got] == [k * k + 1 for k in range(20)]
+    assert len({pid for pid, _ in got}) == 3
+    assert all(not p.is_alive() and p.exitcode == 0 for p in processes)  # finished and ended by themselves
+
+
+def test_an_exception_in_a_worker_is_reported_with_its_traceback_and_the_pool_goes_on() -> None:
+    with WorkerPool(2, _square_or_fail, (0,)) as pool:
+        pool.submit(-3)
+        pool.submit(4)
+        with pytest.raises(WorkerFailed, match=r"(?s)ValueError: negative task -3"):
+            pool.result()
+        assert pool.result()[1] == 16
+
+
+def test_a_dead_worker_is_an_error_at_once_and_leaving_by_an_error_kills_the_rest() -> None:
+    with pytest.raises(WorkerError) as caught:
+        with WorkerPool(2, _square_or_fail, (0,)) as pool:
+            processes = [process for process, _, _ in pool._workers]
+            pool.submit(1)
+            pool.result()  # both are up
+            os.kill(processes[1].pid, signal.SIGKILL)
+            pool.submit(2)  # to worker 1, dead
+            pool.result()
+    assert caught.value.pid == processes[1].pid and caught.value.exitcode == -signal.SIGKILL
+    assert not processes[0].is_alive() and processes[0].exitcode == -signal.SIGKILL  # killed on the way out
