@@ -103,8 +103,9 @@ class WorkerPool:
                 process.kill()
         for process, tasks, reader in self._workers:
             process.join()
-            tasks.close()
             reader.close()
+            if finish:  # a killed worker's queue stays open: its feeder thread may be writing to the dead worker,
+                tasks.close()  # and closing our read end would turn that into a BrokenPipeError traceback
         self._workers = []
 
     def __enter__(self) -> WorkerPool:
