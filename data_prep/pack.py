@@ -192,11 +192,12 @@ def _init_worker(tokenizer_json: str, dtype: str) -> Callable[[tuple[list[str], 
 
 def encode_stream(
     tokenizer_json: str | Path, docs: Iterable[list[str]], dtype: np.dtype, num_proc: int = 1,
-    batch_sentences: int = 4096,
+    batch_sentences: int = 4096, worker_peaks: list[int] | None = None,
 ) -> Iterator[Encoded]:
     """Encoded batches of `docs`, in order. num_proc > 1 uses that many worker processes with at most two
     batches each in flight, so memory stays flat however long the stream (`Pool.imap` would read ahead
-    without bound); num_proc = 1 encodes here, with the tokenizer's own threads."""
+    without bound); num_proc = 1 encodes here, with the tokenizer's own threads. With `worker_peaks`, the
+    largest worker's peak resident set (bytes) is appended to it once the stream is done."""
     batches = sentence_batches(docs, batch_sentences)
     if num_proc <= 1:
         encode = SentenceEncoder(load_encoder(tokenizer_json), dtype)
@@ -217,6 +218,9 @@ def encode_stream(
                     in_flight -= 1
             for _ in range(in_flight):
                 yield pool.result()
+            pool.close(finish=True)
+            if worker_peaks is not None:
+                worker_peaks.append(pool.peak_rss_bytes)
         except WorkerError as e:
             raise WorkerError(
                 f"data: a tokenizer worker process died (pid {e.pid}, exit code {e.exitcode}). It was killed (out of "

@@ -285,6 +285,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     groups = itertools.groupby(docs, key=lambda doc: doc.source) if by_source else [(None, docs)]
     source_blocks = [0] * len(tally.counts)  # one per corpus.valid entry, or per train source
     packers: list[Packer] = []
+    worker_peaks: list[int] = []  # bytes, one per pool of tokenizer workers
     start = time.perf_counter()
     with ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(
         total=_read_size(corpus, split), unit="B", unit_scale=True, desc=f"data: {split}", mininterval=1.0,
@@ -296,7 +297,8 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
                             short_seq_prob=d.short_seq_prob)
             packers.append(packer)
             before = writer.num_blocks
-            for enc in encode_stream(tokenizer_json, (doc.lines for doc in group), dtype, num_workers(d.num_proc)):
+            for enc in encode_stream(tokenizer_json, (doc.lines for doc in group), dtype, num_workers(d.num_proc),
+                                     worker_peaks=worker_peaks):
                 tally.tokens_of(enc.lengths)
                 blocks = packer.add(enc)
                 writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
@@ -324,6 +326,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
             "padding_fraction": round(s.padding_fraction(d.seq_len), 6),
             "seconds": round(seconds, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            "worker_peak_rss_mb": round(max(worker_peaks, default=0) / 2**20, 1),  # 0: encoded in this process
             "sources": tally.counts,
             **({"source_blocks": source_blocks} if by_source else {}),
         })
@@ -383,9 +386,9 @@ def hash_seed(*values: int) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(values).encode()).digest()[:8], "little")
 
 
-def peak_rss_mb(children: bool = False) -> float:
-    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
-    rss = resource.getrusage(who).ru_maxrss
+def peak_rss_mb() -> float:
+    """This process's peak resident set (its tokenizer workers report their own: workers.peak_rss_bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
 
 
@@ -407,7 +410,8 @@ def format_report(meta: dict[str, Any], out: Path) -> str:
         for s in meta["sources"]:
             lines.append(f"  {short_label(s['name']):24} {s['weight']:>6g} {s['documents']:>10,} {s['bytes'] / 1e6:>8.1f} "
                          f"{s['tokens']:>13,} {s['share']:>7.2%}")
-    lines.append(f"  peak memory  {peak_rss_mb():.0f} MB (this process), {peak_rss_mb(children=True):.0f} MB "
-                 "(largest worker)")
+    worker = max((r.get("worker_peak_rss_mb", 0) for r in meta["splits"].values()), default=0)
+    lines.append(f"  peak memory  {peak_rss_mb():.0f} MB (this process)"
+                 + (f", {worker:.0f} MB (largest tokenizer worker)" if worker else ""))
     lines.append(f"  read with    data_prep.shards.open_split('{out / META}', 'train')")
     return "\n".join(lines)

@@ -42,6 +42,18 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: `VmHWM` on Linux. Not `ru_maxrss`, which a spawned process inherits from
+    the fork that precedes its exec, so a worker of a big parent reported the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux (bytes on macOS: rarer)
+
+
 def _worker_main(init: Callable[..., Callable[[Any], Any]], init_args: tuple, tasks: Any, results: Any,
                  parent: int) -> None:
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
@@ -49,10 +61,11 @@ def _worker_main(init: Callable[..., Callable[[Any], Any]], init_args: tuple, ta
     function = init(*init_args)
     while (task := tasks.get()) is not None:
         try:
-            result = (True, function(task))
+            result = ("ok", function(task))
         except Exception:
-            result = (False, traceback.format_exc())
+            result = ("error", traceback.format_exc())
         results.send(result)
+    results.send(("peak", peak_rss_bytes()))  # asked to finish: the last word
 
 
 class WorkerPool:
@@ -64,6 +77,7 @@ class WorkerPool:
     def __init__(self, num_proc: int, init: Callable[..., Callable[[Any], Any]], init_args: tuple = ()) -> None:
         context = mp.get_context("spawn")  # not fork: the parent may hold tokenizer threads
         self._workers: list[tuple[Any, Any, Any]] = []  # (process, task queue, result reader)
+        self.peak_rss_bytes = 0  # the largest worker's peak resident set, once the workers finished (`close`)
         self._submitted = self._received = 0
         for _ in range(num_proc):
             tasks = context.Queue()  # its feeder thread sends, so the parent never blocks on a full pipe
@@ -84,13 +98,13 @@ class WorkerPool:
         assert self._received < self._submitted, "no task in flight"
         process, _, reader = self._workers[self._received % len(self._workers)]
         try:
-            ok, value = reader.recv()
+            ok, value = reader.recv()  # ("ok", result) or ("error", traceback)
         except (EOFError, OSError):
             process.join(timeout=5)
             raise WorkerError(f"worker process {process.pid} died (exit code {process.exitcode})", process.pid,
                               process.exitcode) from None
         self._received += 1
-        if not ok:
+        if ok != "ok":
             raise WorkerFailed(f"in worker process {process.pid}:\n{value}")
         return value
 
@@ -102,6 +116,13 @@ class WorkerPool:
             elif process.is_alive():
                 process.kill()
         for process, tasks, reader in self._workers:
+            if finish:
+                try:
+                    kind, value = reader.recv()
+                    if kind == "peak":
+                        self.peak_rss_bytes = max(self.peak_rss_bytes, value)
+                except (EOFError, OSError):
+                    pass  # it had died: nothing to report
             process.join()
             reader.close()
             if finish:  # a killed worker's queue stays open: its feeder thread may be writing to the dead worker,

@@ -53,3 +53,16 @@ def test_a_dead_worker_is_an_error_at_once_and_leaving_by_an_error_kills_the_res
             pool.result()
     assert caught.value.pid == processes[1].pid and caught.value.exitcode == -signal.SIGKILL
     assert not processes[0].is_alive() and processes[0].exitcode == -signal.SIGKILL  # killed on the way out
+
+
+def test_a_worker_reports_its_own_peak_memory_not_its_parents() -> None:
+    """A spawned process's ru_maxrss includes the fork before its exec, so the old report ('largest worker')
+    showed the parent's peak; the pool reports VmHWM."""
+    import numpy as np
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB resident in the parent
+    with WorkerPool(2, _square_or_fail, (0,)) as pool:
+        pool.submit(3)
+        assert pool.result()[1] == 9
+        pool.close(finish=True)
+    assert 0 < pool.peak_rss_bytes < 200 * 2**20 < ballast.nbytes
