@@ -50,19 +50,41 @@ def _now(value: Any) -> Any:
     return value() if callable(value) else value
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""The signals a loader worker leaves to the trainer."""
+
+
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """A loader worker ignores SIGTERM, SIGUSR1 and SIGINT: they are the trainer's to act on. SLURM signals every
-    process of a job step, and a terminal's Ctrl-C its whole process group, workers included.
+    """A loader worker ignores `STOP_SIGNALS`: they are the trainer's to act on. SLURM signals every process of a
+    job step, and a terminal's Ctrl-C its whole process group, workers included.
     - SIGTERM/SIGUSR1: `PreemptionCheckpoint` saves at the next step boundary, for which the workers must still
       deliver batches; a worker killed by SIGTERM made the trainer fail ("DataLoader worker is killed by signal")
       instead of saving.
     - SIGINT: a worker ended by it while the trainer's own KeyboardInterrupt was swallowed (raised inside a
       callback whose exceptions Python ignores) made the next batch fail with "DataLoader worker exited
       unexpectedly" and a traceback.
-    A worker still ends with its trainer: the loader stops it, it sees its parent gone, or the trainer's exit
-    kills it (`_kill_daemonic_children`)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    The worker was born with them blocked (`SignalSafeLoader`), so one that arrived while it started waits, and is
+    discarded here. A worker still ends with its trainer: the loader stops it, it sees its parent gone, or the
+    trainer's exit kills it (`_kill_daemonic_children`)."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class SignalSafeLoader(DataLoader):
+    """A DataLoader whose worker processes start with `STOP_SIGNALS` blocked, until their init function ignores
+    them: a worker starting at the moment of a SLURM SIGTERM (validation's, say, whose workers start at the first
+    validation) was killed by it before it could ignore it."""
+
+    def _get_iterator(self):  # noqa: ANN202 - torch's private hook, called once per worker start
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super()._get_iterator()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()  # forks (or spawns) the workers, which inherit the mask
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one that arrived meanwhile is delivered now
 
 
 def _kill_daemonic_children() -> None:
@@ -417,7 +439,7 @@ class ShardDataModule(pl.LightningDataModule):
         sampler (`batches`)."""
         workers = self.cfg.batch.num_workers
         how = {"batch_sampler": sampler} if batches else {"batch_size": self.cfg.batch.micro_size, "sampler": sampler}
-        return DataLoader(
+        return SignalSafeLoader(
             dataset, **how, collate_fn=self.collator,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if workers > 0 else None, worker_init_fn=leave_stop_signals_to_the_trainer,

@@ -141,3 +141,29 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(corpus_f
     assert last.startswith("interrupted: `make resume` continues from ") and last.endswith(")"), out
     step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert f"(step {step})" in last and "Traceback" not in out
+
+
+def _signalled_as_it_starts(worker_id: int) -> None:
+    """A worker's init that first receives SIGTERM, as one starting at the moment of a job's SIGTERM does."""
+    from pretrain.data import leave_stop_signals_to_the_trainer
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    leave_stop_signals_to_the_trainer(worker_id)
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_a_loader_worker_signalled_as_it_starts_survives_only_in_the_signal_safe_loader(safe: bool) -> None:
+    """Validation's workers start at the first validation, which a preemption can coincide with: a SIGTERM that
+    reached a worker before its init ignored it killed it. The signal-safe loader starts workers with the stop
+    signals blocked; the plain DataLoader shows what happened before."""
+    from torch.utils.data import DataLoader
+
+    from pretrain.data import SignalSafeLoader
+
+    kind = SignalSafeLoader if safe else DataLoader
+    loader = kind(list(range(8)), batch_size=2, num_workers=1, worker_init_fn=_signalled_as_it_starts)
+    if safe:
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    else:
+        with pytest.raises(RuntimeError, match="DataLoader worker"):
+            list(loader)
