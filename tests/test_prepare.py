@@ -281,6 +281,20 @@ def start_and_wait_for_encoding(tmp_path: Path, repo_root: Path) -> tuple[subpro
     return proc, run
 
 
+def spawned_children(parent: int) -> list[int]:
+    """The pids of `parent`'s multiprocessing workers, from /proc (no procps needed)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
 def assert_group_ends(pgid: int, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -320,9 +334,8 @@ def test_a_worker_killed_mid_encoding_fails_the_run_with_one_line(tmp_path, repo
     """One tokenizer worker killed (the OOM killer picks one): the run ends with the one-line error, exit 2, and
     the other worker is stopped too; nothing waits for ever."""
     proc, run = start_and_wait_for_encoding(tmp_path, repo_root)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
-    pids = [int(p) for p in workers.stdout.split()]
-    assert len(pids) == 2, workers
+    pids = spawned_children(proc.pid)
+    assert len(pids) == 2, pids
     os.kill(pids[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, err
