@@ -218,15 +218,14 @@ def encode_stream(
                     in_flight -= 1
             for _ in range(in_flight):
                 yield pool.result()
-            pool.close(finish=True)
-            if worker_peaks is not None:
-                worker_peaks.append(pool.peak_rss_bytes)
         except WorkerError as e:
             raise WorkerError(
                 f"data: a tokenizer worker process died (pid {e.pid}, exit code {e.exitcode}). It was killed (out of "
                 "memory: lower data.num_proc) "
                 "or failed as it started: a script that calls data preparation must do "
                 "so under `if __name__ == \"__main__\":`, since the workers import it again") from None
+    if worker_peaks is not None:  # the workers finished as the pool was left: their peaks are in
+        worker_peaks.append(pool.peak_rss_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -98,18 +98,20 @@ class WorkerPool:
         assert self._received < self._submitted, "no task in flight"
         process, _, reader = self._workers[self._received % len(self._workers)]
         try:
-            ok, value = reader.recv()  # ("ok", result) or ("error", traceback)
+            kind, value = reader.recv()  # ("ok", result) or ("error", traceback)
         except (EOFError, OSError):
             process.join(timeout=5)
             raise WorkerError(f"worker process {process.pid} died (exit code {process.exitcode})", process.pid,
                               process.exitcode) from None
         self._received += 1
-        if ok != "ok":
+        if kind != "ok":
             raise WorkerFailed(f"in worker process {process.pid}:\n{value}")
         return value
 
     def close(self, finish: bool) -> None:
-        """End the workers: let them finish and exit (`finish`), or kill them."""
+        """End the workers: let them finish and exit (`finish`, once every result is read: a worker with results
+        unread could block sending them), or kill them."""
+        assert not finish or self._received == self._submitted, "results left unread"
         for process, tasks, _ in self._workers:
             if finish and process.is_alive():
                 tasks.put(None)
