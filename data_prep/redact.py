@@ -1,0 +1,88 @@
+"""Secrets never leave the process: credential-like values are replaced by `REDACTED` before a config, URL or
+message is persisted or printed (logs/config.yaml, hparams.yaml, checkpoints, the model card, wandb's and
+TensorBoard's configs, console lines).
+
+What counts as a secret:
+- in `data.storage_options` (any depth, e.g. s3fs's `key`/`secret`/`token`, `client_kwargs.aws_secret_access_key`,
+  gcsfs's `token`): every value whose key names a credential (`CREDENTIAL_KEY`);
+- in a URL: the userinfo (`s3://KEY:SECRET@bucket/...`, `https://user:pass@host/...`) and the values of query
+  parameters that name a credential (a presigned URL's `X-Amz-Signature`, `X-Amz-Credential`, Azure's `sig`,
+  `token`, `access_token`, ...).
+
+The run itself keeps the real values in memory (the config object it was given); only what is written or printed
+is redacted. A resumed run takes its storage options from the config it is started with, not the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+REDACTED = "REDACTED"
+
+CREDENTIAL_KEY = re.compile(
+    r"(key|secret|token|passw(or)?d|credential|auth|session|signature|^sig$|sas|cookie|private|bearer|api[_-]?key)",
+    re.IGNORECASE)
+"""A mapping key or query parameter whose value is a credential. `key` is one too: s3fs's access key id is one
+half of the pair, and `endpoint_url`, `region_name`, `anon` or `client_kwargs` do not match."""
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its userinfo and credential-like query values replaced (anything else as it was)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(CREDENTIAL_KEY.search(k) for k, _ in pairs):
+            query = urlencode([(k, REDACTED if CREDENTIAL_KEY.search(k) else v) for k, v in pairs], safe="/:")
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Every URL inside `text` (an error message, a log line) redacted by `redact_url`."""
+    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def redact_options(options: Any) -> Any:
+    """A copy of an fsspec `storage_options` mapping (nested mappings and lists too) with every value whose key
+    names a credential replaced by `REDACTED`; URLs inside values are redacted as well."""
+    if isinstance(options, dict):
+        return {k: (REDACTED if isinstance(k, str) and CREDENTIAL_KEY.search(k) and v not in (None, "", {}, [])
+                    else redact_options(v)) for k, v in options.items()}
+    if isinstance(options, list | tuple):
+        return type(options)(redact_options(v) for v in options)
+    if isinstance(options, str):
+        return redact_text(options)
+    return options
+
+
+def redact_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict (`ExperimentConfig.to_dict()`, or a checkpoint's) safe to persist: the storage
+    options redacted, and every URL-valued string (shards_url, corpus entries, wandb's settings) without its
+    credentials. The input is not changed."""
+    out = _redact_strings(config)
+    data = out.get("data") if isinstance(out, dict) else None
+    if isinstance(data, dict) and "storage_options" in data:
+        data["storage_options"] = redact_options(config["data"]["storage_options"])
+    return out
+
+
+def _redact_strings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_strings(v) for v in value)
+    if isinstance(value, str) and "://" in value:
+        return redact_text(value)
+    return value
