@@ -12,6 +12,7 @@ from the same text, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,10 +145,17 @@ class DataConfig:
         "(AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) or ~/.aws: the config is saved in logs "
         "and checkpoints.")
     fetch_threads: int = option(8, "Files of shards_url downloaded at once (each checked and renamed on its own).")
+    shards_sha256: str | None = option(
+        None, "The sha256 of shards_url's meta.json (`sha256sum meta.json`, printed by `python -m data_prep "
+        "upload`): pins the manifest, and through its files table every file, to what you trust; a different "
+        "meta.json is refused before anything is downloaded. null: trust what the URL serves.")
 
     def __post_init__(self) -> None:
         if self.fetch_threads < 1:
             raise ConfigError(f"data.fetch_threads={self.fetch_threads} must be at least 1")
+        if self.shards_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.shards_sha256):
+            raise ConfigError(f"data.shards_sha256={self.shards_sha256!r} must be a sha256: 64 hex digits "
+                              "(`sha256sum meta.json`), or null")
         if self.shards_url and self.short_seq_len:
             raise ConfigError("data.shards_url with data.short_seq_len is not supported: BERT's length schedule "
                               "reads two data directories; prepare the shards on each node (`make data`)")
