@@ -10,6 +10,9 @@ is kept:
        tokenizer must give the project's ids on validation text; `fill-mask` answers on a corpus sentence;
     3) only then is it swapped into place (a previous export is replaced in two renames); a failure removes
        the temporary directory and leaves any previous export untouched.
+An export directory carries the marker `.roberta-pretrain` (outputs.py): the target is replaced only when it is an
+export (marked, or holding exactly an older export's files), empty or missing; anything else, or a symbolic link,
+is refused with one line before the checkpoint is read (`make export OUT=~` deletes nothing).
 
 The conversion itself, in both directions, is `hf.py`; the model card is `card.py`.
 
@@ -40,20 +43,40 @@ from .card import tokens_seen as tokens_seen  # re-exported: it used to live her
 from .checkpoint import load_full, resumable_checkpoint
 from .hf import model_config, to_hf
 from .model import RobertaForMLM
+from .outputs import OutputDirError, Writer, check_replaceable, mark, remove, replace
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed in fp32 between this project's model and `transformers`
 
 
 class ExportError(ValueError):
-    """No checkpoint to export, or a tokenizer that is not the checkpoint's: the message names the file."""
+    """No checkpoint to export, a tokenizer that is not the checkpoint's, or a target directory that is not an
+    export: the message names the file."""
 
 
 class ParityError(ExportError):
     """The exported directory does not reproduce the project's model; nothing was written in its place."""
 
 
+EXPORT = Writer("an export", "choose another --out",
+                files=frozenset({"config.json", "model.safetensors", "README.md", *FILES}),
+                required=frozenset({"config.json", "model.safetensors"}))
+"""An export directory; one written before markers holds exactly these files."""
+
+
 def export_dir(cfg: ExperimentConfig) -> Path:
     return cfg.run_path / "hf"
+
+
+def check_target(out: Path) -> Path:
+    """`out` as an absolute path (symbolic links kept, `..` folded) that export may replace; ExportError if not."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    if not out.name:  # the file system's root
+        raise ExportError(f"{out} cannot be an export directory: choose another --out")
+    try:
+        check_replaceable(out, EXPORT)
+    except OutputDirError as e:
+        raise ExportError(str(e)) from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,6 +86,7 @@ def export_dir(cfg: ExperimentConfig) -> Path:
 def export(cfg: ExperimentConfig, ckpt: str | Path | None = None, out: str | Path | None = None,
            log=print) -> Path:
     """Export a checkpoint of the run (default: its newest readable one) to `out` (default: run_dir/hf)."""
+    out = check_target(Path(out) if out else export_dir(cfg))  # before any work
     if ckpt is None:
         directory = cfg.run_path / "checkpoints"
         found = resumable_checkpoint(directory, log) if directory.is_dir() else None
@@ -83,8 +107,7 @@ def export(cfg: ExperimentConfig, ckpt: str | Path | None = None, out: str | Pat
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     # the checkpoint's experiment, with this config's card metadata (stated at export time too)
     run_cfg = dataclasses.replace(config_from_dict(hp["config"]), card=cfg.card)
-    return export_weights(weights, run_cfg, hp["meta"], Path(out) if out else export_dir(cfg),
-                          tokenizer_dir(cfg), step=step, run_path=cfg.run_path, source=str(ckpt), log=log,
+    return export_weights(weights, run_cfg, hp["meta"], out, tokenizer_dir(cfg), step=step, run_path=cfg.run_path, source=str(ckpt), log=log,
                           rollbacks=(state.get("rollbacks") or {}).get("events", []))
 
 
@@ -96,6 +119,7 @@ def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, 
     `rollbacks`: the run's rollback events (rollback.py), for the model card."""
     import transformers
 
+    out = check_target(out)
     transformers.utils.logging.disable_progress_bar()
     # 0) the checkpoint's model, and the tokenizer its shards were made with
     mcfg = model_config(run_cfg, meta)
@@ -109,11 +133,15 @@ def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, 
     meta_path = meta_path or find_shards(run_path, meta)
 
     # 1) write into a temporary directory beside the target
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        remove(tmp, EXPORT)  # a leftover of an earlier process with this id, checked like any export
+    except OutputDirError as e:
+        raise ExportError(str(e)) from None
+    tmp.mkdir()
+    try:
+        mark(tmp, f"a Hugging Face export of {source}")
         to_hf(ours, meta["special_ids"]).save_pretrained(tmp)
         for name in FILES:
             shutil.copy2(tok_dir / name, tmp / name)
@@ -132,17 +160,13 @@ def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, 
         metrics = metrics if metrics is not None else validation_metrics(run_path / "logs" / "metrics.csv", step)
         model_card(run_cfg, meta, mcfg, step, metrics, check, meta_path, source, rollbacks or []).save(tmp / "README.md")
 
-        # 3) swap it in
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        # 3) swap it in (the target checked again: it is replaced only if it is still an export)
+        try:
+            replace(tmp, out, EXPORT)
+        except OutputDirError as e:
+            raise ExportError(str(e)) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # created above by this call (gone when swapped in)
     log(f"export: wrote {out} (step {step}, from {source})\n"
         f"  parity      max |logit difference| {check['max_abs_diff']:.2e} over {check['tokens']} tokens of "
         f"{check['batch']} (fp32, allowed {PARITY_ATOL:g}); tokenizer ids equal on {check['texts']} texts\n"
@@ -227,6 +251,7 @@ class HFExportCallback(pl.Callback):
     only, with the parity check). A failed export warns, keeps the previous one and lets training go on."""
 
     def __init__(self, cfg: ExperimentConfig):
+        check_target(export_dir(cfg))  # a run_dir/hf that is not an export: one line before training starts
         self.cfg = cfg
         self._exported_step = -1
 

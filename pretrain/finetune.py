@@ -17,6 +17,9 @@ Layout under run_dir/finetune/NAME/:
     seed-K/            the best validation checkpoint of seed K: save_pretrained + tokenizer, metrics.json, logs/
     scratch-seed-K/    the same from random initialisation (finetune.from_scratch)
     report.json        both variants, per seed and summarised (median, min, max); report.md, the printed table
+NAME (`task.name`, or the task file's name) is a name, never a path. A seed directory carries the marker
+`.roberta-pretrain` (outputs.py) and is replaced by a rerun only when it has it (or holds exactly what an older
+version wrote there); anything else is refused with one line before any work.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +43,7 @@ from .classifier import ClassifierModule, build_model, check_model_dir, resolve_
 from .finetune_report import markdown, summarise, update_report
 from .hf import max_seq_len
 from .host_memory import RetainHostMemory
+from .outputs import OutputDirError, Writer, check_name, check_replaceable, mark, remove, replace
 from .task import (
     Encoded,
     Examples,
@@ -66,8 +69,34 @@ __all__ = ["ClassifierModule", "Encoded", "Examples", "FinetuneConfig", "Finetun
 # Runs and seeds
 
 
+_SEED_FILES = frozenset({"config.json", "model.safetensors", "metrics.json", "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                         "chat_template.jinja"})
+SEED = Writer("a fine-tuning seed directory", "choose another task.name", files=_SEED_FILES,
+              dirs={"logs": frozenset({"metrics.csv", "hparams.yaml"})},
+              required=frozenset({"config.json", "metrics.json"}))
+"""A finished seed: save_pretrained, the tokenizer, metrics.json and the CSV logs (all an older version wrote)."""
+PARTIAL = Writer(SEED.what, SEED.fix, files=_SEED_FILES, dirs=SEED.dirs)
+"""An unfinished one, seed-K.partial: any part of the same."""
+
+
 def seed_dir(cfg: ExperimentConfig, task: TaskConfig, seed: int, from_scratch: bool) -> Path:
     return task_dir(cfg, task) / f"{'scratch-' if from_scratch else ''}seed-{seed}"
+
+
+def check_outputs(cfg: ExperimentConfig, tf: TaskFile) -> None:
+    """FinetuneError (one line) when task.name is not a name, or a seed directory a run would replace holds
+    something fine-tuning did not write."""
+    problem = check_name(tf.task.name, "task.name")
+    if problem:
+        raise FinetuneError(f"{problem}: set task.name in the task file")
+    for seed in range(tf.finetune.seed, tf.finetune.seed + tf.finetune.seeds):
+        final = seed_dir(cfg, tf.task, seed, tf.finetune.from_scratch)
+        try:
+            check_replaceable(final, SEED)
+            check_replaceable(final.with_name(final.name + ".partial"), PARTIAL)
+        except OutputDirError as e:
+            raise FinetuneError(str(e)) from None
 
 
 def finetune(cfg: ExperimentConfig, tf: TaskFile, log=print, **trainer_overrides: Any) -> dict[str, Any]:
@@ -76,7 +105,8 @@ def finetune(cfg: ExperimentConfig, tf: TaskFile, log=print, **trainer_overrides
 
     task, ft = tf.task, tf.finetune
     transformers.utils.logging.disable_progress_bar()
-    # 1) the model directory and the data, all checked before any training
+    # 1) the output directories, the model directory and the data, all checked before any training
+    check_outputs(cfg, tf)
     model_dir = resolve_model(cfg, ft, log)
     train, valid = read_examples(task.train, task, "train"), read_examples(task.valid, task, "valid")
     names = label_set(task, train, valid) if task.problem == "classification" else []
@@ -169,8 +199,9 @@ def _one_seed(cfg: ExperimentConfig, tf: TaskFile, seed: int, model_dir: Path, t
     task, ft = tf.task, tf.finetune
     final = seed_dir(cfg, task, seed, ft.from_scratch)
     out = final.with_name(final.name + ".partial")  # renamed over `final` only when complete
-    shutil.rmtree(out, ignore_errors=True)
+    remove(out, PARTIAL)
     out.mkdir(parents=True)
+    mark(out, f"fine-tuning of {task.name}, seed {seed}")
     t0 = time.perf_counter()
     pl.seed_everything(seed, workers=True, verbose=False)
     train = _subset(train, ft.max_train_examples, seed)
@@ -217,14 +248,7 @@ def _one_seed(cfg: ExperimentConfig, tf: TaskFile, seed: int, model_dir: Path, t
               "settings": settings}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     # the finished seed replaces an earlier one only now: an interrupted run never leaves a half-written model
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        out.rename(final)
-        shutil.rmtree(old)
-    else:
-        out.rename(final)
+    replace(out, final, SEED)
     log(f"seed {seed}: best {task.metrics[0]} {module.best['metrics'][task.metrics[0]]:.4f} at step "
         f"{module.best['step']}; {trainer.global_step} steps in {seconds:.0f} s; saved {final}")
     return result

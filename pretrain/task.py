@@ -19,6 +19,7 @@ from data_prep.typed_config import read_yaml_mapping
 
 from .metrics import CLASSIFICATION, REGRESSION
 from .model import Unpadded
+from .outputs import check_name
 
 
 class FinetuneError(ValueError):
@@ -119,6 +120,8 @@ def load_task(path: str | Path, overrides: list[str] | None = None) -> TaskFile:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     tf.task.name = tf.task.name or path.stem
+    if problem := check_name(tf.task.name, "task.name"):
+        raise ConfigError(f"{path}: {problem}: set task.name to one")  # it becomes run_dir/finetune/NAME
     return tf
 
 

@@ -19,6 +19,7 @@ from pretrain.card import hub_datasets
 from pretrain.export import ParityError, export, parity_batch
 from pretrain.model import to_hf_state_dict
 from pretrain.module import MLMModule
+from pretrain.outputs import MARKER
 from pretrain.train import fit
 
 from .conftest import WORDS, make_documents, write_txt
@@ -109,7 +110,7 @@ def test_trained_run_exports_and_transformers_reproduces_it(trained, tmp_path: P
     out = export(config(cfg.run_path, Path(cfg.corpus.train[0]), *card_args), out=tmp_path / "hf",
                  log=lambda *_: None)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["config.json", "model.safetensors", "README.md", *FILES])
+    assert names == sorted(["config.json", "model.safetensors", "README.md", MARKER, *FILES])
     hf_cfg = json.loads((out / "config.json").read_text())
     meta = json.loads(meta_path.read_text())
     assert hf_cfg["model_type"] == "roberta" and hf_cfg["architectures"] == ["RobertaForMaskedLM"]
@@ -177,6 +178,31 @@ def test_failing_parity_check_leaves_the_previous_export(trained, tmp_path: Path
         export(cfg, out=out, log=lambda *_: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"], "no temporary directory is left behind"
+
+
+def test_export_replaces_only_an_export(trained, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A marked export, one written before markers (exactly an export's files) and an empty directory are
+    replaced; a directory with anything else in it is refused with one line and left as it was."""
+    from pretrain.__main__ import main
+
+    cfg, _ = trained
+    args = [f"--run_dir={cfg.run_dir}", f"--corpus.train={cfg.corpus.train[0]}", *FAST]
+    step3 = str(cfg.run_path / "checkpoints" / "step-0000003.ckpt")
+    legacy = tmp_path / "legacy"
+    shutil.copytree(cfg.run_path / "hf", legacy)  # the callback's export, as an older version left it
+    (legacy / MARKER).unlink()
+    (tmp_path / "empty").mkdir()
+    for out in (legacy, tmp_path / "empty", legacy):  # the third time: marked by the first
+        assert main(["export", "--ckpt", step3, "--out", str(out), *args]) == 0
+        assert "steps: 3" in (out / "README.md").read_text() and (out / MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "legacy"], "no temporary directory left"
+    (legacy / "my-notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in legacy.iterdir()}
+    (legacy / MARKER).unlink()
+    assert main(["export", "--ckpt", step3, "--out", str(legacy), *args]) == 2
+    assert capsys.readouterr().err == (f"error: {legacy} exists and is not an export (no {MARKER}): choose another "
+                                       "--out or remove it yourself\n")
+    assert {p.name: p.read_bytes() for p in legacy.iterdir()} == {k: v for k, v in before.items() if k != MARKER}
 
 
 def test_cli_exports_a_chosen_checkpoint(trained, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
