@@ -10,15 +10,33 @@ packings `*.nsp.bin`, `*.bstart.bin`), the shards' tokenizer under `tokenizer/` 
 a node whose run_dir has no tokenizer gets it), then `meta.json`, uploaded last with a `files` table of each
 file's size and sha256, so a directory whose meta.json is there is complete. A directory copied there by other
 means (`aws s3 cp --recursive`) works too: without the table, files are checked by the sizes the split records
-imply.
+imply, and the log says so.
+
+What a fetch checks, and against what (the URL's content is data from outside, possibly hostile):
+1) meta.json: read up to `shards.MAX_META_BYTES`; with `data.shards_sha256` set, its sha256 must be the pinned one
+   (else nothing is downloaded), which makes the manifest, and through its files table every file, as trusted as
+   the pin; without a pin, the manifest is whatever the URL serves. Then `shards.parse_meta`: size, nesting depth,
+   every field (dtype, vocab_size, seq_len, counts, special ids, max_token_id below vocab_size) and every name (a
+   shard file name of the format, or `tokenizer/<one of tokenizer.FILES>`), before any file is opened; a name is
+   never a path. seq_len and packing must be the config's.
+2) each file: streamed into a unique temporary in its destination directory (`shards.temporary`), with a running
+   size and sha256; the download stops as soon as it passes the size the manifest gives (a server sending more
+   fills no disk), and the file is renamed into place only when its size, and its sha256 when the table has one,
+   are the manifest's.
+3) a cached file: kept when its size is the manifest's and its sha256 is the table's. The sha256 of a cached file
+   is stored in `.verified.json` keyed by its (size, mtime_ns, inode) and computed again whenever one of them
+   changed, so a start reads no file twice and a file altered in place is hashed again (an alteration that
+   restores size, mtime and inode is not seen: whoever can do that can write the cache, which is trusted).
+   Without a files table: sizes only.
+4) token ids: once per file, the largest id is below vocab_size: from the split record's `max_token_id` (written
+   by the shard writer, checked in 1), else by scanning the tokens file with numpy, stored in `.verified.json`.
 
 The cache: `data.cache_dir/<sha256(url)[:16]>/`, the same layout. Under a file lock, so that under DDP (every
 process runs `make pretrain`, as for `prepare_data`'s lock) the first process of a node downloads and the others
-wait and then find the files there. Each file is downloaded under a temporary name, checked (size, and sha256
-when the table has it) and renamed into place; the cached meta.json is removed before the first download and
-written back after the last, so a killed fetch never leaves a cache that looks complete. Every start reads the
-remote meta.json (one small request) and keeps a cached file of the right size that is the remote one: the cached
-meta.json is byte-equal to the remote one, or the file's sha256 is the table's.
+wait and then find the files there (on NFS the lock is per host: nodes may fetch into one cache at once, each
+into its own temporaries, and remove only stale temporaries of their own host). The cached meta.json is removed
+before the first download and written back after the last, so a killed fetch never leaves a cache that looks
+complete. Every message and log line shows the URL without credentials (`redact.redact_url`).
 """
 
 from __future__ import annotations
@@ -26,20 +44,36 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from filelock import FileLock, Timeout
 
 from .config import ExperimentConfig
 from .prepare import sha256_file
-from .shards import FORMAT, META, ShardError, file_sizes, read_meta
+from .redact import redact_text, redact_url
+from .shards import (
+    MAX_META_BYTES,
+    META,
+    ShardError,
+    file_sizes,
+    inside,
+    parse_meta,
+    read_meta,
+    stale_temporary,
+    temporary,
+    tokenizer_entry,
+    write_json_atomic,
+)
 from .tokenizer import FILES as TOKENIZER_FILES
 from .tokenizer import tokenizer_dir
 
 T = TypeVar("T")
+CHUNK = 1 << 20  # bytes per read of a download: how far past its size a file is read before it is refused
 
 
 def cache_path(cfg: ExperimentConfig) -> Path:
@@ -59,16 +93,19 @@ def _remote(where: str, what: str, call: Callable[[], T]) -> T:
     the remote's answer; bugs of this module stay outside `call`."""
     try:
         return call()
+    except ShardError:
+        raise
     except Exception as e:
         text = " ".join(str(e).split()) or type(e).__name__
-        raise ShardError(f"{where}: {what}: {text}") from None
+        raise ShardError(redact_text(f"{where}: {what}: {text}")) from None
 
 
 def filesystem(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
     """fsspec's file system for `url` and the path on it (without a trailing slash)."""
     import fsspec
 
-    fs, path = _remote(url, "cannot open its file system", lambda: fsspec.core.url_to_fs(url, **storage_options))
+    fs, path = _remote(redact_url(url), "cannot open its file system",
+                       lambda: fsspec.core.url_to_fs(url, **storage_options))
     return fs, path.rstrip("/")
 
 
@@ -106,29 +143,31 @@ def upload_shards(directory: str | Path, url: str, storage_options: dict[str, An
         else:
             log(f"upload: warning: {tok} is not the tokenizer of these shards; uploading the shards without it")
     fs, root = filesystem(url, storage_options or {})
+    shown = redact_url(url)
     remote_meta = f"{root}/{META}"
     old = {}
-    if _remote(url, "cannot list it", lambda: fs.exists(remote_meta)):
-        old = _parse(_remote(f"{url}/{META}", "cannot read it", lambda: fs.cat_file(remote_meta)),
-                     f"{url}/{META}", strict=False).get("files", {})
+    if _remote(shown, "cannot list it", lambda: fs.exists(remote_meta)):
+        old = _parse(_read_meta_bytes(fs, remote_meta, f"{shown}/{META}"), f"{shown}/{META}",
+                     strict=False).get("files", {})
         # until the new files are all there, no reader may pair the old meta.json with them
-        _remote(f"{url}/{META}", "cannot delete it", lambda: fs.rm_file(remote_meta))
+        _remote(f"{shown}/{META}", "cannot delete it", lambda: fs.rm_file(remote_meta))
     for folder in sorted({f"{root}/{n}".rpartition("/")[0] for n in sources}):  # file:// needs them; S3: no-op
-        _remote(url, "cannot create it", lambda f=folder: fs.makedirs(f, exist_ok=True))
+        _remote(shown, "cannot create it", lambda f=folder: fs.makedirs(f, exist_ok=True))
     table, sent = {}, 0
     for name, path in sources.items():
         size = path.stat().st_size
         table[name] = {"bytes": size, "sha256": sha256_file(path)}
         target = f"{root}/{name}"
-        if old.get(name) == table[name] and _remote(f"{url}/{name}", "cannot stat it",
+        if old.get(name) == table[name] and _remote(f"{shown}/{name}", "cannot stat it",
                                                     lambda t=target: fs.exists(t) and fs.size(t)) == size:
             continue
-        _remote(f"{url}/{name}", "cannot upload it", lambda p=path, t=target: fs.put_file(str(p), t))
+        _remote(f"{shown}/{name}", "cannot upload it", lambda p=path, t=target: fs.put_file(str(p), t))
         sent += size
-    text = json.dumps({**meta, "files": table}, indent=2) + "\n"
-    _remote(f"{url}/{META}", "cannot upload it", lambda: fs.pipe_file(remote_meta, text.encode()))
-    log(f"upload: {directory} -> {url}: {len(sources)} files, {sent / 1e6:.1f} MB sent "
-        f"({sum(e['bytes'] for e in table.values()) / 1e6:.1f} MB in all), then {META}")
+    text = (json.dumps({**meta, "files": table}, indent=2) + "\n").encode()
+    _remote(f"{shown}/{META}", "cannot upload it", lambda: fs.pipe_file(remote_meta, text))
+    log(f"upload: {directory} -> {shown}: {len(sources)} files, {sent / 1e6:.1f} MB sent "
+        f"({sum(e['bytes'] for e in table.values()) / 1e6:.1f} MB in all), then {META} (sha256 "
+        f"{hashlib.sha256(text).hexdigest()}: pin it as data.shards_sha256 where you train)")
     return sent
 
 
@@ -145,7 +184,7 @@ def fetch_shards(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> P
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log(f"data: waiting for another process fetching {cfg.data.shards_url} into {cache}")
+        log(f"data: waiting for another process fetching {redact_url(cfg.data.shards_url or '')} into {cache}")
         lock.acquire()
     try:
         return _fetch(cfg, cache, log)
@@ -155,103 +194,241 @@ def fetch_shards(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> P
 
 def _fetch(cfg: ExperimentConfig, cache: Path, log: Callable[[str], None]) -> Path:
     url = _clean(cfg.data.shards_url or "")
+    shown = redact_url(url)  # every message and log line: no credentials of the URL
     fs, root = filesystem(url, cfg.data.storage_options)
-    # 1) the remote meta.json, checked against the config before anything is downloaded
-    raw = _remote(f"{url}/{META}", "cannot read it (is this the directory `python -m data_prep upload` wrote?)",
-                  lambda: fs.cat_file(f"{root}/{META}"))
-    meta = _parse(raw, f"{url}/{META}")
+    # 1) the remote meta.json: bounded, pinned, validated, and checked against the config before any download
+    raw = _read_meta_bytes(fs, f"{root}/{META}", f"{shown}/{META}")
+    meta = _verify_meta(raw, f"{shown}/{META}", cfg.data.shards_sha256)
     d = cfg.data
     differ = [f"data.{k}={getattr(d, k)!r} (the shards: {meta.get(k)!r})" for k in ("seq_len", "packing")
               if meta.get(k) != getattr(d, k)]
     if differ:
-        raise ShardError(f"{url}: the shards were prepared with other settings than the config's {', '.join(differ)}: "
-                         "set them as the shards have them, or upload shards made with this config")
-    # 2) what the cache holds already: the right size, and the same file as the remote one
-    for leftover in cache.glob("*.tmp*"):  # of a killed fetch; the lock says no other is running
-        leftover.unlink(missing_ok=True)
-    cached_raw = (cache / META).read_bytes() if (cache / META).is_file() else None
-    table = meta.get("files", {})
-    old_table = _parse(cached_raw, str(cache / META), strict=False).get("files", {}) if cached_raw else {}
-    try:
-        sizes = shard_files(meta)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ShardError(f"{url}/{META}: a split record is damaged ({type(e).__name__}: {e}): upload the shards "
-                         "again") from None
-    for name, size in sizes.items():
-        if name in table and table[name].get("bytes") != size:
-            raise ShardError(f"{url}/{META}: {name} is {table[name].get('bytes')} bytes in its files table, "
-                             f"{size} by its split record: upload the shards again")
+        raise ShardError(f"{shown}: the shards were prepared with other settings than the config's "
+                         f"{', '.join(differ)}: set them as the shards have them, or upload shards made with this "
+                         "config")
+    sizes = shard_files(meta)
+    table: dict[str, dict[str, Any]] | None = meta.get("files")
+    if table is None:
+        if d.shards_sha256:
+            raise ShardError(f"{shown}/{META}: has no files table, so data.shards_sha256 cannot vouch for its "
+                             "files: upload the shards with `python -m data_prep upload`")
+        log(f"data: {shown}/{META} has no files table: its files are checked by their sizes only, not by sha256 "
+            "(upload them with `python -m data_prep upload` for checksums)")
+    else:
+        for name, size in sizes.items():
+            if name not in table:
+                raise ShardError(f"{shown}/{META}: {name} is not in its files table: upload the shards again")
+            if table[name]["bytes"] != size:
+                raise ShardError(f"{shown}/{META}: {name} is {table[name]['bytes']} bytes in its files table, "
+                                 f"{size} by its split record: upload the shards again")
+    # 2) what the cache holds already; temporaries of this host's dead processes go (never another host's)
+    for leftover in cache.glob("*.tmp*"):
+        if stale_temporary(leftover.name):
+            leftover.unlink(missing_ok=True)
+    cached_raw = _read_cached(cache / META)
+    store = _Verified(cache)
 
-    def whole(name: str) -> bool:
-        path, sha = cache / name, table.get(name, {}).get("sha256")
-        if not path.is_file() or path.stat().st_size != sizes[name]:
-            return False
-        if cached_raw == raw:
-            return True
-        return sha is not None and (old_table.get(name, {}).get("sha256") == sha or sha256_file(path) == sha)
+    def expected(name: str) -> str | None:
+        return table[name]["sha256"] if table is not None else None
 
-    todo = [name for name in sizes if not whole(name)]
+    todo = [name for name in sizes if not store.matches(name, sizes[name], expected(name))]
     if not todo and cached_raw == raw:
-        log(f"data: {cache} holds the shards of {url} ({len(sizes)} files, sizes checked)")
+        log(f"data: {cache} holds the shards of {shown} ({len(sizes)} files, "
+            f"{'sizes and sha256' if table is not None else 'sizes only'} checked)")
     else:
         # 3) download what is missing; meta.json last, so the cache is complete only when it is there
         (cache / META).unlink(missing_ok=True)
         total = sum(sizes[n] for n in todo)
         if todo:
-            log(f"data: downloading {len(todo)} of {len(sizes)} files ({total / 1e6:.1f} MB) from {url} into {cache}")
+            log(f"data: downloading {len(todo)} of {len(sizes)} files ({total / 1e6:.1f} MB) from {shown} into "
+                f"{cache}")
         # a few at once: an object store answers each request with latency, so one at a time leaves bandwidth idle
         with ThreadPoolExecutor(max_workers=min(d.fetch_threads, max(1, len(todo)))) as pool:
-            for done in [pool.submit(_download, fs, f"{root}/{n}", f"{url}/{n}", cache / n, sizes[n],
-                                     table.get(n, {}).get("sha256")) for n in todo]:
-                done.result()  # the first failure in file order, named by its URL (the others still finish)
+            jobs = {n: pool.submit(_download, fs, f"{root}/{n}", f"{shown}/{n}", inside(cache, n, f"{shown}/{META}"),
+                                   sizes[n], expected(n)) for n in todo}
+            for name, job in jobs.items():
+                store.add(name, job.result())  # the first failure in file order, named by its URL
+        store.save()
+    # 4) no token id beyond the vocabulary: the records' max_token_id (validated), else a scan, once per file
+    for record in meta["splits"].values():
+        for part in record.get("parts", [record]):
+            if "max_token_id" not in part:
+                top = store.max_token_id(part["tokens"], meta["dtype"])
+                if top >= meta["vocab_size"]:
+                    raise ShardError(f"{shown}/{part['tokens']}: token id {top} is not below the vocab_size "
+                                     f"{meta['vocab_size']} of its {META}: shards of another tokenizer, or damaged; "
+                                     "upload the shards again")
+    store.save()
+    if cached_raw != raw or todo:
         _write_bytes_atomic(cache / META, raw)
-    # 4) the shards' tokenizer into run_dir/tokenizer, when the run has none: export pairs it with the model
+    # 5) the shards' tokenizer into run_dir/tokenizer, when the run has none: export pairs it with the model
     tok = tokenizer_dir(cfg)
-    names = sorted((n for n in table if n.startswith("tokenizer/")), key=lambda n: n == "tokenizer/tokenizer.json")
-    ours = table.get("tokenizer/tokenizer.json", {}).get("sha256") == meta.get("tokenizer_sha256")
+    names = sorted((n for n in table or {} if tokenizer_entry(n)), key=lambda n: n == "tokenizer/tokenizer.json")
+    ours = (table or {}).get("tokenizer/tokenizer.json", {}).get("sha256") == meta.get("tokenizer_sha256")
     if names and ours and not (tok / "tokenizer.json").is_file():
         tok.mkdir(parents=True, exist_ok=True)
         for name in names:
-            _download(fs, f"{root}/{name}", f"{url}/{name}", tok / name.partition("/")[2], table[name]["bytes"],
-                      table[name]["sha256"])
-        log(f"data: the shards' tokenizer from {url}/tokenizer into {tok}")
+            assert table is not None
+            _download(fs, f"{root}/{name}", f"{shown}/{name}",
+                      inside(tok, name.partition("/")[2], f"{shown}/{META}: files[{name!r}]"),
+                      table[name]["bytes"], table[name]["sha256"])
+        log(f"data: the shards' tokenizer from {shown}/tokenizer into {tok}")
     return cache / META
 
 
-def _download(fs: Any, remote: str, where: str, path: Path, size: int, sha256: str | None) -> None:
-    """`remote` to `path`, through a temporary name that is renamed only once its size (and sha256) are right."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+def _read_meta_bytes(fs: Any, path: str, where: str) -> bytes:
+    """At most one byte more than a meta.json may have (parse_meta refuses that many)."""
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            return f.read(MAX_META_BYTES + 1)
+
+    return _remote(where, "cannot read it (is this the directory `python -m data_prep upload` wrote?)", read)
+
+
+def _verify_meta(raw: bytes, where: str, pin: str | None) -> dict[str, Any]:
+    """The validated meta.json, once its bytes are the pinned ones (when `data.shards_sha256` pins them)."""
+    if pin is not None and (got := hashlib.sha256(raw).hexdigest()) != pin.lower():
+        raise ShardError(f"{where}: its sha256 is {got}, data.shards_sha256 pins {pin.lower()}: these are not the "
+                         "shards you pinned; check the URL, or pin the new meta.json once you trust it")
+    return _parse(raw, where)
+
+
+def _read_cached(path: Path) -> bytes | None:
     try:
-        _remote(where, "cannot download it", lambda: fs.get_file(remote, str(tmp)))
-        got = tmp.stat().st_size
+        return path.read_bytes() if path.stat().st_size <= MAX_META_BYTES else None
+    except OSError:
+        return None
+
+
+class _Verified:
+    """`.verified.json` in the cache: per cached file, the sha256 (and for tokens files the largest id) computed
+    for it, valid while its (size, mtime_ns, inode) are the ones recorded; else it is hashed (scanned) again."""
+
+    NAME = ".verified.json"
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+        self.entries: dict[str, dict[str, Any]] = {}
+        raw = _read_cached(cache / self.NAME)
+        try:
+            found = json.loads(raw) if raw is not None else {}
+            if isinstance(found, dict) and isinstance(found.get("files"), dict):
+                self.entries = {k: v for k, v in found["files"].items() if isinstance(v, dict)}
+        except (ValueError, RecursionError):
+            pass  # damaged: every file is hashed again
+        self.changed = False
+
+    def _stat(self, name: str) -> list[int] | None:
+        try:
+            st = (self.cache / name).lstat()
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns, st.st_ino] if stat.S_ISREG(st.st_mode) else None  # no symlinks
+
+    def _entry(self, name: str) -> dict[str, Any] | None:
+        """The entry of `name`, hashed again when the file changed since it was recorded; None: no such file."""
+        key = self._stat(name)
+        if key is None:
+            return None
+        entry = self.entries.get(name)
+        if entry is None or entry.get("stat") != key or not isinstance(entry.get("sha256"), str):
+            entry = self.entries[name] = {"stat": key, "sha256": sha256_file(self.cache / name)}
+            self.changed = True
+        return entry
+
+    def matches(self, name: str, size: int, sha256: str | None) -> bool:
+        """The cached file is there, `size` bytes, and (when the table gives one) of sha256 `sha256`."""
+        key = self._stat(name)
+        if key is None or key[0] != size:
+            return False
+        if sha256 is None:
+            return True  # no files table: sizes only (said in the log)
+        entry = self._entry(name)
+        return entry is not None and entry["sha256"] == sha256
+
+    def add(self, name: str, sha256: str) -> None:
+        """`name` was just downloaded with this sha256."""
+        key = self._stat(name)
+        if key is not None:
+            self.entries[name] = {"stat": key, "sha256": sha256}
+            self.changed = True
+
+    def max_token_id(self, name: str, dtype: str) -> int:
+        """The largest id in the tokens file `name`, scanned once (chunked) and then kept with its entry."""
+        entry = self._entry(name)
+        assert entry is not None, f"{name} was checked to be in the cache"
+        if type(entry.get("max_token_id")) is not int:
+            entry["max_token_id"] = scan_max_token_id(self.cache / name, dtype)
+            self.changed = True
+        return entry["max_token_id"]
+
+    def save(self) -> None:
+        if self.changed:
+            write_json_atomic(self.cache / self.NAME, {"files": self.entries})
+            self.changed = False
+
+
+def scan_max_token_id(path: Path, dtype: str, chunk: int = 1 << 24) -> int:
+    """The largest id of a tokens file (-1 when it is empty), read in chunks so memory stays bounded."""
+    if path.stat().st_size == 0:
+        return -1
+    tokens = np.memmap(path, np.dtype(dtype), "r")
+    return max(int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk))
+
+
+def _download(fs: Any, remote: str, where: str, path: Path, size: int, sha256: str | None) -> str:
+    """`remote` to `path`, streamed through a new temporary beside it with a running size and sha256: stopped as
+    soon as it passes `size`, renamed into place only once its size (and sha256) are right. Returns the sha256."""
+    fd, tmp = temporary(path)
+    try:
+        h, got = hashlib.sha256(), 0
+        with _remote(where, "cannot download it", lambda: fs.open(remote, "rb", block_size=CHUNK)) as f:
+            while chunk := _remote(where, "cannot download it", lambda: f.read(CHUNK)):
+                got += len(chunk)
+                if got > size:  # before writing it: the disk never holds more than the manifest says
+                    raise ShardError(f"{where}: more than the {size} bytes its meta.json says (stopped after "
+                                     f"reading {got}): upload the shards again")
+                h.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
         if got != size:
             raise ShardError(f"{where}: {got} bytes, its meta.json says {size}: upload the shards again")
-        if sha256 is not None and sha256_file(tmp) != sha256:
+        digest = h.hexdigest()
+        if sha256 is not None and digest != sha256:
             raise ShardError(f"{where}: its sha256 is not the one its meta.json records: upload the shards again")
-        with open(tmp, "rb+") as f:
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        return digest
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+FIX = "upload the shards again (`python -m data_prep upload`)"
 
 
 def _parse(raw: bytes, where: str, strict: bool = True) -> dict[str, Any]:
-    """A meta.json's content; one line naming it when it is not one (strict), else {}."""
+    """A meta.json's validated content (`shards.parse_meta`); one line naming it when it is not one (strict),
+    else {}."""
     try:
-        meta = json.loads(raw)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("splits"), dict):
-            raise ValueError(f"not a meta.json of shard format {FORMAT}")
-    except (ValueError, UnicodeDecodeError) as e:
+        return parse_meta(raw, where, FIX)
+    except ShardError:
         if not strict:
             return {}
-        raise ShardError(f"{where}: {e}; upload the shards again (`python -m data_prep upload`)") from None
-    return meta
+        raise
