@@ -1,17 +1,25 @@
 """What changes with the optimizer step: the learning rate and the masking rate, each a pure function of the step.
 
 Learning rate (`optim.schedule`), a multiplier of `optim.peak_lr` at optimizer step s (the rate of the update that
-makes step s+1): every schedule warms up linearly from 0 over `warmup_steps` (0 at the first update, the peak at
+makes step s+1): every schedule warms up linearly over `warmup_steps` (from 0 at the first update, the peak at
 update warmup_steps + 1, as `transformers` and fairseq), then
-- linear: down to `min_lr_ratio` at max_steps (RoBERTa; `get_linear_schedule_with_warmup`);
-- cosine: half a cosine down to `min_lr_ratio` at max_steps (`get_cosine_schedule_with_warmup`);
+- linear: down to `min_lr_ratio` at max_steps (RoBERTa; `get_linear_schedule_with_warmup`, and with a floor
+  `get_polynomial_decay_schedule_with_warmup` of power 1 and lr_end = min_lr_ratio x peak);
+- cosine: half a cosine down to `min_lr_ratio` at max_steps (`get_cosine_schedule_with_warmup`, with a floor
+  `get_cosine_with_min_lr_schedule_with_warmup`);
 - wsd: warmup-stable-decay (Hu et al. 2024, MiniCPM): the peak until the last `decay_steps` (or `decay_fraction`
-  of max_steps), then `decay_shape` (linear, 1-sqrt, cosine) down to `min_lr_ratio` (`get_wsd_schedule`). A
+  of max_steps), then `decay_shape` (linear, 1-sqrt, cosine) down to `min_lr_ratio` (`get_wsd_schedule`, whose
+  warmup starts from min_lr_ratio, not 0, and whose rate at max_steps is min_lr_ratio even with no decay steps). A
   checkpoint of the stable phase at step S continues into its decay by resuming with max_steps = S + D and
-  decay_steps = D (nothing before S changes), and an exported model by `model.init_from` with warmup_steps 0 and
-  decay_steps = max_steps;
-- inverse_sqrt: peak x sqrt(timescale / (s - warmup + timescale)), fairseq's and `get_inverse_sqrt_schedule`'s.
-The tests check each against `transformers`' function step by step.
+  decay_steps = D (nothing before S changes: the resumed run takes its next rate from the new schedule,
+  module.on_train_start), and an exported model by `model.init_from` with warmup_steps 0 and decay_steps =
+  max_steps;
+- inverse_sqrt: peak x sqrt(timescale / (s - warmup + timescale)), fairseq's and `get_inverse_sqrt_schedule`'s
+  (timescale 0: warmup_steps, or 10,000 without warmup, transformers' default).
+Each is written as `transformers` writes it, so the multipliers agree to the last bit at every step 0..max_steps
+(the tests check it, with `hypothesis` over shapes, warmups, floors, timescales and lengths; linear with a floor
+agrees to 1e-12, as the polynomial decay computes it another way). One intended difference: past max_steps (never
+reached by a run) cosine stays at its floor where transformers' cosine rises again.
 
 Masking rate (`masking.start_probability`, `masking.anneal_steps`): linear from the start rate to
 `masking.probability` over the first anneal_steps steps, then constant (Wettig et al. 2023, "Should You Mask 15%
@@ -42,26 +50,40 @@ class LRSchedule:
     def from_config(cls, o: OptimConfig, max_steps: int) -> LRSchedule:
         decay = o.decay_steps or round(o.decay_fraction * max_steps)
         return cls(o.schedule, o.warmup_steps, max_steps, min(decay, max_steps - o.warmup_steps), o.decay_shape,
-                   o.min_lr_ratio, o.timescale or o.warmup_steps)
+                   o.min_lr_ratio, o.timescale)
 
     @property
     def decay_start(self) -> int:
         """The first step after the peak plateau: wsd's decay start; warmup_steps for linear and cosine."""
         return self.max_steps - self.decay_steps if self.schedule == "wsd" else self.warmup_steps
 
+    @property
+    def inverse_sqrt_timescale(self) -> int:
+        """inverse_sqrt's timescale: `timescale`, else warmup_steps, else 10,000 (`get_inverse_sqrt_schedule`)."""
+        return self.timescale or self.warmup_steps or 10_000
+
     def __call__(self, step: int) -> float:
+        # every expression as transformers.optimization writes it, so that the two agree to the last bit
+        m = self.min_lr_ratio
+        # 1) linear warmup, from 0 (wsd: from min_lr_ratio, as get_wsd_schedule)
         if step < self.warmup_steps:
-            return step / self.warmup_steps
+            progress = step / self.warmup_steps
+            return progress * (1.0 - m) + m if self.schedule == "wsd" else progress
+        # 2) inverse_sqrt: no end
         if self.schedule == "inverse_sqrt":
-            timescale = max(1, self.timescale)
-            return math.sqrt(timescale / (step - self.warmup_steps + timescale))
+            timescale = self.inverse_sqrt_timescale
+            return 1.0 / math.sqrt((step + (timescale - self.warmup_steps)) / timescale)
+        # 3) wsd's stable phase, and its end (min_lr_ratio from max_steps on, also with no decay steps)
         start = self.decay_start
-        if step < start:  # wsd's stable phase
+        if step < start:
             return 1.0
-        if self.schedule == "linear":  # written as transformers does, so the two agree to the last bit
+        if self.schedule == "wsd" and step >= self.max_steps:
+            return m
+        # 4) the decay to min_lr_ratio at max_steps
+        if self.schedule == "linear":
             factor = max(0.0, (self.max_steps - step) / max(1, self.max_steps - start))
-            return factor * (1.0 - self.min_lr_ratio) + self.min_lr_ratio
-        progress = min(1.0, (step - start) / max(1, self.max_steps - start))
+            return factor * (1.0 - m) + m
+        progress = min(1.0, (step - start) / max(1, self.max_steps - start))  # cosine: its floor past max_steps
         shape = self.decay_shape if self.schedule == "wsd" else self.schedule
         if shape == "linear":
             factor = 1.0 - progress
@@ -69,7 +91,7 @@ class LRSchedule:
             factor = 0.5 * (1.0 + math.cos(math.pi * progress))
         else:  # 1-sqrt
             factor = 1.0 - math.sqrt(progress)
-        return factor * (1.0 - self.min_lr_ratio) + self.min_lr_ratio
+        return factor * (1.0 - m) + m
 
 
 @dataclass(frozen=True)

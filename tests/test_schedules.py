@@ -5,11 +5,14 @@ masking-rate schedule in the collator, decay from a stable-phase checkpoint, and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_prep.config import ConfigError, load_config
 from pretrain import budget as budget_module
@@ -33,30 +36,104 @@ def _hf_rates(make, steps: int) -> list[float]:
     return rates
 
 
+def _transformers_twin(s: LRSchedule):
+    """(transformers' LambdaLR multiplier for the same schedule, the tolerance: 0 for the same float), or None
+    where transformers has none (linear with a floor ending at its warmup)."""
+    import transformers.optimization as hf
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    w, total, m = s.warmup_steps, s.max_steps, s.min_lr_ratio
+    if s.schedule == "linear" and not m:
+        made, tolerance = hf.get_linear_schedule_with_warmup(opt, w, total), 0.0
+    elif s.schedule == "linear":  # fairseq's polynomial decay of power 1 to lr_end: the same line, computed otherwise
+        if total == w:
+            return None
+        made, tolerance = hf.get_polynomial_decay_schedule_with_warmup(opt, w, total, lr_end=m, power=1.0), 1e-12
+    elif s.schedule == "cosine":
+        made = (hf.get_cosine_with_min_lr_schedule_with_warmup(opt, w, total, min_lr_rate=m) if m
+                else hf.get_cosine_schedule_with_warmup(opt, w, total))
+        tolerance = 0.0
+    elif s.schedule == "wsd":
+        made = hf.get_wsd_schedule(opt, w, s.decay_steps, num_training_steps=total, decay_type=s.decay_shape,
+                                   min_lr_ratio=m)
+        tolerance = 0.0
+    else:
+        made, tolerance = hf.get_inverse_sqrt_schedule(opt, w, timescale=s.timescale or None), 0.0
+    return made.lr_lambdas[0], tolerance
+
+
+@st.composite
+def lr_schedules(draw) -> LRSchedule:
+    schedule = draw(st.sampled_from(["linear", "cosine", "wsd", "inverse_sqrt"]))
+    total = draw(st.one_of(st.integers(1, 300), st.integers(301, 2_000_000)))
+    warmup = draw(st.one_of(st.just(0), st.integers(0, min(total, 40)), st.integers(0, total)))
+    decay = draw(st.one_of(st.just(0), st.integers(0, total - warmup)))  # from_config bounds it so
+    ratio = draw(st.one_of(st.just(0.0), st.sampled_from([0.1, 0.5]), st.floats(0.0, 0.99)))
+    timescale = draw(st.one_of(st.just(0), st.integers(1, 20_000)))
+    return LRSchedule(schedule, warmup, total, decay, draw(st.sampled_from(["linear", "1-sqrt", "cosine"])), ratio,
+                      timescale)
+
+
+@settings(max_examples=400, deadline=None)
+@given(lr_schedules(), st.lists(st.floats(0.0, 1.0), max_size=40))
+def test_every_schedule_equals_transformers_step_by_step(s: LRSchedule, where: list[float]) -> None:
+    """The law: at every step 0..max_steps (all of them up to 300 steps, else the phase boundaries and a sample)
+    our multiplier is transformers' LambdaLR multiplier for the same schedule, the same float (linear with a
+    floor, which transformers computes as a polynomial decay: within 1e-12)."""
+    twin = _transformers_twin(s)
+    if twin is None:
+        return
+    theirs, tolerance = twin
+    T, w = s.max_steps, s.warmup_steps
+    if T <= 300:
+        steps = range(T + 1)
+    else:
+        edges = [0, w - 1, w, w + 1, s.decay_start - 1, s.decay_start, s.decay_start + 1, T - 1, T]
+        steps = sorted({min(T, max(0, x)) for x in edges} | {round(f * T) for f in where})
+    for step in steps:
+        ours, expected = s(step), theirs(step)
+        if tolerance:
+            assert abs(ours - expected) <= tolerance, (step, ours, expected)
+        else:
+            assert ours == expected, (step, ours, expected)
+
+
 @pytest.mark.parametrize("warmup", [0, 7])
-def test_each_schedule_matches_transformers_step_by_step(warmup: int) -> None:
+def test_each_schedule_drives_torch_as_transformers_does(warmup: int) -> None:
+    """The rates an optimizer sees through LambdaLR, step by step, as with transformers' schedulers."""
     import transformers.optimization as hf
 
     total = 50
     cases = {
         "linear": (LRSchedule("linear", warmup, total),
                    lambda o: hf.get_linear_schedule_with_warmup(o, warmup, total)),
-        "cosine": (LRSchedule("cosine", warmup, total),
-                   lambda o: hf.get_cosine_schedule_with_warmup(o, warmup, total)),
-        "inverse_sqrt": (LRSchedule("inverse_sqrt", warmup, total, timescale=warmup or 10),
-                         lambda o: hf.get_inverse_sqrt_schedule(o, warmup, timescale=warmup or 10)),
+        "cosine-floor": (LRSchedule("cosine", warmup, total, min_lr_ratio=0.1),
+                         lambda o: hf.get_cosine_with_min_lr_schedule_with_warmup(o, warmup, total, min_lr_rate=0.1)),
+        "inverse_sqrt": (LRSchedule("inverse_sqrt", warmup, total),
+                         lambda o: hf.get_inverse_sqrt_schedule(o, warmup)),
     }
     for shape in ("linear", "1-sqrt", "cosine"):
         cases[f"wsd-{shape}"] = (
-            LRSchedule("wsd", warmup, total, decay_steps=12, decay_shape=shape),
-            lambda o, s=shape: hf.get_wsd_schedule(o, warmup, 12, num_training_steps=total, decay_type=s))
+            LRSchedule("wsd", warmup, total, decay_steps=12, decay_shape=shape, min_lr_ratio=0.2),
+            lambda o, s=shape: hf.get_wsd_schedule(o, warmup, 12, num_training_steps=total, decay_type=s,
+                                                   min_lr_ratio=0.2))
     for name, (ours, theirs) in cases.items():
-        expected = _hf_rates(theirs, total + 1)
-        got = [ours(s) for s in range(total + 1)]
-        assert got == pytest.approx(expected, abs=1e-12, rel=1e-12), name
+        assert [ours(s) for s in range(total + 1)] == _hf_rates(theirs, total + 1), name
     wsd = LRSchedule("wsd", warmup, total, decay_steps=12)
     assert [wsd(s) for s in range(warmup, total - 12 + 1)] == [1.0] * (total - 12 - warmup + 1)  # the plateau
     assert wsd(total) == 0.0 and LRSchedule("cosine", warmup, total)(total) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_the_corners_where_the_schedules_used_to_differ_from_transformers() -> None:
+    # inverse_sqrt without warmup or timescale: transformers' timescale 10,000 (was 1: 1/sqrt(s + 1))
+    assert LRSchedule("inverse_sqrt", 0, 100)(30) == 1.0 / math.sqrt(10_030 / 10_000)
+    assert LRSchedule("inverse_sqrt", 8, 100)(8 + 8) == 1.0 / math.sqrt(2)  # timescale 0: warmup_steps
+    # wsd with a floor warms up from it (get_wsd_schedule), and ends at it even with no decay steps
+    assert LRSchedule("wsd", 10, 100, 20, min_lr_ratio=0.2)(0) == 0.2
+    assert LRSchedule("wsd", 10, 100, 20, min_lr_ratio=0.2)(5) == 0.5 * 0.8 + 0.2
+    assert LRSchedule("wsd", 10, 100, 0)(99) == 1.0 and LRSchedule("wsd", 10, 100, 0)(100) == 0.0
+    # past max_steps (never reached by a run) cosine keeps its floor; transformers' turns back up
+    assert LRSchedule("cosine", 0, 100, min_lr_ratio=0.1)(150) == pytest.approx(0.1)
 
 
 def test_min_lr_ratio_floors_the_decay_and_wsd_takes_its_length_from_the_config() -> None:
@@ -64,7 +141,7 @@ def test_min_lr_ratio_floors_the_decay_and_wsd_takes_its_length_from_the_config(
                              "--optim.decay_fraction=0.25", "--optim.min_lr_ratio=0.1"])
     s = LRSchedule.from_config(cfg.optim, 100)
     assert (s.decay_steps, s.decay_start) == (25, 75)
-    assert s(5) == 0.5 and s(75) == 1.0 and s(100) == pytest.approx(0.1) and s(150) == pytest.approx(0.1)
+    assert s(5) == 0.55 and s(75) == 1.0 and s(100) == pytest.approx(0.1) and s(150) == pytest.approx(0.1)
     assert s(80) == pytest.approx(0.1 + 0.9 * (1 - 5 / 25))
     assert LRSchedule.from_config(load_config(None, ["--optim.schedule=wsd", "--optim.decay_steps=30",
                                                      "--optim.warmup_steps=10", "--trainer.max_steps=100"]).optim,
