@@ -16,6 +16,7 @@ from data_prep.shards import ShardError, open_split, read_meta, short_phase
 
 from .data import length_schedule
 from .model import RobertaConfig, RobertaForMLM
+from .rollback import describe_skipped
 from .schedules import BatchSchedule
 
 
@@ -147,7 +148,7 @@ def model_card(run_cfg: ExperimentConfig, meta: dict[str, Any], mcfg: RobertaCon
 
     c = run_cfg
     rolled = (f"{len(rollbacks)} (a non-finite or spiking loss restored the last checkpoint and skipped the data of "
-              "steps " + ", ".join(f"{e['skipped_data_steps'][0]}-{e['skipped_data_steps'][1]} "
+              "steps " + ", ".join(f"{describe_skipped(e['skipped_data_steps'], '-')} "
                                             f"(loss {e['loss']:.4g} at step {e['step']})" for e in rollbacks) + ")"
               if rollbacks else "none")
     blocks, tokens = _blocks(meta, "train")

@@ -4,7 +4,8 @@
   it over the target, so a crash, a SIGKILL or a full disk mid-write leaves the previous file intact.
 - `PreemptionCheckpoint` turns SIGTERM (and SIGUSR1, unless Lightning's SLURM requeue owns it) into "save at the
   next optimizer-step boundary, then stop", so a preempted job resumes exactly.
-- `resumable_checkpoint` picks the newest checkpoint that loads, reporting any truncated or corrupt one by path.
+- `resumable_checkpoint` picks the newest complete checkpoint by its step (last.ckpt, a step checkpoint, or the
+  old copy of an interrupted sharded swap), reporting any truncated or corrupt one by path.
 - `ShardedFSDPStrategy` is Lightning's FSDP with sharded checkpoints (a directory of per-rank shards in
   `torch.distributed.checkpoint` format plus `meta.pt`), written into a temporary directory and swapped in, so
   that they are as safe as the single-file ones.
@@ -60,7 +61,9 @@ class ShardedFSDPStrategy(FSDPStrategy):
     """FSDP (`trainer.strategy: fsdp`) whose checkpoints stay sharded: every rank writes its own shard, no rank
     gathers the whole model. Lightning writes a sharded checkpoint straight into its target directory, so a crash
     mid-write would leave a mixed one; here the ranks write into `.NAME.tmp`, then rank 0 swaps it in (the old
-    directory is renamed aside and removed only once the new one is in place)."""
+    directory is renamed aside and removed only once the new one is in place). A crash between the two renames
+    leaves `.NAME.old` alone: resume considers it (`resumable_checkpoint`), and the next save puts it back first
+    rather than delete the only complete copy."""
 
     def __init__(self, **kwargs: Any):
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -74,6 +77,9 @@ class ShardedFSDPStrategy(FSDPStrategy):
         path = Path(self.broadcast(str(filepath)))
         tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
         if self.is_global_zero:
+            if old.exists() and not path.exists():  # a swap cut short between its renames: restore, then go on
+                os.replace(old, path)
+                _fsync_dir(path.parent)
             for stale in (tmp, old):
                 if stale.exists():
                     shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
@@ -199,17 +205,63 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def resumable_checkpoint(directory: Path, log=print) -> tuple[Path, int] | None:
-    """(path, step) of the newest checkpoint in `directory` that loads: last.ckpt, else step checkpoints."""
-    candidates = [directory / "last.ckpt"] + sorted(directory.glob("step-*.ckpt"), key=_step_of, reverse=True)
-    for path in candidates:
-        if not path.exists():
+def checkpoint_versions(directory: Path) -> frozenset[tuple[int, int, int]]:
+    """(device, inode, mtime) of every entry of `directory`. Checkpoints are written under a temporary name and
+    renamed (a new inode), so one written after this call is outside the set, also where it replaced a file of
+    the same name, and a renamed one (a sharded swap's `.NAME.old`) keeps its version."""
+    versions = set()
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        version = _version(entry)
+        if version is not None:
+            versions.add(version)
+    return frozenset(versions)
+
+
+def _version(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:  # removed meanwhile (the keep_last rotation)
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def resumable_checkpoint(directory: Path, log=print, exclude: frozenset[tuple[int, int, int]] = frozenset(),
+                         ) -> tuple[Path, int] | None:
+    """(path, step) of the newest complete checkpoint in `directory` by its step, or None. The candidates:
+    `last.ckpt` and the `step-*.ckpt`, since a kill between the two writes of a save leaves the step checkpoint
+    the newer; and for a name that is missing, its `.NAME.old`, the only complete copy left by a sharded swap
+    cut short between its renames (`ShardedFSDPStrategy`). A tie goes to last.ckpt: saved at the same optimizer
+    step, the two hold the same state, and last.ckpt is the name the messages give. Unreadable ones are
+    reported by path and passed over; `exclude`: versions not to consider (`checkpoint_versions`)."""
+    found = []
+    for name in ["last.ckpt", *(p.name for p in directory.glob("step-*.ckpt")),
+                 *(p.name[1:-len(".old")] for p in directory.glob(".step-*.ckpt.old"))]:
+        path = directory / name
+        if not path.exists() and (directory / f".{name}.old").exists():
+            path = directory / f".{name}.old"
+        if path.exists() and path not in found:
+            found.append(path)
+    # last.ckpt first (its step is known once read), then the step checkpoints by the step in their names,
+    # newest first, up to the first that cannot be newer than the best so far
+    found.sort(key=lambda p: (_name_of(p) != "last.ckpt", -_step_of(Path(_name_of(p)))))
+    best: tuple[Path, int] | None = None
+    for path in found:
+        if best is not None and _name_of(path) != "last.ckpt" and _step_of(Path(_name_of(path))) <= best[1]:
+            break
+        if exclude and _version(path) in exclude:
             continue
         step, problem = probe(path)
-        if problem is None:
-            return path, step
-        log(f"warning: checkpoint {path} is unreadable ({problem}); trying the previous one")
-    return None
+        if problem is not None:
+            log(f"warning: checkpoint {path} is unreadable ({problem}); trying the previous one")
+        elif best is None or step > best[1]:
+            best = (path, step)
+    return best
+
+
+def _name_of(path: Path) -> str:
+    """The checkpoint's name: `.NAME.old` is NAME's copy."""
+    name = path.name
+    return name[1:-len(".old")] if name.startswith(".") and name.endswith(".old") else name
 
 
 def check_compatible(saved: dict[str, Any], cfg: ExperimentConfig, path: Path, saved_meta: dict[str, Any] | None = None,

@@ -42,7 +42,7 @@ from .schedules import BatchSchedule
 from .steps import data_step
 
 Skips = list[list[int]]
-"""Rollbacks' data skips, (optimizer step, count) pairs (steps.py); samplers take them or a callable."""
+"""The data that rollbacks removed, (first data step, count) runs (steps.py); samplers take them or a callable."""
 
 
 def _now(value: Any) -> Any:
@@ -455,7 +455,7 @@ class ShardDataModule(pl.LightningDataModule):
         start = (lambda: trainer.global_step) if trainer is not None else 0
         # read when iteration begins, after a checkpoint (and its rollback record) is restored
         module = trainer.lightning_module if trainer is not None else None
-        skips = (lambda: module.rollbacks.skips) if module is not None and hasattr(module, "rollbacks") else ()
+        skips = (lambda: module.rollbacks.skipped_data) if module is not None and hasattr(module, "rollbacks") else ()
         accumulation = batch_geometry(b.global_size, b.micro_size, world)
         if b.by_tokens:
             split = self.train_phases[0]

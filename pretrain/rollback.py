@@ -6,10 +6,11 @@ remembers the first bad step. `RollbackGuard` reads that flag (one host sync) ev
 and always before a checkpoint is written, so no checkpoint ever holds weights from after a bad step; every rank
 reads the same flag at the same step, so all of them raise `Diverged` together.
 
-`train.fit` catches `Diverged`, restores the newest checkpoint (or the initial weights) and skips the data of
-the steps from the first bad one to the one where it was seen: data is a function of the step (steps.py), so the
-skip is exact, and it is recorded in `RollbackState`, which every later checkpoint carries. The learning rate
-can be lowered per rollback (`optim.rollback_lr_factor`); after `optim.max_rollbacks` rollbacks the run stops.
+`train.fit` catches `Diverged`, restores the newest checkpoint that this run wrote (else the one it started from,
+else the initial weights; never an older run's) and removes the data of the steps from the first bad one to the
+one where it was seen from the stream: data is a function of the step (steps.py), so the skip is exact, and it
+is recorded in `RollbackState`, which every later checkpoint carries. The learning rate can be lowered per
+rollback (`optim.rollback_lr_factor`); after `optim.max_rollbacks` rollbacks the run stops.
 
 Lightning's `SpikeDetection` callback was not used: it checks every micro-batch with a barrier and host syncs,
 counts micro-batches rather than optimizer steps, and only writes the batches to skip to a file, leaving the
@@ -43,29 +44,80 @@ class TrainingDiverged(FloatingPointError):
 
 @dataclasses.dataclass
 class RollbackState:
-    """The run's rollbacks: what was skipped and why. Plain data, saved in every checkpoint."""
+    """The run's rollbacks: what was skipped and why. Plain data, saved in every checkpoint.
 
-    skips: list[list[int]] = dataclasses.field(default_factory=list)
-    """(optimizer step, count): from that step on, the data moves `count` steps further (steps.data_step)."""
+    The law: a rollback resumed at step r whose bad steps first..d were seen (first = max(first bad step, r))
+    removes the data that steps first..d read under the mapping so far from the stream; every step from `first`
+    on reads the remaining data in order (steps.data_step). Steps r..first-1 read what they read before."""
+
+    skipped_data: list[list[int]] = dataclasses.field(default_factory=list)
+    """The data removed from the stream: (first data step, count) runs, sorted, disjoint and not adjacent."""
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """One dict per rollback: the bad step, its loss, where it was seen, the checkpoint step resumed from and
-    the data steps skipped."""
+    the data it skipped (`skipped_data_steps`, inclusive [first, last] runs of data steps)."""
 
     def after(self, d: Diverged, resumed_from: int) -> RollbackState:
         """The state once `d` is rolled back to the checkpoint of step `resumed_from`."""
         first = max(d.first_bad_step, resumed_from)
-        count = d.detected_step - first + 1
+        assert d.detected_step >= first, f"bad steps {first}..{d.detected_step} after resuming at {resumed_from}"
+        removed = _runs(data_step(s, self.skipped_data) for s in range(first, d.detected_step + 1))
         event = {"step": d.first_bad_step, "loss": d.loss, "detected_at": d.detected_step,
                  "resumed_from": resumed_from,
-                 "skipped_data_steps": [data_step(first, self.skips), data_step(d.detected_step, self.skips)]}
-        return RollbackState([*self.skips, [first, count]], [*self.events, event])
+                 "skipped_data_steps": [[start, start + count - 1] for start, count in removed]}
+        return RollbackState(_merge([*self.skipped_data, *removed]), [*self.events, event])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> RollbackState:
-        return cls([list(s) for s in (d or {}).get("skips", [])], list((d or {}).get("events", [])))
+        """From a checkpoint's record; one written before `skipped_data` existed holds `skips`, (optimizer step,
+        count) pairs that each moved the data of the steps from that step on `count` further, and an event's
+        `skipped_data_steps` was one [first, last] pair. Both are read as what they meant then."""
+        d = d or {}
+        skipped = [list(r) for r in d["skipped_data"]] if "skipped_data" in d else _from_offsets(d.get("skips", []))
+        events = [dict(e) for e in d.get("events", [])]
+        for e in events:
+            runs = e.get("skipped_data_steps")
+            if runs and not isinstance(runs[0], list | tuple):
+                e["skipped_data_steps"] = [list(runs)]
+        return cls(skipped, events)
+
+
+def describe_skipped(runs: list[list[int]] | list[int], dash: str = "..") -> str:
+    """An event's `skipped_data_steps` for people: "7..9" or "103..104, 110..110" (also an old event's single
+    [first, last] pair)."""
+    if runs and not isinstance(runs[0], list | tuple):
+        runs = [runs]
+    return ", ".join(f"{first}{dash}{last}" for first, last in runs)
+
+
+def _runs(data_steps: Any) -> list[list[int]]:
+    """Data steps as sorted (first, count) runs, adjacent ones merged."""
+    return _merge([s, 1] for s in data_steps)
+
+
+def _merge(runs: Any) -> list[list[int]]:
+    """(first, count) runs as sorted, disjoint, not adjacent runs covering the same data steps."""
+    out: list[list[int]] = []
+    for first, count in sorted((int(f), int(c)) for f, c in runs if c > 0):
+        if out and first <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], first + count - out[-1][0])
+        else:
+            out.append([first, count])
+    return out
+
+
+def _from_offsets(skips: list[list[int]]) -> list[list[int]]:
+    """The data that a record of the old kind skipped. Under it step s read s + (the counts of the pairs at or
+    before s): a strictly increasing map whose image misses, at each pair's step `at`, the `count` data steps
+    from `at` + (the counts of the pairs before `at`) on. So the old mapping is kept exactly, even where two
+    rollbacks made it read data that the first one had skipped."""
+    runs, before = [], 0
+    for at, count in sorted((int(at), int(count)) for at, count in skips):
+        runs.append([at + before, count])
+        before += count
+    return _merge(runs)
 
 
 class DivergenceMonitor:

@@ -1,8 +1,11 @@
 """What an optimizer step computes is a pure function of the step: its data, its masks and its dropout.
 
-- Data: optimizer step s reads the data of *data step* `data_step(s, skips)`, which is s itself unless a
-  rollback (rollback.py) skipped the data of diverging steps; `skips` is the list of (optimizer step, count)
-  pairs recorded in the checkpoint. The samplers (data.py) turn a data step into block positions.
+- Data: optimizer step s reads the data of *data step* `data_step(s, skipped)`: the s-th data step (from 0)
+  that no rollback (rollback.py) removed from the stream, so s itself until one does. `skipped` is the removed
+  data as (first data step, count) runs, recorded in the checkpoint. Defined by what was removed rather than by
+  per-step offsets, the mapping composes over any sequence of rollbacks, also one that diverges earlier than
+  the last: a step never reads skipped data, and no data is dropped that was not skipped. The samplers
+  (data.py) turn a data step into block positions.
 - Dropout: before each micro-batch's forward pass the global generators (CPU and every CUDA device) are reseeded
   from (seed, step, micro-batch), as fairseq reseeds from seed + update count before every update
   (`fairseq/trainer.py`, `_set_seed`). The micro-batch is its index in the step over all ranks, a x W + r for
@@ -28,7 +31,13 @@ def step_seed(seed: int, step: int, micro_batch: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def data_step(step: int, skips: Sequence[Sequence[int]] = ()) -> int:
-    """The data step that optimizer step `step` trains on: each rollback's (at, count) moves the data of the
-    steps from `at` on `count` steps further, past the data that diverged."""
-    return step + sum(count for at, count in skips if step >= at)
+def data_step(step: int, skipped: Sequence[Sequence[int]] = ()) -> int:
+    """The data step that optimizer step `step` trains on: the step-th (from 0) data step outside `skipped`, the
+    data that rollbacks removed as sorted, disjoint (first data step, count) runs (`RollbackState.skipped_data`).
+    Strictly increasing in `step`; O(runs)."""
+    d = step
+    for first, count in skipped:  # each run at or below the answer pushes it past the run
+        if first > d:
+            break
+        d += count
+    return d

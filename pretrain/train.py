@@ -23,6 +23,7 @@ from .checkpoint import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
     ShardedFSDPStrategy,
+    checkpoint_versions,
     probe,
     read_record,
     resumable_checkpoint,
@@ -31,7 +32,7 @@ from .data import ShardDataModule, batch_geometry
 from .export import HFExportCallback
 from .host_memory import RetainHostMemory
 from .module import MLMModule
-from .rollback import Diverged, RollbackGuard, RollbackState, TrainingDiverged
+from .rollback import Diverged, RollbackGuard, RollbackState, TrainingDiverged, describe_skipped
 from .throughput import Throughput
 
 
@@ -47,10 +48,12 @@ def checkpoint_dir(cfg: ExperimentConfig) -> Path:
     return cfg.run_path / "checkpoints"
 
 
-def last_checkpoint(cfg: ExperimentConfig, log=print) -> tuple[Path, int] | None:
-    """(path, step) of the newest readable checkpoint of the run, or None."""
+def last_checkpoint(cfg: ExperimentConfig, log=print, exclude: frozenset[tuple[int, int, int]] = frozenset(),
+                    ) -> tuple[Path, int] | None:
+    """(path, step) of the newest complete checkpoint of the run, or None; `exclude`: the versions of files not
+    to consider (`checkpoint.checkpoint_versions`, e.g. an older run's)."""
     directory = checkpoint_dir(cfg)
-    return resumable_checkpoint(directory, log) if directory.is_dir() else None
+    return resumable_checkpoint(directory, log, exclude) if directory.is_dir() else None
 
 
 def training_data(cfg: ExperimentConfig, log=print) -> Path:
@@ -217,9 +220,10 @@ def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, call
     `ckpt`: continue from this checkpoint instead, of this run or another (e.g. a stable-phase checkpoint of a
     wsd run, continued into its decay in a new run_dir).
 
-    A bad step (non-finite or spiking loss, rollback.py) rolls the run back to its newest checkpoint (or its
-    start) with the bad steps' data skipped, up to `optim.max_rollbacks` times. A run that ends before
-    max_steps without a signal raises `TrainingIncomplete`, never returns as if done."""
+    A bad step (non-finite or spiking loss, rollback.py) rolls the run back with the bad steps' data skipped, up
+    to `optim.max_rollbacks` times: to the newest checkpoint this run wrote, else the one it started from (`ckpt`
+    or the resumed one), else its initial weights; never to a file an older run left in run_dir. A run that
+    ends before max_steps without a signal raises `TrainingIncomplete`, never returns as if done."""
     found = last_checkpoint(cfg) if resume is not False else None
     if ckpt is not None:
         step, problem = probe(Path(ckpt))
@@ -231,6 +235,8 @@ def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, call
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     (cfg.run_path / "logs").mkdir(exist_ok=True)
     (cfg.run_path / "logs" / "config.yaml").write_text(dump_config(cfg))
+    start = found
+    older = checkpoint_versions(checkpoint_dir(cfg))  # what was there before this run wrote anything
     override: RollbackState | None = None
     while True:
         try:
@@ -238,7 +244,8 @@ def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, call
             break
         except Diverged as d:
             state = d.rollbacks
-            found = last_checkpoint(cfg)  # checkpoints are only written after a check, so this one is good
+            # checkpoints are only written after a check, so this run's newest is good
+            found = last_checkpoint(cfg, exclude=older) or start
             if len(state.events) >= cfg.optim.max_rollbacks:
                 where = f"{found[0]} (step {found[1]})" if found else "none (no checkpoint was written)"
                 raise TrainingDiverged(
@@ -303,9 +310,8 @@ def _report_rollback(cfg: ExperimentConfig, d: Diverged, state: RollbackState) -
     if getattr(rank_zero_only, "rank", 0) != 0:
         return
     event = state.events[-1]
-    first, last = event["skipped_data_steps"]
     print(f"\nrollback {len(state.events)}/{cfg.optim.max_rollbacks}: {d}; resuming from step "
-          f"{event['resumed_from']} with the data of steps {first}..{last} skipped"
+          f"{event['resumed_from']} with the data of steps {describe_skipped(event['skipped_data_steps'])} skipped"
           + (f", learning rate x{cfg.optim.rollback_lr_factor ** len(state.events):g}"
              if cfg.optim.rollback_lr_factor != 1 else ""), flush=True)
     with open(cfg.run_path / "logs" / "rollbacks.jsonl", "a") as f:

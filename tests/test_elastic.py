@@ -138,7 +138,7 @@ original = MLMModule._losses
 
 def losses(self, batch):  # the data of step 6 gives a NaN loss, on rank {rank} only
     out = original(self, batch)
-    if self.training and self.global_rank == {rank} and data_step(self.global_step, self.rollbacks.skips) == 6:
+    if self.training and self.global_rank == {rank} and data_step(self.global_step, self.rollbacks.skipped_data) == 6:
         out["mlm_sum"] = out["mlm_sum"] * float("nan")
     return out
 
@@ -166,7 +166,7 @@ def test_two_ranks_roll_back_a_nan_on_one_rank_together(shards, corpus_file: Pat
            " skipped" in proc.stdout
     assert f"done: {STEPS} of {STEPS} steps" in proc.stdout
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["rollbacks"]["skips"] == [[6, 1]]
+    assert last["rollbacks"]["skipped_data"] == [[6, 1]]
     told = train._fit_once(config(tmp_path / "told", corpus_file, *EVERY), meta, None, RollbackState([[6, 1]], []),
                            None, dict(QUIET))
     assert_close({k: v.detach() for k, v in told.lightning_module.model.state_dict().items()},

@@ -25,7 +25,7 @@ def poison(monkeypatch: pytest.MonkeyPatch, bad, factor: float = float("nan")) -
     def losses(self, batch):
         out = original(self, batch)
         step = self.global_step
-        if self.training and bad(step, data_step(step, self.rollbacks.skips)):
+        if self.training and bad(step, data_step(step, self.rollbacks.skipped_data)):
             hits.append(step)
             out["mlm_sum"] = out["mlm_sum"] * factor
         return out
@@ -43,9 +43,9 @@ def test_a_nan_from_bad_data_is_rolled_back_past_that_data_and_the_run_finishes(
     assert trainer.global_step == 20 and hits == [7, 7]  # 2 micro-batches of step 7, once
     events = [json.loads(line) for line in (run / "logs" / "rollbacks.jsonl").read_text().splitlines()]
     assert len(events) == 1 and events[0]["step"] == 7 and events[0]["detected_at"] == 7
-    assert events[0]["resumed_from"] == 5 and events[0]["skipped_data_steps"] == [7, 7]
+    assert events[0]["resumed_from"] == 5 and events[0]["skipped_data_steps"] == [[7, 7]]
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["rollbacks"]["skips"] == [[7, 1]] and len(last["rollbacks"]["events"]) == 1
+    assert last["rollbacks"]["skipped_data"] == [[7, 1]] and len(last["rollbacks"]["events"]) == 1
     assert all(torch.isfinite(v).all() for v in final_weights(trainer).values())
     # exact: a run that is told from the start to skip step 7's data ends with the same weights
     monkeypatch.undo()
@@ -105,13 +105,37 @@ def test_monitor_flags_the_first_nonfinite_or_spiking_step_on_the_device() -> No
 
 
 def test_data_steps_skip_past_each_rollback() -> None:
-    skips = RollbackState().after(_diverged(7, 9), resumed_from=5).skips  # steps 7..9's data skipped
-    assert skips == [[7, 3]]
-    assert [data_step(s, skips) for s in range(5, 10)] == [5, 6, 10, 11, 12]
-    state = RollbackState(skips, [])
+    skipped = RollbackState().after(_diverged(7, 9), resumed_from=5).skipped_data  # steps 7..9's data skipped
+    assert skipped == [[7, 3]]
+    assert [data_step(s, skipped) for s in range(5, 10)] == [5, 6, 10, 11, 12]
+    state = RollbackState(skipped, [])
     later = state.after(_diverged(11, 11), resumed_from=10)  # optimizer step 11 read data step 14
-    assert later.skips == [[7, 3], [11, 1]] and later.events[0]["skipped_data_steps"] == [14, 14]
-    assert [data_step(s, later.skips) for s in range(9, 13)] == [12, 13, 15, 16]
+    assert later.skipped_data == [[7, 3], [14, 1]] and later.events[0]["skipped_data_steps"] == [[14, 14]]
+    assert [data_step(s, later.skipped_data) for s in range(9, 13)] == [12, 13, 15, 16]
+
+
+def test_a_second_rollback_earlier_than_the_first_skip_reads_none_of_the_skipped_data() -> None:
+    """The issue's case: data 105-109 skipped, then a replay diverges at step 103 (seen at 104). Summed offsets
+    made steps 103-104 read the skipped data 105-106 and dropped the good data 110-111."""
+    first = RollbackState().after(_diverged(105, 109), resumed_from=100)
+    second = first.after(_diverged(103, 104), resumed_from=100)
+    assert second.events[-1]["skipped_data_steps"] == [[103, 104]]
+    assert [data_step(s, second.skipped_data) for s in range(100, 106)] == [100, 101, 102, 110, 111, 112]
+    across = first.after(_diverged(103, 105), resumed_from=100)  # its bad steps read 103, 104 and 110
+    assert across.events[-1]["skipped_data_steps"] == [[103, 104], [110, 110]]
+    assert across.skipped_data == [[103, 8]]
+
+
+def test_an_old_checkpoints_skips_keep_their_meaning() -> None:
+    """Records written before `skipped_data`: (optimizer step, count) pairs whose counts were summed, events
+    with one [first, last] pair. Loaded, every step reads what it read then, even the buggy double skip."""
+    old = {"skips": [[105, 5], [103, 2]], "events": [{"skipped_data_steps": [105, 109]}]}
+    state = RollbackState.from_dict(old)
+    assert state.skipped_data == [[103, 2], [107, 5]]
+    summed = [s + sum(c for at, c in old["skips"] if s >= at) for s in range(100, 110)]
+    assert [data_step(s, state.skipped_data) for s in range(100, 110)] == summed
+    assert state.events[0]["skipped_data_steps"] == [[105, 109]]
+    assert RollbackState.from_dict(state.to_dict()) == state
 
 
 def _diverged(first: int, seen: int):
