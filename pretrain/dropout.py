@@ -9,7 +9,8 @@ with a threshold, about 6x faster than `bernoulli_`. The rate is quantised to 1/
 The draws come from torch's generator, so `torch.manual_seed` (Lightning's `seed_everything`) fixes them.
 
 Elsewhere (CUDA: fused dropout and flash attention with dropout in one kernel) and without dropout, these are
-`F.dropout` and `F.scaled_dot_product_attention` themselves.
+`F.dropout` and `F.scaled_dot_product_attention` themselves: attention's choice is a row of attention_paths.py's
+table.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention_paths import attention_path
 
 _LEVELS = 1 << 16
 
@@ -56,8 +59,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)` for (..., L, D) queries and
     (..., S, D) keys and values with a boolean mask (True: may attend). On a CPU with dropout it is SDPA's math path
     written out (half precision computed in float, as that path does) with `dropout`'s mask on the probabilities."""
-    if dropout_p == 0.0 or q.device.type != "cpu":
+    if attention_path(q.device.type, q.dtype, dropout_p > 0.0, packed=False) == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    # "math_dropout"
     dtype = q.dtype
     with torch.autocast("cpu", enabled=False):  # as SDPA, whose kernels run below autocast
         if dtype in (torch.float16, torch.bfloat16):

@@ -16,7 +16,8 @@ What differs from `transformers` is speed, not maths:
 - a padded batch runs unpadded (`Unpadded`): pad tokens are dropped before the embeddings, every per-token
   layer (projections, feed-forward, LayerNorm) runs on the real tokens only, and only attention sees the rows
   again: through a variable-length kernel on CUDA where one applies, else re-padded around
-  `scaled_dot_product_attention` with a key-padding mask. The hidden states are scattered back to (B, T, C);
+  `scaled_dot_product_attention` with a key-padding mask (which kernel a call takes is one table,
+  attention_paths.py). The hidden states are scattered back to (B, T, C);
 - `encode_targets` runs the last layer on the MLM targets only (flash-attn's BERT calls it `last_layer_subset`):
   its keys and values come from every token, but nothing else of that layer is needed anywhere but the targets,
   so at 15% targets it costs under a third of a layer (the keys and values are 1/6 of its matmuls).
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention_paths import attention_path, capability_of
 from .dropout import Dropout, attention
 
 
@@ -202,23 +204,27 @@ class Unpadded(NamedTuple):
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded: Unpadded, key_mask: torch.Tensor,
                      dropout_p: float) -> torch.Tensor:
-    """Attention of the packed rows (N, H, D) -> (N, H, D): each token sees its own row's real tokens.
-
-    On CUDA without dropout this is torch's variable-length flash kernel over `cu_seqlens` (no padding at all);
-    with dropout there the rows are re-padded to (B, H, T, D) for `scaled_dot_product_attention` with the
-    key-padding mask, and packed again. On a CPU, where that saves enough (`RUNS_MAX_WORK`), each run of
-    consecutive rows of one length attends as one (rows, H, L, D) batch, views of the packed tokens: no padding
-    and no mask, so attention's work falls with the padding (quadratically), for one call per run."""
+    """Attention of the packed rows (N, H, D) -> (N, H, D): each token sees its own row's real tokens, by the
+    path attention_paths.py's table gives. On CUDA in half precision without dropout this is torch's
+    variable-length flash kernel over `cu_seqlens` (no padding at all). On a CPU, where that saves enough
+    (`RUNS_MAX_WORK`), each run of consecutive rows of one length attends as one (rows, H, L, D) batch, views of
+    the packed tokens: no padding and no mask, so attention's work falls with the padding (quadratically), for one
+    call per run. Else (fp32 or an older GPU, dropout, a traced graph) the rows are re-padded to (B, H, T, D) for
+    `scaled_dot_product_attention` with the key-padding mask, and packed again."""
     N, H, D = q.shape
     B, T = key_mask.shape[0], key_mask.shape[-1]
-    if not q.is_cuda and not torch.compiler.is_compiling():  # a traced graph takes the re-padded form below
-        runs = _runs(unpadded)
-        if len(runs) <= RUNS_FEW or sum(m * L * L for L, m in runs) <= RUNS_MAX_WORK * B * T * T:
-            return _attention_by_runs(q, k, v, runs, dropout_p)
-    kernel = _varlen_kernel() if q.is_cuda and dropout_p == 0.0 else None
-    if kernel is not None:  # not run on a GPU yet: see README
+    compiling = torch.compiler.is_compiling()
+    runs = _runs(unpadded) if not q.is_cuda and not compiling else None  # a traced graph takes the re-padded form
+    pays = runs is not None and (len(runs) <= RUNS_FEW or sum(m * L * L for L, m in runs) <= RUNS_MAX_WORK * B * T * T)
+    kernel = _varlen_kernel() if q.is_cuda else None
+    path = attention_path(q.device.type, q.dtype, dropout_p > 0.0, packed=True, compiling=compiling,
+                          capability=capability_of(q), head_size=D, varlen=kernel is not None, runs_pay=pays)
+    if path == "runs":
+        return _attention_by_runs(q, k, v, runs, dropout_p)
+    if path == "flash_varlen":  # not run on a GPU yet: see README
         cu, m = unpadded.cu_seqlens, unpadded.max_seqlen
         return kernel(q, k, v, cu, cu, m, m)
+    # "repadded"
     q, k, v = (unpadded.pad(t, B, T) for t in (q, k, v))  # (B, H, T, D)
     y = attention(q, k, v, key_mask, dropout_p)
     return y.transpose(1, 2).reshape(B * T, H, D).index_select(0, unpadded.index)  # (N, H, D)

@@ -28,7 +28,7 @@ from .model import RobertaForMLM
 from .objective import batch_inputs, mlm_objective
 from .rollback import Diverged, DivergenceMonitor, RollbackState
 from .schedules import LRSchedule
-from .steps import step_seed
+from .steps import reseed
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -180,7 +180,7 @@ class MLMModule(pl.LightningModule):
             self._step_counts = self.trainer.strategy.reduce(counts, reduce_op="sum") if W > 1 else counts
         assert self._step_counts is not None, "a training batch without step counts (data.py's StepBatches)"
         # dropout as a function of (seed, step, micro-batch over all ranks): steps.py
-        torch.manual_seed(step_seed(self.cfg.seed, self.global_step, a * W + self.global_rank))
+        reseed(self.cfg.seed, self.global_step, a * W + self.global_rank)
         out = self._losses(batch)
         # fairseq's token-weighted mean over the whole step: the sum of per-token losses of every micro-batch
         # and rank over the step's target count. x A undoes Lightning's division by the accumulation, x W

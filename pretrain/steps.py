@@ -12,23 +12,84 @@
   rank r's a-th micro-batch (W ranks): the index of the sequences it holds in the step's global batch. So
   resume needs no stored RNG state on any rank, the ranks draw distinct masks, and a resume on another device
   count with the same micro-batch size gives every sequence the dropout mask it had before.
+
+  Distinct (seed, step, micro-batch) keys must give distinct generator states on every device. A seed does not
+  do it on a CPU: torch's CPU generator is mt19937 seeded with the low 32 bits of `torch.manual_seed`'s value
+  only, so with one seed per micro-batch about n^2 / 2^33 pairs of n micro-batches would share their dropout
+  masks (a million micro-batches: ~116 pairs; seed 0 already repeats a mask by step 9,358 at 8 micro-batches).
+  So `reseed` writes the CPU generator's whole state: the 19,937-bit mt19937 state numpy's `MT19937` takes from a
+  `SeedSequence` (624 words hashed from a 128-bit pool), the pool keyed on the fixed-width (seed, step,
+  micro-batch): collisions at ~n^2 / 2^129. CUDA's generator (Philox, counter-based) and every other accelerator
+  take a 64-bit seed, all of whose bits they use (~n^2 / 2^65), hashed from the same key (`step_seed`). Cost: about
+  0.2 ms per micro-batch on one CPU core (numpy's hashing and `torch.manual_seed`), against tens of milliseconds
+  for the smallest model's micro-batch (tests/test_dropout.py measures both). The alternative, a counter-based
+  draw keyed on the index, would need every dropout draw (torch's own CUDA kernels, inductor's) to take a key.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
-# Names the dropout stream in the seed sequence, so that it never equals another user's (seed, step, micro).
-_DROPOUT_STREAM = int.from_bytes(b"dropout", "big")
+# Name the streams in the seed sequences, so that they never equal another user's (seed, step, micro-batch): the
+# CPU's mt19937 state, and the 64-bit seed of the accelerators.
+_CPU_STREAM = int.from_bytes(b"dropout", "big")
+_SEED_STREAM = int.from_bytes(b"dropseed", "big")
+_MT_WORDS = 624
+"""mt19937's state: 624 32-bit words."""
+_MT_AT = 24
+"""Where those words begin in torch's CPU generator state (`get_rng_state`, 5,056 bytes): after the initial seed
+(8 bytes), `left` and `seeded` (4 each) and `next` (8), each word as a uint64 (torch's THGeneratorState)."""
+
+
+def key_sequence(seed: int, step: int, micro_batch: int, stream: int = _CPU_STREAM) -> np.random.SeedSequence:
+    """The SeedSequence of one micro-batch's dropout: its pool hashed from (seed, step, micro-batch, stream), each
+    as two 32-bit words, so that distinct keys are distinct entropy (with a varying width, a large seed's high
+    word could pass for a step)."""
+    key = (seed, step, micro_batch, stream)
+    assert all(0 <= k < 1 << 64 for k in key), f"dropout key (seed, step, micro-batch) {key[:3]} must be in [0, 2**64)"
+    return np.random.SeedSequence(np.array([k >> shift & 0xFFFFFFFF for k in key for shift in (0, 32)], np.uint32))
+
+
+def cpu_state_words(seed: int, step: int, micro_batch: int) -> np.ndarray:
+    """(624,) uint32: the mt19937 state of one micro-batch's dropout on a CPU, as numpy's `MT19937` takes it from
+    `key_sequence`: word 0, of which the recurrence uses the top bit only, has that bit set (never an all-zero
+    state), the other 623 are the sequence's."""
+    words = key_sequence(seed, step, micro_batch).generate_state(_MT_WORDS, np.uint32)
+    words[0] = 0x80000000
+    return words
 
 
 def step_seed(seed: int, step: int, micro_batch: int) -> int:
-    """A 63-bit seed for the dropout of one micro-batch: well mixed (numpy's SeedSequence hashing), so that
-    neighbouring steps and micro-batches get unrelated streams."""
-    words = np.random.SeedSequence([seed, step, micro_batch, _DROPOUT_STREAM]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
+    """The 64-bit seed of one micro-batch's dropout on CUDA (Philox: all 64 bits count) and other accelerators.
+    Not for a CPU, whose generator keeps 32 bits of a seed: `reseed`."""
+    words = key_sequence(seed, step, micro_batch, _SEED_STREAM).generate_state(2, np.uint32)
+    return int(words[0]) | int(words[1]) << 32
+
+
+@functools.cache
+def _check_cpu_state_layout() -> None:
+    """torch's CPU state is the layout `_MT_AT` describes: the words of mt19937 seeded with 12345 are where it says."""
+    state = torch.Generator().manual_seed(12345).get_state().numpy()
+    left_seeded = state[8:16].view(np.int32).tolist()
+    first = state[_MT_AT:_MT_AT + 16].view(np.uint64).tolist()  # mt19937's init: x1 = 1812433253 (x0 ^ x0 >> 30) + 1
+    assert (state.size, left_seeded, first) == (5056, [1, 1], [12345, 2003863422]), (
+        f"torch {torch.__version__}'s CPU generator state is not the layout steps.py writes")
+
+
+def reseed(seed: int, step: int, micro_batch: int) -> None:
+    """Reseeds every generator for one micro-batch's dropout: the accelerators with `step_seed`, the CPU with the
+    whole mt19937 state `cpu_state_words` (module docstring)."""
+    _check_cpu_state_layout()
+    # every device; on the CPU this also drops a cached normal sample, and sets left = 1, next = 0: the first
+    # draw twists the state written next
+    torch.manual_seed(step_seed(seed, step, micro_batch))
+    state = torch.get_rng_state()
+    state.numpy()[_MT_AT:_MT_AT + 8 * _MT_WORDS].view(np.uint64)[:] = cpu_state_words(seed, step, micro_batch)
+    torch.set_rng_state(state)
 
 
 def data_step(step: int, skipped: Sequence[Sequence[int]] = ()) -> int:
