@@ -28,8 +28,8 @@ What a fetch checks, and against what (the URL's content is data from outside, p
    changed, so a start reads no file twice and a file altered in place is hashed again (an alteration that
    restores size, mtime and inode is not seen: whoever can do that can write the cache, which is trusted).
    Without a files table: sizes only.
-4) token ids: once per file, the largest id is below vocab_size: from the split record's `max_token_id` (written
-   by the shard writer, checked in 1), else by scanning the tokens file with numpy, stored in `.verified.json`.
+4) token ids: the largest id of each tokens file is below vocab_size, by a chunked numpy scan once per file (kept
+   in `.verified.json` with its sha256), since a split record's `max_token_id` is only the manifest's word.
 
 The cache: `data.cache_dir/<sha256(url)[:16]>/`, the same layout. Under a file lock, so that under DDP (every
 process runs `make pretrain`, as for `prepare_data`'s lock) the first process of a node downloads and the others
@@ -41,21 +41,23 @@ complete. Every message and log line shows the URL without credentials (`redact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 from filelock import FileLock, Timeout
 
 from .config import ExperimentConfig
 from .prepare import sha256_file
-from .redact import redact_text, redact_url
+from .redact import CREDENTIAL_KEY, REDACTED, redact_text, redact_url
 from .shards import (
     MAX_META_BYTES,
     META,
@@ -127,7 +129,12 @@ def upload_shards(directory: str | Path, url: str, storage_options: dict[str, An
     """Copy the data directory's shards to `url`, and the files of `tokenizer` (a tokenizer directory) to
     `url/tokenizer/` when it is the shards' tokenizer, then meta.json with every file's size and sha256; a file
     the remote holds already with the same size and checksum is skipped. Returns the bytes sent."""
-    directory, url = Path(directory), _clean(url)
+    with _scrubbed(url):
+        return _upload(Path(directory), _clean(url), storage_options, tokenizer, log)
+
+
+def _upload(directory: Path, url: str, storage_options: dict[str, Any] | None, tokenizer: str | Path | None,
+            log: Callable[[str], None]) -> int:
     meta = read_meta(directory)  # meta.json, or the slices' parts combined
     sources = {}
     for name, size in shard_files(meta).items():
@@ -187,9 +194,32 @@ def fetch_shards(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> P
         log(f"data: waiting for another process fetching {redact_url(cfg.data.shards_url or '')} into {cache}")
         lock.acquire()
     try:
-        return _fetch(cfg, cache, log)
+        with _scrubbed(cfg.data.shards_url or ""):
+            return _fetch(cfg, cache, log)
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def _scrubbed(url: str) -> Iterator[None]:
+    """A ShardError raised inside, without the credentials of `url`: the messages name it redacted, but a backend's
+    own text may quote its parts (botocore: `Invalid bucket name "KEY:SECRET@bucket"`)."""
+    try:
+        yield
+    except ShardError as e:
+        raise ShardError(_scrub(str(e), url)) from None
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` with every URL redacted and every credential of `url` (userinfo, credential-like query values)
+    replaced wherever it appears."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    secrets = {userinfo, *userinfo.split(":")} | {v for k, v in parse_qsl(parts.query) if CREDENTIAL_KEY.search(k)}
+    text = redact_text(text)
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):  # shorter: not a secret
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def _fetch(cfg: ExperimentConfig, cache: Path, log: Callable[[str], None]) -> Path:
@@ -243,21 +273,28 @@ def _fetch(cfg: ExperimentConfig, cache: Path, log: Callable[[str], None]) -> Pa
             log(f"data: downloading {len(todo)} of {len(sizes)} files ({total / 1e6:.1f} MB) from {shown} into "
                 f"{cache}")
         # a few at once: an object store answers each request with latency, so one at a time leaves bandwidth idle
-        with ThreadPoolExecutor(max_workers=min(d.fetch_threads, max(1, len(todo)))) as pool:
-            jobs = {n: pool.submit(_download, fs, f"{root}/{n}", f"{shown}/{n}", inside(cache, n, f"{shown}/{META}"),
-                                   sizes[n], expected(n)) for n in todo}
-            for name, job in jobs.items():
-                store.add(name, job.result())  # the first failure in file order, named by its URL
-        store.save()
-    # 4) no token id beyond the vocabulary: the records' max_token_id (validated), else a scan, once per file
+        try:
+            with ThreadPoolExecutor(max_workers=min(d.fetch_threads, max(1, len(todo)))) as pool:
+                jobs = {n: pool.submit(_download, fs, f"{root}/{n}", f"{shown}/{n}",
+                                       inside(cache, n, f"{shown}/{META}"), sizes[n], expected(n)) for n in todo}
+            for name, job in jobs.items():  # all finished: record what came, then the first failure in file order
+                if job.exception() is None:
+                    store.add(name, job.result())
+            for job in jobs.values():
+                job.result()
+        finally:
+            store.save()
+    # 4) no token id beyond the vocabulary: each tokens file scanned once (a record's max_token_id, checked by
+    #    parse_meta, is the writer's word; a hostile manifest could state any), its result kept with its sha256
     for record in meta["splits"].values():
         for part in record.get("parts", [record]):
-            if "max_token_id" not in part:
-                top = store.max_token_id(part["tokens"], meta["dtype"])
-                if top >= meta["vocab_size"]:
-                    raise ShardError(f"{shown}/{part['tokens']}: token id {top} is not below the vocab_size "
-                                     f"{meta['vocab_size']} of its {META}: shards of another tokenizer, or damaged; "
-                                     "upload the shards again")
+            top = store.max_token_id(part["tokens"], meta["dtype"])
+            if top >= meta["vocab_size"]:
+                (cache / part["tokens"]).unlink(missing_ok=True)  # never left where a reader could map it
+                store.save()
+                raise ShardError(f"{shown}/{part['tokens']}: token id {top} is not below the vocab_size "
+                                 f"{meta['vocab_size']} of its {META}: shards of another tokenizer, or damaged; "
+                                 "upload the shards again")
     store.save()
     if cached_raw != raw or todo:
         _write_bytes_atomic(cache / META, raw)

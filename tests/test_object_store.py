@@ -66,7 +66,9 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory):
         server.start()
         host, port = server.get_host_and_port()
         url = f"http://{host}:{port}"
-        s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True).mkdir(BUCKET)
+        fs = s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True)
+        if not fs.exists(BUCKET):  # moto keeps its buckets per process: another module's server made it
+            fs.mkdir(BUCKET)
         yield url
         server.stop()
 
