@@ -12,6 +12,7 @@ from the same text, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import yaml
 
 from .sources import Source, normalise_sources
 from .training_config import (  # noqa: F401 - parse_duration and the sections: callers import them here
+    MAX_SEED,
     BatchConfig,
     CardConfig,
     CheckpointConfig,
@@ -60,7 +62,8 @@ class CorpusConfig:
     valid_fraction: float = option(0.005, "Share of train documents held out for validation when `valid` is empty.")
     text_field: str = option("text", "The text column of .jsonl, .parquet and `datasets` sources.")
     max_line_bytes: int = option(
-        1_000_000, "Longer lines are cut into pieces of at most this many bytes, so memory stays bounded."
+        1_000_000, "Longer lines are cut into pieces of at most this many bytes, so memory stays bounded.",
+        ge=1024, le=2**30, why="a piece is held in memory whole",
     )
 
     def __post_init__(self) -> None:
@@ -70,8 +73,6 @@ class CorpusConfig:
         normalise_sources(self.valid, "corpus.valid", weighted=False)
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"corpus.valid_fraction={self.valid_fraction} must be in [0, 1)")
-        if self.max_line_bytes < 1024:
-            raise ConfigError(f"corpus.max_line_bytes={self.max_line_bytes} must be at least 1024")
 
     @property
     def sources(self) -> list[Source]:
@@ -86,8 +87,11 @@ class CorpusConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = option(50265, "Vocabulary size including the 5 special tokens (RoBERTa: 50265).")
-    min_frequency: int = option(2, "A merge must occur at least this often in the training text.")
+    # 256 byte symbols + 5 specials is the smallest byte-level vocabulary that can encode anything.
+    vocab_size: int = option(50265, "Vocabulary size including the 5 special tokens (RoBERTa: 50265).", ge=261,
+                             le=2**22, why="256 bytes + 5 specials at least; the embedding is vocab_size x "
+                             "hidden_size, and the largest real vocabularies are about 1M")
+    min_frequency: int = option(2, "A merge must occur at least this often in the training text.", ge=1, le=2**32)
     extend_from: str | None = option(
         None,
         "With model.init_from: a tokenizer directory (e.g. one trained on the domain corpus) whose new tokens are "
@@ -96,29 +100,24 @@ class TokenizerConfig:
     )
     max_train_bytes: int = option(
         0, "Train on a sample of at most this many bytes of whole train documents, drawn from the sources in "
-        "proportion to weight x size (weight alone when a size is unknown), each from its start; 0: all the text.")
-
-    def __post_init__(self) -> None:
-        # 256 byte symbols + 5 specials is the smallest byte-level vocabulary that can encode anything.
-        if self.vocab_size < 261:
-            raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be at least 261 (256 bytes + 5 specials)")
-        if self.min_frequency < 1:
-            raise ConfigError(f"tokenizer.min_frequency={self.min_frequency} must be at least 1")
-        if self.max_train_bytes < 0:
-            raise ConfigError(f"tokenizer.max_train_bytes={self.max_train_bytes} must be >= 0 (0: all the text)")
+        "proportion to weight x size (weight alone when a size is unknown), each from its start; 0: all the text.",
+        ge=0, le=2**50, why="bytes; 0: all the text")
 
 
 @dataclass
 class DataConfig:
-    seq_len: int = option(512, "Tokens per block, <s> and </s> included (RoBERTa: 512).")
+    seq_len: int = option(512, "Tokens per block, <s> and </s> included (RoBERTa: 512).", ge=8, le=2**16,
+                          why="the position embeddings and the attention grow with it")
     packing: Packing = option(
         "full_sentences",
         "full_sentences (RoBERTa) | doc_sentences | segment_pair (BERT, NSP) | sentence_pair (NSP).",
     )
-    num_proc: int = option(0, "Worker processes for tokenizing; 0: all cores.")
+    num_proc: int = option(0, "Worker processes for tokenizing, at most the CPUs this process may use; 0: all of "
+                           "them.", ge=0)
     shard_index: int = option(0, "Which slice of the corpus this run prepares: documents i with i % num_shards == "
                           "shard_index (one machine per slice; the slices are read together, unmerged).")
-    num_shards: int = option(1, "Slices the corpus is prepared in, e.g. one per machine; 1: all at once.")
+    num_shards: int = option(1, "Slices the corpus is prepared in, e.g. one per machine; 1: all at once.", ge=1,
+                             le=2**16)
     short_seq_len: int = option(
         0,
         "BERT's length schedule: the first short_fraction of trainer.max_steps train on blocks of this many "
@@ -144,23 +143,20 @@ class DataConfig:
         "S3-compatible server (s3fs; also anon: true, client_kwargs). Credentials belong in the environment "
         "(AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) or ~/.aws: the config is saved in logs "
         "and checkpoints.")
-    fetch_threads: int = option(8, "Files of shards_url downloaded at once (each checked and renamed on its own).")
+    fetch_threads: int = option(8, "Files of shards_url downloaded at once (each checked and renamed on its own).",
+                                ge=1, le=64, why="each holds a connection and a file open")
     shards_sha256: str | None = option(
         None, "The sha256 of shards_url's meta.json (`sha256sum meta.json`, printed by `python -m data_prep "
         "upload`): pins the manifest, and through its files table every file, to what you trust; a different "
         "meta.json is refused before anything is downloaded. null: trust what the URL serves.")
 
     def __post_init__(self) -> None:
-        if self.fetch_threads < 1:
-            raise ConfigError(f"data.fetch_threads={self.fetch_threads} must be at least 1")
         if self.shards_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.shards_sha256):
             raise ConfigError(f"data.shards_sha256={self.shards_sha256!r} must be a sha256: 64 hex digits "
                               "(`sha256sum meta.json`), or null")
         if self.shards_url and self.short_seq_len:
             raise ConfigError("data.shards_url with data.short_seq_len is not supported: BERT's length schedule "
                               "reads two data directories; prepare the shards on each node (`make data`)")
-        if self.seq_len < 8:
-            raise ConfigError(f"data.seq_len={self.seq_len} must be at least 8")
         if self.short_seq_len and not 8 <= self.short_seq_len < self.seq_len:
             raise ConfigError(
                 f"data.short_seq_len={self.short_seq_len} must be 0 (off) or in [8, data.seq_len={self.seq_len})"
@@ -172,8 +168,6 @@ class DataConfig:
         if self.short_seq_prob and self.packing != "segment_pair":
             raise ConfigError(f"data.short_seq_prob={self.short_seq_prob} applies to data.packing=segment_pair only "
                               f"(got {self.packing}); set it to 0")
-        if self.num_proc < 0:
-            raise ConfigError(f"data.num_proc={self.num_proc} must be 0 (all cores) or positive")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(
                 f"data.shard_index={self.shard_index} must be in [0, data.num_shards={self.num_shards}) "
@@ -205,10 +199,12 @@ def check_schedule(cfg: ExperimentConfig) -> None:
 @dataclass
 class ExperimentConfig:
     run_dir: str = option("runs/tiny", "Everything this experiment writes goes under here.")
-    seed: int = option(0, "Fixes data split and order, masking and initialisation.")
+    seed: int = option(0, "Fixes data split and order, masking and initialisation.", ge=0, le=MAX_SEED,
+                       why="Lightning's seed_everything takes 0 to 2**32 - 1")
     data_seed: int | None = option(None, "Fixes only the corpus split, tokenizer and shards (pair sampling); null: seed. "
                                      "Runs that differ in seed but share data_seed share tokenizer and shards "
-                                     "(the ablation runner's seeds).")
+                                     "(the ablation runner's seeds).", ge=0, le=MAX_SEED,
+                                   why="as seed")
     corpus: CorpusConfig = option(None, "Where the text comes from.")
     tokenizer: TokenizerConfig = option(None, "Byte-level BPE training.")
     data: DataConfig = option(None, "Tokenizing and packing into shards.")
@@ -246,17 +242,33 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask under a scheduler, else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_machine(cfg: ExperimentConfig) -> None:
+    """The checks against this machine, which a config read back from a checkpoint on another one must not meet."""
+    cpus = usable_cpus()
+    if cfg.data is not None and cfg.data.num_proc > cpus:
+        raise ConfigError(f"data.num_proc={cfg.data.num_proc} is more than the {cpus} CPUs this process may use: "
+                          "each is a tokenizer process with its own memory; lower it, or 0 for one per CPU")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file (or only defaults when `path` is None) and apply dotted overrides."""
+    """Read a YAML experiment file (or only defaults when `path` is None) and apply dotted overrides. Every key is
+    checked here, against its type, its range and this machine, so that a bad config fails before any work."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         data = read_yaml_mapping(path, "config", "a mapping of sections")
     data = apply_overrides(data, overrides or [])
     try:
-        return from_mapping(ExperimentConfig, data, "")
+        cfg = from_mapping(ExperimentConfig, data, "")
+        check_machine(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:

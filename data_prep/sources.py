@@ -8,9 +8,11 @@
 
 A weight is a number of passes over the source at prep time (`corpus.py`): 2.0 puts every document in the
 training split twice, 0.5 a seeded half of them, 1.5 every document once and a seeded half again, 0 none (its
-held-out documents still go to validation). The YAML keeps what the user wrote (plain strings stay strings, so
-configs and checkpoints without mappings are unchanged); `CorpusConfig.sources` is the one normalised shape,
-a list of `Source`, that the rest of the code reads.
+held-out documents still go to validation). A weight is at most `MAX_WEIGHT` (1000): the shards hold that many
+copies of the source, so 1e9 would be a billion passes that fill the disk after hours of tokenizing; a weight
+that large is a slip (a count or a percentage meant as a share), refused with the config. The YAML keeps what the
+user wrote (plain strings stay strings, so configs and checkpoints without mappings are unchanged);
+`CorpusConfig.sources` is the one normalised shape, a list of `Source`, that the rest of the code reads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 
 from .typed_config import ConfigError, option
 
+MAX_WEIGHT = 1000
+"""The most passes over one source: its documents are copied that many times into the training shards."""
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a name is also a metric key (val/loss/<name>) and a file stem
 
 
@@ -53,6 +57,9 @@ def normalise_sources(entries: list[str | Source], key: str = "corpus.train", we
             problems.append(f"{where}.weight: {s.weight} must be a finite number")
         elif s.weight < 0:
             problems.append(f"{where}.weight: {s.weight:g} must be >= 0")
+        elif s.weight > MAX_WEIGHT:
+            problems.append(f"{where}.weight: {s.weight:g} must be at most {MAX_WEIGHT}: it is passes over the "
+                            "source (each document copied that many times into the shards), not a proportion")
         elif not weighted and s.weight != 1:
             problems.append(f"{where}.weight: {s.weight:g}: validation text is not weighted (drop the key)")
         if s.name is not None:

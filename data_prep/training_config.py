@@ -2,22 +2,64 @@
 checkpoints, logging and the model card. `config.py` holds the data sections (corpus, tokenizer, data), the
 `ExperimentConfig` that joins them, and the checks across sections; it re-exports these classes, so callers
 import every section from `data_prep.config`. No torch here either (see `config.py`).
+
+Every number has a range (`option(..., ge=, le=)`, checked by `typed_config.from_mapping` before any work, or a
+check in `__post_init__`): sizes and counts at least 1, upper bounds where a larger value would allocate absurdly
+or means a typo, and Lightning's strings (precision, accelerator, strategy) checked here, not after the tokenizer
+and shards are built.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from .typed_config import ConfigError, option
 
+MAX_STEPS = 10**9
+"""The most optimizer steps any step count may say (RoBERTa: 500K): more is a typo, not a run."""
+STEPS = "optimizer steps; RoBERTa trains 500K"
+
+MAX_SEED = 2**32 - 1
+"""Lightning's seed_everything (numpy's legacy seeding) takes seeds in [0, 2**32 - 1]."""
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16")
+"""pytorch_lightning 2.6's precision strings (lightning_fabric.connector._PRECISION_INPUT_STR; a test compares)."""
+PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+"""Lightning's short forms (_PRECISION_INPUT_STR_ALIAS, and the ints 16, 32, 64), read as Lightning reads them."""
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+"""Lightning's accelerator names (AcceleratorRegistry, plus auto and gpu)."""
+STRATEGIES = (
+    "auto", "ddp", "fsdp", "ddp_spawn", "deepspeed", "single_device",  # the common ones first: the error names them
+    "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true", "ddp_fork",
+    "ddp_fork_find_unused_parameters_false", "ddp_fork_find_unused_parameters_true", "ddp_notebook",
+    "ddp_notebook_find_unused_parameters_false", "ddp_notebook_find_unused_parameters_true",
+    "ddp_spawn_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true", "deepspeed_stage_1",
+    "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
+    "deepspeed_stage_3_offload_nvme", "fsdp_cpu_offload", "single_tpu", "single_xla", "xla", "xla_debug",
+)
+"""Lightning's strategy names (StrategyRegistry, plus auto; a test compares)."""
+
+
+def lightning_precision(value: str | int, key: str) -> str:
+    """`value` as the precision string Lightning would use (its aliases resolved), or one line naming `key`."""
+    canonical = PRECISION_ALIASES.get(str(value), value) if isinstance(value, str | int) else value
+    if canonical not in PRECISIONS or isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not a Lightning precision: use one of {', '.join(PRECISIONS)} "
+                          f"(or {', '.join(PRECISION_ALIASES)})")
+    return canonical
+
 
 @dataclass
 class ModelConfig:
-    hidden_size: int = option(768, "Width of the encoder (base: 768, large: 1024).")
-    num_layers: int = option(12, "Transformer layers (base: 12, large: 24).")
-    num_heads: int = option(12, "Attention heads; must divide hidden_size.")
-    intermediate_size: int = option(3072, "Feed-forward width (4x hidden in the paper).")
+    hidden_size: int = option(768, "Width of the encoder (base: 768, large: 1024).", ge=1, le=2**16,
+                              why="large: 1024; the weights grow with its square")
+    num_layers: int = option(12, "Transformer layers (base: 12, large: 24).", ge=1, le=1024)
+    num_heads: int = option(12, "Attention heads; must divide hidden_size.", ge=1, le=2**16)
+    intermediate_size: int = option(3072, "Feed-forward width (4x hidden in the paper).", ge=1, le=2**18,
+                                    why="4 x hidden_size in the paper")
     dropout: float = option(0.1, "Dropout on embeddings, attention output and feed-forward output.")
     attention_dropout: float = option(0.1, "Dropout on attention probabilities.")
     init_from: str | None = option(
@@ -42,11 +84,13 @@ class MaskingConfig:
     mask_fraction: float = option(0.8, "Of the chosen tokens: replaced by <mask>.")
     random_fraction: float = option(0.1, "Of the chosen tokens: replaced by a random non-special token; the rest stay.")
     dynamic: bool = option(True, "True: a new mask every epoch (RoBERTa). False: BERT's static masking.")
-    static_copies: int = option(10, "Static masking: fixed mask patterns per sequence, served in turn (BERT: 10).")
+    static_copies: int = option(10, "Static masking: fixed mask patterns per sequence, served in turn (BERT: 10).",
+                                ge=1, le=10**6)
     start_probability: float | None = option(
         None, "Masking-rate schedule: the rate at step 0, moving linearly to `probability` over anneal_steps "
         "(Wettig et al. 2023: 0.3 -> 0.15); null: `probability` throughout. Validation always masks at `probability`.")
-    anneal_steps: int = option(0, "Optimizer steps over which the rate moves from start_probability to probability.")
+    anneal_steps: int = option(0, "Optimizer steps over which the rate moves from start_probability to probability.",
+                               ge=0, le=MAX_STEPS, why=STEPS)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.probability < 1.0:
@@ -61,8 +105,6 @@ class MaskingConfig:
                 f"masking.mask_fraction={self.mask_fraction} + masking.random_fraction={self.random_fraction} "
                 "must be non-negative and sum to at most 1"
             )
-        if self.static_copies < 1:
-            raise ConfigError(f"masking.static_copies={self.static_copies} must be at least 1")
 
 
 SCHEDULES = ("linear", "cosine", "wsd", "inverse_sqrt")
@@ -71,31 +113,38 @@ DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
 
 @dataclass
 class OptimConfig:
-    peak_lr: float = option(6.0e-4, "Learning rate at the end of warmup (base: 6e-4, large: 4e-4).")
+    peak_lr: float = option(6.0e-4, "Learning rate at the end of warmup (base: 6e-4, large: 4e-4).", le=1.0,
+                            why="an Adam step moves each weight by about the rate")
     betas: list[float] = option([0.9, 0.98], "Adam betas (RoBERTa: 0.9, 0.98; BERT: 0.9, 0.999).")
-    eps: float = option(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).")
-    weight_decay: float = option(0.01, "Decoupled weight decay, not applied to biases and LayerNorm.")
-    warmup_steps: int = option(24000, "Linear warmup steps from 0 to peak_lr (every schedule).")
+    eps: float = option(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).", le=1.0)
+    weight_decay: float = option(0.01, "Decoupled weight decay, not applied to biases and LayerNorm.", ge=0, le=10)
+    warmup_steps: int = option(24000, "Linear warmup steps from 0 to peak_lr (every schedule).", ge=0, le=MAX_STEPS,
+                               why=STEPS)
     schedule: str = option(
         "linear", "After warmup: linear (to 0 at trainer.max_steps; RoBERTa), cosine (to 0 at max_steps), wsd "
         "(warmup-stable-decay: peak until the last decay_steps, then decay_shape to 0), inverse_sqrt (peak x "
         "sqrt(timescale / (step - warmup + timescale)), no end).")
     decay_steps: int = option(
         0, "wsd: steps of the final decay; 0: decay_fraction x max_steps. To decay a stable-phase checkpoint of "
-        "step S over D steps: `make resume ARGS=\"--trainer.max_steps=S+D --optim.decay_steps=D\"`.")
+        "step S over D steps: `make resume ARGS=\"--trainer.max_steps=S+D --optim.decay_steps=D\"`.",
+        ge=0, le=MAX_STEPS, why=STEPS)
     decay_fraction: float = option(0.2, "wsd: the share of max_steps spent decaying, when decay_steps is 0.")
     decay_shape: str = option("linear", "wsd: the decay's shape, linear, 1-sqrt or cosine (as transformers' "
                               "get_wsd_schedule).")
     min_lr_ratio: float = option(0.0, "linear, cosine, wsd: the rate ends at this share of peak_lr instead of 0.")
-    timescale: int = option(0, "inverse_sqrt: steps after warmup at which the rate is peak / sqrt(2); 0: warmup_steps.")
-    grad_clip: float = option(0.0, "Gradient-norm clipping; 0: off, as in the paper.")
+    timescale: int = option(0, "inverse_sqrt: steps after warmup at which the rate is peak / sqrt(2); 0: warmup_steps.",
+                            ge=0, le=MAX_STEPS, why=STEPS)
+    grad_clip: float = option(0.0, "Gradient-norm clipping; 0: off, as in the paper.", ge=0, le=1e6,
+                              why="a norm that large never clips; 0 turns clipping off")
     max_rollbacks: int = option(
         3, "A non-finite or spiking loss rolls the run back to its last checkpoint and skips the data of the bad "
-        "steps, at most this many times; then the run stops. 0: stop at the first bad step.")
+        "steps, at most this many times; then the run stops. 0: stop at the first bad step.", ge=0, le=1000)
     spike_factor: float = option(
         2.0, "A step whose loss exceeds this multiple of the mean of the last spike_window good steps is a spike "
-        "(rolled back like a NaN); 0: only non-finite losses count.")
-    spike_window: int = option(50, "Good steps the spike test averages over; no spike is called before that many.")
+        "(rolled back like a NaN); 0: only non-finite losses count.", ge=0, le=1e6,
+        why="a multiple of the mean loss; 0 turns spike detection off")
+    spike_window: int = option(50, "Good steps the spike test averages over; no spike is called before that many.",
+                               ge=1, le=10**6)
     rollback_lr_factor: float = option(
         1.0, "The learning rate (the whole schedule) is multiplied by this at each rollback, e.g. 0.5; 1: unchanged.")
 
@@ -104,8 +153,6 @@ class OptimConfig:
             raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
         if self.peak_lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.peak_lr and optim.eps must be positive, weight_decay and grad_clip >= 0")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if self.max_rollbacks < 0 or self.spike_factor < 0 or self.spike_window < 1:
             raise ConfigError(f"optim.max_rollbacks={self.max_rollbacks} and optim.spike_factor={self.spike_factor} "
                               f"must be >= 0, optim.spike_window={self.spike_window} at least 1")
@@ -126,9 +173,11 @@ class OptimConfig:
 
 @dataclass
 class BatchConfig:
-    global_size: int = option(8192, "Sequences per optimizer step, over all devices and accumulation (RoBERTa: 8K).")
-    micro_size: int = option(32, "Sequences per forward pass per device; accumulation is derived.")
-    num_workers: int = option(2, "DataLoader worker processes per device that mask and collate ahead of the step.")
+    global_size: int = option(8192, "Sequences per optimizer step, over all devices and accumulation (RoBERTa: 8K).",
+                              ge=1, le=2**24, why="RoBERTa: 8K")
+    micro_size: int = option(32, "Sequences per forward pass per device; accumulation is derived.", ge=1, le=2**24)
+    num_workers: int = option(2, "DataLoader worker processes per device that mask and collate ahead of the step.",
+                              ge=0, le=256, why="processes, each with its own memory")
     by_tokens: bool = option(
         False, "Size each micro-batch by tokens, not sequences: consecutive blocks of the epoch's order while their "
         "tokens stay within micro_size x data.seq_len, so short blocks (doc_sentences on short documents) come in "
@@ -138,8 +187,10 @@ class BatchConfig:
 
     start_size: int = option(
         0, "Batch-size warmup: the global batch at step 0, growing linearly with the tokens trained to global_size "
-        "over warmup_tokens, in whole sequences per micro-batch (a multiple of global_size / micro_size); 0: off.")
-    warmup_tokens: int = option(0, "Batch-size warmup: tokens (sequences x data.seq_len) over which the batch grows.")
+        "over warmup_tokens, in whole sequences per micro-batch (a multiple of global_size / micro_size); 0: off.",
+        ge=0, le=2**24)
+    warmup_tokens: int = option(0, "Batch-size warmup: tokens (sequences x data.seq_len) over which the batch grows.",
+                                ge=0, le=2**50)
 
     def __post_init__(self) -> None:
         n = self.global_size // max(1, self.micro_size)
@@ -151,8 +202,6 @@ class BatchConfig:
         if self.start_size and self.by_tokens:
             raise ConfigError("batch.start_size (batch-size warmup) with batch.by_tokens is not supported: "
                               "set one of them off")
-        if self.num_workers < 0:
-            raise ConfigError(f"batch.num_workers={self.num_workers} must be >= 0")
         if self.micro_size < 1 or self.global_size < 1:
             raise ConfigError("batch.global_size and batch.micro_size must be positive")
         if self.global_size % self.micro_size:
@@ -163,20 +212,29 @@ class BatchConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = option(500_000, "Optimizer steps; the learning rate reaches zero here.")
+    max_steps: int = option(500_000, "Optimizer steps; the learning rate reaches zero here.", ge=1, le=MAX_STEPS,
+                            why=STEPS)
     max_time: str | float | None = option(
-        None, "A wall-clock budget instead of max_steps, e.g. \"00:30:00\" (or DD:HH:MM:SS): after "
+        None, "A wall-clock budget instead of max_steps: HH:MM:SS, DD:HH:MM:SS or seconds, e.g. 00:30:00 or "
+        "1:00:00:00 (quotes optional: the config reader keeps base-60 numbers as written), at most 365 days: after "
         "calibration_steps the run measures its step time and fixes max_steps to fill the budget (training plus "
         "the validation it will run); the decision is logged and kept in every checkpoint, so a resume keeps it.")
-    calibration_steps: int = option(10, "max_time: steps timed before max_steps is fixed (the first is not timed).")
-    precision: str = option("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true.")
-    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu.")
-    devices: int | str = option("auto", "Devices per node: an int, or auto.")
-    num_nodes: int = option(1, "Nodes (multi-node through torchrun or SLURM).")
-    strategy: str = option("auto", "Lightning strategy: auto, ddp, fsdp, ...")
-    val_check_interval: int = option(2000, "Validate every this many optimizer steps.")
-    limit_val_batches: int = option(50, "Validation micro-batches per validation run; 0: all.")
-    log_every_n_steps: int = option(10, "Log training metrics every this many optimizer steps.")
+    calibration_steps: int = option(10, "max_time: steps timed before max_steps is fixed (the first is not timed).",
+                                    ge=2, le=10**6)
+    precision: str | int = option(
+        "32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true, "
+        "transformer-engine(-float16); Lightning's aliases 32, 64, 16, bf16 are read as 32-true, 64-true, 16-mixed, "
+        "bf16-mixed.")
+    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu (cuda), mps, tpu.")
+    devices: int | str = option("auto", "Devices per node: an int, or auto.", ge=1, le=1024,
+                                why="devices per node; auto: all of them")
+    num_nodes: int = option(1, "Nodes (multi-node through torchrun or SLURM).", ge=1, le=2**16)
+    strategy: str = option("auto", "Lightning strategy: auto, ddp, fsdp, ... (a name in Lightning's StrategyRegistry).")
+    val_check_interval: int = option(2000, "Validate every this many optimizer steps.", ge=1, le=MAX_STEPS,
+                                     why=STEPS)
+    limit_val_batches: int = option(50, "Validation micro-batches per validation run; 0: all.", ge=0, le=10**9)
+    log_every_n_steps: int = option(10, "Log training metrics every this many optimizer steps.", ge=1,
+                                    le=MAX_STEPS, why=STEPS)
     compile: bool = option(False, "torch.compile the training objective (model, sparse head, loss), with static "
                            "shapes: batches padded to a multiple of 64 tokens, padded attention (masking.py).")
     unpad: bool = option(True, "Run padded batches on their real tokens only (varlen attention); same results.")
@@ -187,24 +245,29 @@ class TrainerConfig:
                                       "trim) so each step reuses its large tensors' pages instead of faulting them in "
                                       "afresh: 1.6x at the small model, for ~20% more peak RSS (host_memory.py).")
     peak_flops: float = option(0.0, "Peak FLOP/s of one device, the denominator of train/mfu; 0: the GPU's "
-                               "datasheet peak for the precision, else measured once on this machine (cached).")
+                               "datasheet peak for the precision, else measured once on this machine (cached).",
+                               ge=0, le=1e18, why="FLOP/s of one device: an H100 does about 1e15")
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ConfigError(f"trainer.max_steps={self.max_steps} must be at least 1")
         if isinstance(self.devices, str) and self.devices != "auto":
             raise ConfigError(f"trainer.devices={self.devices!r} must be an integer or 'auto'")
-        if self.peak_flops < 0:
-            raise ConfigError(f"trainer.peak_flops={self.peak_flops} must be >= 0 (0: known or measured)")
         if self.max_time is not None:
             parse_duration(self.max_time, "trainer.max_time")
-        if self.calibration_steps < 2:
-            raise ConfigError(f"trainer.calibration_steps={self.calibration_steps} must be at least 2")
+        self.precision = lightning_precision(self.precision, "trainer.precision")
+        for key, allowed in (("accelerator", ACCELERATORS), ("strategy", STRATEGIES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)!r} is not a Lightning {key}: use one of "
+                                  f"{', '.join(allowed[:6])}{' or another of its registry' if len(allowed) > 6 else ''}")
+
+
+MAX_DURATION = 365 * 86400
+"""The longest wall-clock budget: a year; more is a typo."""
 
 
 def parse_duration(value: str | int | float, key: str) -> float:
     """Seconds of "HH:MM:SS", "DD:HH:MM:SS" or a number of seconds (Lightning's max_time forms); one line naming
-    `key` when it is none of them."""
+    `key` when it is none of them. The config's YAML reader (typed_config.Loader) keeps an unquoted 1:00:00:00 as
+    this string; YAML 1.1 elsewhere reads it as the base-60 number 216000, which would be 2.5 days of seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
@@ -213,18 +276,19 @@ def parse_duration(value: str | int | float, key: str) -> float:
             numbers = [float(p) for p in parts]
         except ValueError:
             numbers = []
-        if not 1 <= len(numbers) <= 4 or any(n < 0 for n in numbers):
+        if not 1 <= len(numbers) <= 4 or not all(0 <= n < math.inf for n in numbers):
             raise ConfigError(f"{key}={value!r} is not a duration: write HH:MM:SS, DD:HH:MM:SS or seconds")
         seconds = sum(n * unit for n, unit in zip(reversed(numbers), (1, 60, 3600, 86400), strict=False))
-    if seconds <= 0:
-        raise ConfigError(f"{key}={value!r} must be a positive duration")
+    if not 0 < seconds <= MAX_DURATION:  # NaN fails this too
+        raise ConfigError(f"{key}={value!r} must be a positive duration of at most 365 days")
     return seconds
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = option(1000, "Save a checkpoint every this many optimizer steps (and at the end).")
-    keep_last: int = option(3, "Keep this many newest step checkpoints.")
+    every_n_steps: int = option(1000, "Save a checkpoint every this many optimizer steps (and at the end).", ge=1,
+                                le=MAX_STEPS, why=STEPS)
+    keep_last: int = option(3, "Keep this many newest step checkpoints (last.ckpt is kept besides).", ge=0, le=10**6)
     export_hf: bool = option(False, "Also export a Hugging Face directory beside each checkpoint.")
 
 

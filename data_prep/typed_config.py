@@ -1,14 +1,24 @@
 """Typed dataclasses from parsed YAML and dotted command-line overrides: the machinery under `config.py`.
 
 `from_mapping` builds a dataclass tree from a mapping, checking every key (unknown keys are named with the known
-ones) and every value against its annotation (ints accepted for floats, a single value for a one-element list,
-"6e-4" read as a float), so a bad config is one `ConfigError` line naming the key. `apply_overrides` applies
-`--section.key=value` arguments, values read as YAML. It knows nothing of this project's sections.
+ones), every value against its annotation (ints accepted for floats, a single value for a one-element list,
+"6e-4" read as a float, NaN and infinity refused in every float) and against the range its `option` declares
+(`ge`, `le`), so a bad config is one `ConfigError` line naming the key, before any work starts. `apply_overrides`
+applies `--section.key=value` arguments, values read as YAML. It knows nothing of this project's sections.
+
+YAML is read by `Loader`, PyYAML's safe loader with three of YAML 1.1's silent surprises closed:
+- base-60 numbers: 1.1 reads an unquoted `1:00:00:00` as the int 216000 and `30:00` as 1800, which cannot be told
+  from a real number of seconds afterwards; here they stay the strings they look like (a duration parses them);
+- leading-zero octal: 1.1 reads `0123` as 83; here it stays the string "0123" (an int key then refuses it);
+- duplicate keys: 1.1 keeps the last silently (a second `trainer:` section drops the first); here the file is
+  refused, naming the line and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import field
@@ -22,11 +32,31 @@ class ConfigError(ValueError):
     """A problem with the user's config: the message names the key or file and the fix, on one line."""
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best at the call sites
-    """A dataclass field with its documentation (`python -m pretrain describe`, the README tables)."""
+def option(default: Any, help: str, *, ge: float | None = None, le: float | None = None,  # noqa: A002 - `help`
+           why: str = "") -> Any:                                                        # reads best at the call sites
+    """A dataclass field with its documentation (`python -m pretrain describe`, the README tables) and, for a
+    number, its range: `ge` <= value <= `le`, checked by `from_mapping` (an int or float in a union too), with
+    `why` (what the bounds protect) in the message."""
+    metadata = {"help": help, "ge": ge, "le": le, "why": why}
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"  # 4194304, not 4.1943e+06; 1e+18, 1 for floats
+
+
+def _out_of_range(key: str, value: Any, f: dataclasses.Field) -> str | None:
+    """The problem with `value` against `f`'s declared range, or None."""
+    ge, le = f.metadata.get("ge"), f.metadata.get("le")
+    if not isinstance(value, int | float) or isinstance(value, bool) or (ge is None and le is None):
+        return None
+    if (ge is None or value >= ge) and (le is None or value <= le):
+        return None
+    lo, hi = ("-inf" if ge is None else _number(ge)), ("inf" if le is None else _number(le))
+    why = f.metadata.get("why")
+    return f"{key}={value!r} must be in [{lo}, {hi}]" + (f" ({why})" if why else "")
 
 
 def type_name(tp: Any) -> str:
@@ -81,13 +111,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "6e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "6e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # NaN passes every comparison a range check makes, and inf is no setting: both refused for every key
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value} must be a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -108,24 +144,79 @@ def from_mapping(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             f"unknown key {', '.join(prefix + u for u in unknown)} (known in {prefix.rstrip('.') or 'top level'}: "
             f"{', '.join(names)})"
         )
-    kwargs = {}
-    for name in names:
-        tp = hints[name]
-        key = prefix + name
+    kwargs, problems = {}, []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_mapping(tp, data.get(name) or {}, key + ".")
-        elif name in data:
-            kwargs[name] = _coerce(key, data[name], tp)
+            kwargs[f.name] = from_mapping(tp, data.get(f.name) or {}, key + ".")
+        elif f.name in data:
+            kwargs[f.name] = _coerce(key, data[f.name], tp)
+            if problem := _out_of_range(key, kwargs[f.name], f):
+                problems.append(problem)
+    if problems:  # before __post_init__, whose checks across keys may divide by one of them
+        raise ConfigError("; ".join(problems))
     return cls(**kwargs)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names a key twice (YAML 1.1 would keep the last one silently)."""
+
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} (first on line {first}): YAML would silently keep only the last "
+                         "one; merge them into one")
+        self.line = line
+
+
+class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where PyYAML has it
+    """`yaml.SafeLoader` without base-60 and leading-zero octal numbers, refusing duplicate keys (module docstring).
+    Every YAML the project reads goes through it: experiment, task and ablation files and override values."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` entries may be overridden: that is their use
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                pass
+        return super().construct_mapping(node, deep)
+
+
+# PyYAML's int and float resolvers (yaml/resolver.py) without the base-60 forms, and the int one without octal.
+Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """`text` read by `Loader`: what every config file and override value goes through."""
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
 
 
 def read_yaml_mapping(path: Path, kind: str, top_level: str) -> dict[str, Any]:
     """A YAML file whose top level is a mapping, or one ConfigError naming the file (and the line of a syntax
-    error). `kind` names the file in "... does not exist", `top_level` what its top level must be."""
+    error or a duplicate key). `kind` names the file in "... does not exist", `top_level` what its top level
+    must be."""
     if not path.is_file():
         raise ConfigError(f"{kind} file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}:{e.line}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -141,7 +232,9 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {arg!r} must look like --section.key=value")
     key, _, raw = arg[2:].partition("=")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {arg!r}: {e}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
