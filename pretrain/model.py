@@ -216,7 +216,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded
     compiling = torch.compiler.is_compiling()
     runs = _runs(unpadded) if not q.is_cuda and not compiling else None  # a traced graph takes the re-padded form
     pays = runs is not None and (len(runs) <= RUNS_FEW or sum(m * L * L for L, m in runs) <= RUNS_MAX_WORK * B * T * T)
-    kernel = _varlen_kernel() if q.is_cuda else None
+    kernel = _varlen_kernel()
     path = attention_path(q.device.type, q.dtype, dropout_p > 0.0, packed=True, compiling=compiling,
                           capability=capability_of(q), head_size=D, varlen=kernel is not None, runs_pay=pays)
     if path == "runs":

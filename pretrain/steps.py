@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,26 +69,30 @@ def step_seed(seed: int, step: int, micro_batch: int) -> int:
     return int(words[0]) | int(words[1]) << 32
 
 
-@functools.cache
-def _check_cpu_state_layout() -> None:
-    """torch's CPU state is the layout `_MT_AT` describes: the words of mt19937 seeded with 12345 are where it says."""
-    state = torch.Generator().manual_seed(12345).get_state().numpy()
+def _cpu_state_template() -> np.ndarray:
+    """torch's CPU generator state (uint8) just after `manual_seed`: `left` = 1 and `next` = 0 (the first draw
+    twists the state), no cached normal sample. Checked to be the layout `_MT_AT` describes: the words of mt19937
+    seeded with 12345 are where it says."""
+    state = torch.Generator().manual_seed(12345).get_state().numpy().copy()
     left_seeded = state[8:16].view(np.int32).tolist()
     first = state[_MT_AT:_MT_AT + 16].view(np.uint64).tolist()  # mt19937's init: x1 = 1812433253 (x0 ^ x0 >> 30) + 1
     assert (state.size, left_seeded, first) == (5056, [1, 1], [12345, 2003863422]), (
         f"torch {torch.__version__}'s CPU generator state is not the layout steps.py writes")
+    return state
+
+
+_CPU_STATE = _cpu_state_template()
 
 
 def reseed(seed: int, step: int, micro_batch: int) -> None:
     """Reseeds every generator for one micro-batch's dropout: the accelerators with `step_seed`, the CPU with the
-    whole mt19937 state `cpu_state_words` (module docstring)."""
-    _check_cpu_state_layout()
-    # every device; on the CPU this also drops a cached normal sample, and sets left = 1, next = 0: the first
-    # draw twists the state written next
-    torch.manual_seed(step_seed(seed, step, micro_batch))
-    state = torch.get_rng_state()
-    state.numpy()[_MT_AT:_MT_AT + 8 * _MT_WORDS].view(np.uint64)[:] = cpu_state_words(seed, step, micro_batch)
-    torch.set_rng_state(state)
+    whole mt19937 state `cpu_state_words` (module docstring). Touches no tensor's data (no host read)."""
+    accelerators = step_seed(seed, step, micro_batch)
+    torch.manual_seed(accelerators)  # every device, CUDA's Philox with all 64 bits
+    state = _CPU_STATE.copy()
+    state[:8].view(np.uint64)[0] = accelerators  # what torch.initial_seed() reports
+    state[_MT_AT:_MT_AT + 8 * _MT_WORDS].view(np.uint64)[:] = cpu_state_words(seed, step, micro_batch)
+    torch.set_rng_state(torch.from_numpy(state))
 
 
 def data_step(step: int, skipped: Sequence[Sequence[int]] = ()) -> int:
