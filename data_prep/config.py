@@ -40,6 +40,7 @@ from .typed_config import (  # noqa: F401 - ConfigError, from_mapping, parse_ove
     from_mapping,
     option,
     parse_override,
+    range_text,
     read_yaml_mapping,
     type_name,
 )
@@ -293,7 +294,8 @@ def describe_config() -> str:
                 walk(tp, prefix + f.name + ".")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  {prefix}{f.name} ({type_name(tp)}, default {default!r}): {f.metadata['help']}")
+            bounds = f", {r}" if (r := range_text(f)) else ""
+            lines.append(f"  {prefix}{f.name} ({type_name(tp)}, default {default!r}{bounds}): {f.metadata['help']}")
 
     walk(ExperimentConfig, "")
     return "\n".join(lines)

@@ -113,10 +113,10 @@ DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
 
 @dataclass
 class OptimConfig:
-    peak_lr: float = option(6.0e-4, "Learning rate at the end of warmup (base: 6e-4, large: 4e-4).", le=1.0,
+    peak_lr: float = option(6.0e-4, "Learning rate at the end of warmup (base: 6e-4, large: 4e-4).", le=1,
                             why="an Adam step moves each weight by about the rate")
     betas: list[float] = option([0.9, 0.98], "Adam betas (RoBERTa: 0.9, 0.98; BERT: 0.9, 0.999).")
-    eps: float = option(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).", le=1.0)
+    eps: float = option(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).", le=1)
     weight_decay: float = option(0.01, "Decoupled weight decay, not applied to biases and LayerNorm.", ge=0, le=10)
     warmup_steps: int = option(24000, "Linear warmup steps from 0 to peak_lr (every schedule).", ge=0, le=MAX_STEPS,
                                why=STEPS)

@@ -47,16 +47,25 @@ def _number(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"  # 4194304, not 4.1943e+06; 1e+18, 1 for floats
 
 
+def range_text(f: dataclasses.Field) -> str | None:
+    """`f`'s declared range as "in [lo, hi]", ">= lo" or "<= hi"; None when it declares none."""
+    ge, le = f.metadata.get("ge"), f.metadata.get("le")
+    if ge is None and le is None:
+        return None
+    if ge is None or le is None:
+        return f">= {_number(ge)}" if le is None else f"<= {_number(le)}"
+    return f"in [{_number(ge)}, {_number(le)}]"
+
+
 def _out_of_range(key: str, value: Any, f: dataclasses.Field) -> str | None:
     """The problem with `value` against `f`'s declared range, or None."""
     ge, le = f.metadata.get("ge"), f.metadata.get("le")
-    if not isinstance(value, int | float) or isinstance(value, bool) or (ge is None and le is None):
+    if not isinstance(value, int | float) or isinstance(value, bool):
         return None
     if (ge is None or value >= ge) and (le is None or value <= le):
         return None
-    lo, hi = ("-inf" if ge is None else _number(ge)), ("inf" if le is None else _number(le))
     why = f.metadata.get("why")
-    return f"{key}={value!r} must be in [{lo}, {hi}]" + (f" ({why})" if why else "")
+    return f"{key}={value!r} must be {range_text(f)}" + (f" ({why})" if why else "")
 
 
 def type_name(tp: Any) -> str:

@@ -102,7 +102,8 @@ def test_every_key_is_documented() -> None:
     text = describe_config()
     for line in text.splitlines():
         assert line.rstrip().endswith((".", ")", ":", "]")) or ": " in line, line
-    assert "tokenizer.vocab_size (int, default 50265)" in text
+    assert "tokenizer.vocab_size (int, default 50265, in [261, 4194304])" in text
+    assert "data.num_proc (int, default 0, >= 0)" in text and "model.dropout (float, default 0.1)" in text
     assert "data.packing ('full_sentences' | 'doc_sentences' | 'segment_pair' | 'sentence_pair'" in text
 
 
