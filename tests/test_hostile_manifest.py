@@ -78,11 +78,11 @@ class Server:
     def put(self, name: str, data: bytes) -> None:
         """`name` relative to the URL's directory, `..` included (where a hostile name points)."""
         if self.kind == "file":
-            path = Path(os.path.normpath(self.root / name))
+            path = Path(os.path.normpath(f"{self.root}/{name}"))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        else:
-            self.fs.pipe_file(os.path.normpath(f"{self.url[5:]}/{name}"), data)
+        else:  # S3 keys are names: `..` stays in them
+            self.fs.pipe_file(f"{self.url[5:]}/{name}", data)
 
     def args(self) -> list[str]:
         extra = [f'--data.storage_options={{"endpoint_url": "{self.endpoint}"}}'] if self.kind == "s3" else []
@@ -114,16 +114,23 @@ def s3(kind: str, request: pytest.FixtureRequest) -> str | None:
 
 
 def _dotdot(meta: dict, src: Path, server: Server) -> tuple[bytes, str]:
-    evil = b"#!/bin/sh\necho owned\n"
+    # consistent with its record (26 bytes: 13 uint16 ids), so that only its name is wrong; the sha256 that would
+    # "verify" it comes from the same manifest
+    evil = b"#!/bin/sh\necho owned\n".ljust(26, b"#")
     meta["splits"]["train"]["tokens"] = "../../evil.sh"
-    meta["files"]["../../evil.sh"] = entry(evil)  # the sha256 that "verifies" it comes from the same manifest
+    meta["files"]["../../evil.sh"] = entry(evil)
+    del meta["files"]["train.tokens.bin"]
     server.put("../../evil.sh", evil)
     return dump(meta), "splits.train.tokens: '../../evil.sh' is not a file name of this format"
 
 
 def _absolute(meta: dict, src: Path, server: Server) -> tuple[bytes, str]:
     target = str(src.parent / "abs" / "evil.sh")
+    evil = b"#!/bin/sh\necho owned\n".ljust(32, b"#")  # the 4 offsets of 3 blocks
     meta["splits"]["train"]["offsets"] = target
+    meta["files"][target] = entry(evil)
+    del meta["files"]["train.offsets.bin"]
+    server.put(target, evil)  # where `{url}/{name}` points
     return dump(meta), f"splits.train.offsets: {target!r} is not a file name of this format"
 
 
@@ -139,7 +146,11 @@ def _tokenizer(meta: dict, src: Path, server: Server) -> tuple[bytes, str]:
 
 def _dtype(name: str):
     def case(meta: dict, src: Path, server: Server) -> tuple[bytes, str]:
+        # the tokens file as that dtype would have it, its size and sha256 in the table: only the dtype is wrong
+        data = np.array([t for b in BLOCKS for t in b]).astype(np.dtype(name)).tobytes()
         meta["dtype"] = meta["splits"]["train"]["dtype"] = name
+        meta["files"]["train.tokens.bin"] = entry(data)
+        server.put("train.tokens.bin", data)
         return dump(meta), f"dtype: '{name}'; the ids of a vocabulary of 300 are stored as 'uint16'"
     return case
 
