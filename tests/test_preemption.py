@@ -167,3 +167,50 @@ def test_a_loader_worker_signalled_as_it_starts_survives_only_in_the_signal_safe
     else:
         with pytest.raises(RuntimeError, match="DataLoader worker"):
             list(loader)
+
+
+class _Crash(BaseException):
+    """The process dies here (nothing after this point runs, no handler cleans up)."""
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_swap_cut_short_between_its_renames_is_resumed_and_never_deleted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ShardedFSDPStrategy swaps a sharded checkpoint in with two renames (NAME -> .NAME.old, .NAME.tmp -> NAME).
+    A crash between them leaves `.last.ckpt.old` the only complete copy: resume must take it (it never looked),
+    and the next save must not delete it (it did, first thing), even when that save fails too."""
+    import pytorch_lightning.strategies.fsdp as lightning_fsdp
+
+    from pretrain.checkpoint import ShardedFSDPStrategy, probe, resumable_checkpoint
+
+    strategy, path = ShardedFSDPStrategy(), tmp_path / "last.ckpt"
+
+    def checkpoint(step: int) -> dict:
+        return {"state_dict": {"model.w": torch.full((4,), float(step))}, "optimizer_states": [],
+                "global_step": step, "hyper_parameters": {}}
+
+    strategy.save_checkpoint(checkpoint(4), path)
+    replace = os.replace
+
+    def crash_before_the_second_rename(src, dst):
+        if Path(src).name == ".last.ckpt.tmp":
+            raise _Crash
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_before_the_second_rename)
+    with pytest.raises(_Crash):
+        strategy.save_checkpoint(checkpoint(5), path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.ckpt.old", ".last.ckpt.tmp"]
+    assert resumable_checkpoint(tmp_path) == (tmp_path / ".last.ckpt.old", 4)
+
+    def out_of_space(state, directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lightning_fsdp, "_distributed_checkpoint_save", out_of_space)
+    with pytest.raises(OSError, match="No space left"):
+        strategy.save_checkpoint(checkpoint(6), path)
+    monkeypatch.undo()
+    assert resumable_checkpoint(tmp_path) == (path, 4)  # put back before the save began
+    strategy.save_checkpoint(checkpoint(7), path)
+    assert probe(path) == (7, None) and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

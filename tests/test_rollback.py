@@ -4,6 +4,7 @@ exactly, and finishes; after optim.max_rollbacks it stops with a message. Also t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,14 @@ from .test_train import QUIET, config, corpus_file, final_weights, shards  # noq
 
 
 def poison(monkeypatch: pytest.MonkeyPatch, bad, factor: float = float("nan")) -> list[int]:
-    """Multiply the loss of the steps for which bad(optimizer step, data step) holds by `factor`; returns the
-    list of (optimizer) steps poisoned, one entry per micro-batch."""
+    """Multiply the loss of the steps for which bad(optimizer step, data step, rollbacks so far) holds by
+    `factor`; returns the list of (optimizer) steps poisoned, one entry per micro-batch."""
     original, hits = MLMModule._losses, []
 
     def losses(self, batch):
         out = original(self, batch)
         step = self.global_step
-        if self.training and bad(step, data_step(step, self.rollbacks.skipped_data)):
+        if self.training and bad(step, data_step(step, self.rollbacks.skipped_data), len(self.rollbacks.events)):
             hits.append(step)
             out["mlm_sum"] = out["mlm_sum"] * factor
         return out
@@ -38,7 +39,7 @@ def test_a_nan_from_bad_data_is_rolled_back_past_that_data_and_the_run_finishes(
         shards, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     _, meta = shards
     run = tmp_path / "nan"
-    hits = poison(monkeypatch, lambda step, data: data == 7)  # the data of step 7 is "corrupt"
+    hits = poison(monkeypatch, lambda step, data, _: data == 7)  # the data of step 7 is "corrupt"
     trainer = fit(config(run, corpus_file), meta, resume=False, **QUIET)
     assert trainer.global_step == 20 and hits == [7, 7]  # 2 micro-batches of step 7, once
     events = [json.loads(line) for line in (run / "logs" / "rollbacks.jsonl").read_text().splitlines()]
@@ -61,7 +62,7 @@ def test_divergence_that_persists_stops_after_max_rollbacks(
         shards, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     _, meta = shards
     run = tmp_path / "persist"
-    poison(monkeypatch, lambda step, data: step >= 7)  # the model, not the data: every step from 7 on
+    poison(monkeypatch, lambda step, data, _: step >= 7)  # the model, not the data: every step from 7 on
     with pytest.raises(TrainingDiverged, match=r"loss nan at step 7 \(seen at step 7\) after 2 rollback\(s\) "
                        r"\(optim.max_rollbacks=2\): stopping. Last good checkpoint: .*last.ckpt \(step 5\)"):
         fit(config(run, corpus_file, "--optim.max_rollbacks=2", "--checkpoint.keep_last=5"), meta, resume=False,
@@ -74,7 +75,7 @@ def test_a_spike_is_rolled_back_and_the_rate_lowered(
         shards, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     _, meta = shards
     run = tmp_path / "spike"
-    poison(monkeypatch, lambda step, data: data == 12, factor=5.0)
+    poison(monkeypatch, lambda step, data, _: data == 12, factor=5.0)
     trainer = fit(config(run, corpus_file, "--optim.spike_window=3", "--optim.spike_factor=2",
                          "--optim.rollback_lr_factor=0.5"), meta, resume=False, **QUIET)
     assert trainer.global_step == 20
@@ -142,3 +143,63 @@ def _diverged(first: int, seen: int):
     from pretrain.rollback import Diverged
 
     return Diverged(first, seen, float("nan"))
+
+
+def test_a_replay_that_diverges_earlier_reads_none_of_the_data_skipped_before(
+        shards, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Data step 12 diverges; the replay from step 10 then diverges at step 11 (as with a lowered rate or
+    nondeterministic kernels): step 11 must read data 13, not the data 12 skipped before, and the run must end
+    as one told from the start to skip data 11 and 12."""
+    _, meta = shards
+    run = tmp_path / "earlier"
+    hits = poison(monkeypatch, lambda step, data, rollbacks: data == 12 if not rollbacks else (rollbacks, step) == (1, 11))
+    trainer = fit(config(run, corpus_file, "--trainer.max_steps=14"), meta, resume=False, **QUIET)
+    assert trainer.global_step == 14 and hits == [12, 12, 11, 11]
+    events = [json.loads(line) for line in (run / "logs" / "rollbacks.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["resumed_from"], e["skipped_data_steps"]) for e in events] == [
+        (12, 10, [[12, 12]]), (11, 10, [[11, 11]])]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["rollbacks"]["skipped_data"] == [[11, 2]]
+    monkeypatch.undo()
+    from pretrain import train
+
+    reference = train._fit_once(config(tmp_path / "told", corpus_file, "--trainer.max_steps=14"), meta, None,
+                                RollbackState([[11, 2]], []), None, dict(QUIET))
+    expected = final_weights(reference)
+    assert all(torch.equal(final_weights(trainer)[k], v) for k, v in expected.items())
+
+
+
+@pytest.fixture(scope="module")
+def stable(shards, corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    """A finished 15-step run with a checkpoint every 5 steps, all kept: a stable phase to continue from."""
+    run = tmp_path_factory.mktemp("stable")
+    fit(config(run, corpus_file, "--trainer.max_steps=15", "--checkpoint.keep_last=5"), shards[1], resume=False,
+        **QUIET)
+    return run
+
+
+@pytest.mark.parametrize("run_dir", ["new", "same"])
+def test_a_run_started_from_a_checkpoint_rolls_back_to_it_never_to_an_older_runs_file(
+        run_dir: str, stable: Path, shards, corpus_file: Path, tmp_path: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's decay recipe, `make resume CKPT=.../step-0000010.ckpt` with max_steps=14, diverging at step
+    12, before its first save (step 14). It used to restart from random weights at step 0 in a new run_dir, and
+    in the stable run's own run_dir to take that run's last.ckpt (step 15, past max_steps) and end at once."""
+    _, meta = shards
+    run = tmp_path / "decay"
+    if run_dir == "same":
+        shutil.copytree(stable, run)
+    ckpt = (run if run_dir == "same" else stable) / "checkpoints" / "step-0000010.ckpt"
+    hits = poison(monkeypatch, lambda step, data, rollbacks: data == 12 and not rollbacks)
+    trainer = fit(config(run, corpus_file, "--trainer.max_steps=14"), meta, ckpt=ckpt, **QUIET)
+    assert trainer.global_step == 14 and hits == [12, 12]
+    event = json.loads((run / "logs" / "rollbacks.jsonl").read_text())
+    assert (event["step"], event["resumed_from"], event["skipped_data_steps"]) == (12, 10, [[12, 12]])
+    monkeypatch.undo()
+    from pretrain import train
+
+    told = train._fit_once(config(tmp_path / "told", corpus_file, "--trainer.max_steps=14"), meta,
+                           (stable / "checkpoints" / "step-0000010.ckpt", 10), RollbackState([[12, 1]], []), None,
+                           dict(QUIET))
+    expected = final_weights(told)
+    assert all(torch.equal(final_weights(trainer)[k], v) for k, v in expected.items())
