@@ -9,6 +9,9 @@ What counts as a secret:
   parameters that name a credential (a presigned URL's `X-Amz-Signature`, `X-Amz-Credential`, Azure's `sig`,
   `token`, `access_token`, ...).
 
+On the command line: the value of an override of `data.storage_options` or of a credential-like key, in the
+copy of `sys.argv` that wandb records (`redact_argv`).
+
 The run itself keeps the real values in memory (the config object it was given); only what is written or printed
 is redacted. A resumed run takes its storage options from the config it is started with, not the checkpoint's.
 """
@@ -36,17 +39,22 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return REDACTED
-    netloc = parts.netloc
+    netloc, path = parts.netloc, parts.path
     if "@" in netloc:
         netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+    elif "@" in path:  # userinfo with a raw '/' (an AWS secret key has them): `s3://KEY:SE/CRET@bucket/p`
+        netloc, path = REDACTED, f"@{path.rpartition('@')[2]}"  # on a path's own '@', too much goes: safe side
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(CREDENTIAL_KEY.search(k) for k, _ in pairs):
             query = urlencode([(k, REDACTED if CREDENTIAL_KEY.search(k) else v) for k, v in pairs], safe="/:")
-    if netloc == parts.netloc and query == parts.query:
+    if netloc == parts.netloc and path == parts.path and query == parts.query:
         return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if path.startswith("@"):
+        return f"{parts.scheme}://{netloc}{path}" + (f"?{query}" if query else "") + (
+            f"#{parts.fragment}" if parts.fragment else "")
+    return urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
 
 
 def redact_text(text: str) -> str:
@@ -75,6 +83,26 @@ def redact_config(config: dict[str, Any]) -> dict[str, Any]:
     data = out.get("data") if isinstance(out, dict) else None
     if isinstance(data, dict) and "storage_options" in data:
         data["storage_options"] = redact_options(config["data"]["storage_options"])
+    return out
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """Command-line arguments safe to record (wandb keeps `sys.argv` in its run files): the value of an override
+    of `data.storage_options` (whole or any key of it) or of a key that names a credential is replaced, as
+    `--KEY=VALUE` or `--KEY VALUE`; URLs in every other argument are redacted."""
+
+    def secret(key: str) -> bool:
+        return key.startswith("--") and ("storage_options" in key or bool(CREDENTIAL_KEY.search(key.rsplit(".", 1)[-1])))
+
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        key, eq, _ = arg.partition("=")
+        if eq and secret(key):
+            out.append(f"{key}={REDACTED}")
+        elif i and "=" not in argv[i - 1] and secret(argv[i - 1]) and not arg.startswith("--"):
+            out.append(REDACTED)
+        else:
+            out.append(redact_text(arg))
     return out
 
 

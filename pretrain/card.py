@@ -1,6 +1,8 @@
 """The exported model's card, README.md: `huggingface_hub.ModelCard` with the metadata block the Hub reads
 (language, license, datasets, metrics, tags, the validation perplexity as a model-index result) and the run's
 provenance: architecture, data, recipe, tokens seen, rollbacks, validation loss and the export's parity check.
+The card states no storage options, and every URL in it (a corpus source, init_from) is redacted
+(data_prep/redact.py): a model card is made to be published.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import ExperimentConfig
+from data_prep.redact import redact_text
 from data_prep.shards import ShardError, open_split, read_meta, short_phase
 
 from .data import length_schedule
@@ -213,4 +216,4 @@ print(pipeline("fill-mask", model=model, tokenizer=tokenizer)({check['fill_mask'
   training code, over {check['tokens']} tokens of {check['batch']} (fp32); tokenizer ids equal
 - fill-mask: "{check['fill_mask']['text']}" (answer `{check['fill_mask']['answer']}`): {top}
 """
-    return ModelCard(f"---\n{card_data(c, metrics).to_yaml()}\n---\n{text}")
+    return ModelCard(redact_text(f"---\n{card_data(c, metrics).to_yaml()}\n---\n{text}"))

@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.strategies import FSDPStrategy
 
 from data_prep.config import config_from_dict
+from data_prep.redact import redact_config
 
 from .checkpoint import check_compatible
 from .data import seq_len_at
@@ -56,9 +57,13 @@ def adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: fl
 
 class MLMModule(pl.LightningModule):
     def __init__(self, config: dict[str, Any], meta: dict[str, Any]):
-        """`config` is the experiment as a plain dict (so checkpoints carry it); `meta` the shards' meta.json."""
+        """`config` is the experiment as a plain dict (so checkpoints carry it); `meta` the shards' meta.json.
+
+        The hyperparameters, which every checkpoint, hparams.yaml and tracker config carry, hold the config with
+        its secrets redacted (data_prep/redact.py): `self.cfg`, what this run uses, keeps the real storage options. A
+        resume takes them from the config it is started with; nothing reads them from a checkpoint."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters({"config": redact_config(config), "meta": meta})
         self.cfg = config_from_dict(config)
         self.meta = meta
         self.model = RobertaForMLM(model_config(self.cfg, meta))

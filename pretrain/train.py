@@ -6,17 +6,20 @@ import csv
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-from data_prep.config import ExperimentConfig, config_from_dict, dump_config, parse_duration
+from data_prep.config import ExperimentConfig, config_from_dict, parse_duration
+from data_prep.redact import redact_argv, redact_config, redact_text
 
 from .budget import OPEN_ENDED, TimeBudget
 from .checkpoint import (
@@ -63,7 +66,7 @@ def training_data(cfg: ExperimentConfig, log=print) -> Path:
     if cfg.data.shards_url:
         from data_prep.remote import fetch_shards
 
-        return fetch_shards(cfg, log)
+        return fetch_shards(cfg, lambda line: log(redact_text(line)))  # the URL's credentials stay out of logs
     from data_prep.prepare import prepare_data
 
     return prepare_data(cfg, log=log)
@@ -81,6 +84,11 @@ def world_size(cfg: ExperimentConfig) -> int:
     return devices * t.num_nodes
 
 
+def persisted_config(cfg: ExperimentConfig) -> str:
+    """logs/config.yaml: the resolved config as YAML, its secrets redacted (data_prep/redact.py)."""
+    return yaml.safe_dump(redact_config(cfg.to_dict()), sort_keys=False)
+
+
 def make_loggers(cfg: ExperimentConfig, resume_step: int | None = None) -> list[Logger]:
     loggers: list[Logger] = [_csv_logger(cfg, resume_step)]
     if cfg.logger.wandb is not None:
@@ -89,7 +97,14 @@ def make_loggers(cfg: ExperimentConfig, resume_step: int | None = None) -> list[
         kwargs = {"mode": "offline", **cfg.logger.wandb}  # offline unless the user asks for online
         if kwargs["mode"] == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
             kwargs["mode"] = "offline"  # never block on a login prompt
-        loggers.append(WandbLogger(save_dir=str(cfg.run_path / "logs"), config=cfg.to_dict(), **kwargs))
+        wandb = WandbLogger(save_dir=str(cfg.run_path / "logs"), config=redact_config(cfg.to_dict()), **kwargs)
+        # wandb.init now (rank 0), while sys.argv, which wandb keeps in its run files, holds no secret
+        saved, sys.argv = sys.argv, sys.argv[:1] + redact_argv(sys.argv[1:])
+        try:
+            wandb.experiment  # noqa: B018 - the property starts the run
+        finally:
+            sys.argv = saved
+        loggers.append(wandb)
     if cfg.logger.tensorboard:
         from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -234,7 +249,7 @@ def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, call
         raise NothingToResume(f"{checkpoint_dir(cfg)}/last.ckpt does not exist: nothing to resume (run `make pretrain`)")
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     (cfg.run_path / "logs").mkdir(exist_ok=True)
-    (cfg.run_path / "logs" / "config.yaml").write_text(dump_config(cfg))
+    (cfg.run_path / "logs" / "config.yaml").write_text(persisted_config(cfg))
     start = found
     older = checkpoint_versions(checkpoint_dir(cfg))  # what was there before this run wrote anything
     override: RollbackState | None = None
