@@ -17,8 +17,10 @@ from typing import Any
 
 from .typed_config import ConfigError, option
 
-MAX_STEPS = 10**9
-"""The most optimizer steps any step count may say (RoBERTa: 500K): more is a typo, not a run."""
+MAX_STEPS = 10**11
+"""The most optimizer steps any step count may say (RoBERTa: 500K): more is a typo, not a run. A year (the longest
+max_time) at 0.32 ms a step, so the max_steps a time budget decides (budget.py) is never refused when a checkpoint's
+config is read back."""
 STEPS = "optimizer steps; RoBERTa trains 500K"
 
 MAX_SEED = 2**32 - 1

@@ -155,7 +155,7 @@ def test_the_readme_defaults_load() -> None:
     (["--trainer.precision=fp16"], "trainer.precision='fp16' is not a Lightning precision: use one of 32-true"),
     (["--trainer.strategy=dpp"], "trainer.strategy='dpp' is not a Lightning strategy: use one of auto, ddp, fsdp"),
     (["--trainer.accelerator=gpus"], "trainer.accelerator='gpus' is not a Lightning accelerator"),
-    (["--checkpoint.every_n_steps=-5"], "checkpoint.every_n_steps=-5 must be in [1, 1000000000]"),
+    (["--checkpoint.every_n_steps=-5"], "checkpoint.every_n_steps=-5 must be in [1, 100000000000]"),
     (["--tokenizer.vocab_size=1000000000000"], "tokenizer.vocab_size=1000000000000 must be in [261, 4194304]"),
     (["--data.seq_len=1000000000"], "data.seq_len=1000000000 must be in [8, 65536]"),
     (["--data.fetch_threads=100000"], "data.fetch_threads=100000 must be in [1, 64]"),
@@ -295,3 +295,12 @@ def test_leading_zero_octal_is_not_read_as_octal() -> None:
     with pytest.raises(ConfigError, match=r"^seed: expected int, got '0123'$"):
         load_config(None, ["--seed=0123"])
     assert parse_override("--seed=0x10")[1] == 16 and parse_override("--seed=1_000")[1] == 1000
+
+
+def test_a_time_budget_never_decides_more_steps_than_a_saved_config_may_say() -> None:
+    """budget.py writes the max_steps it decides into the config that checkpoints keep and config_from_dict reads
+    back: the longest budget at a 0.32 ms step still fits the range."""
+    from data_prep.training_config import MAX_DURATION, MAX_STEPS
+    from pretrain.budget import OPEN_ENDED
+
+    assert OPEN_ENDED <= MAX_STEPS and MAX_DURATION / 3.2e-4 <= MAX_STEPS
