@@ -197,6 +197,23 @@ def check_schedule(cfg: ExperimentConfig) -> None:
                           f"trainer.max_steps={t.max_steps}")
 
 
+MAX_PARAMETERS = 10**11
+"""The largest model a config may describe: 100B parameters, 1.6 TB of fp32 weights and Adam state (RoBERTa-large:
+355M). Each size has its own range; this catches sizes that are each possible but together absurd."""
+
+
+def check_size(cfg: ExperimentConfig) -> None:
+    """The model's parameter count from the config's sizes, refused above MAX_PARAMETERS before anything is
+    allocated (a hidden_size with a zero too many is 100x the weights)."""
+    m, h = cfg.model, cfg.model.hidden_size
+    per_layer = 4 * h * h + 2 * h * m.intermediate_size
+    n = (cfg.tokenizer.vocab_size + cfg.data.seq_len + 2) * h + m.num_layers * per_layer
+    if n > MAX_PARAMETERS:
+        raise ConfigError(f"the model would have {n / 1e9:,.0f}B parameters (model.hidden_size={h}, model.num_layers="
+                          f"{m.num_layers}, model.intermediate_size={m.intermediate_size}, tokenizer.vocab_size="
+                          f"{cfg.tokenizer.vocab_size}), more than {MAX_PARAMETERS / 1e9:.0f}B: check them for a typo")
+
+
 @dataclass
 class ExperimentConfig:
     run_dir: str = option("runs/tiny", "Everything this experiment writes goes under here.")
@@ -226,6 +243,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.optim is not None and self.trainer is not None:
             check_schedule(self)
+        if self.model is not None and self.tokenizer is not None and self.data is not None:
+            check_size(self)
         if self.batch is not None and self.data is not None and self.batch.by_tokens and self.data.short_seq_len:
             raise ConfigError("batch.by_tokens with data.short_seq_len is not supported: BERT's length schedule "
                               "counts sequences (set batch.by_tokens=false)")

@@ -168,6 +168,16 @@ def test_the_issue_values_are_one_line_naming_the_key(args: list[str], message: 
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_sizes_that_are_each_possible_but_together_absurd_are_refused() -> None:
+    assert load_config(None, ["--model.hidden_size=8192", "--model.num_heads=64", "--model.intermediate_size=32768",
+                              "--model.num_layers=96"]).model.num_layers == 96  # 77B parameters: allowed
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--model.hidden_size=65536", "--model.num_heads=64"])
+    assert str(err.value) == ("the model would have 214B parameters (model.hidden_size=65536, model.num_layers=12, "
+                              "model.intermediate_size=3072, tokenizer.vocab_size=50265), more than 100B: check them "
+                              "for a typo")
+
+
 def test_num_proc_is_capped_at_the_cpus_this_process_may_use() -> None:
     cpus = usable_cpus()
     assert load_config(None, [f"--data.num_proc={cpus}"]).data.num_proc == cpus
