@@ -6,6 +6,7 @@ replaces a damaged file; a missing bucket or object is one line naming the URL."
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import s3fs
 import torch
 from moto.server import ThreadedMotoServer
 
+from data_prep import shards
 from data_prep.__main__ import main as data_prep_main
 from data_prep.config import ExperimentConfig, load_config
 from data_prep.prepare import prepare_data
@@ -151,6 +153,7 @@ def test_the_cache_downloads_once_and_replaces_a_damaged_file(endpoint: str, pre
     lines: list[str] = []
     first = fetch_shards(cfg, lines.append)
     assert first.parent.parent == tmp_path / "cache" and "holds the shards" in lines[-1]
+    assert lines[-1].endswith("(4 files, sizes and sha256 checked)")
     files = sorted(p for p in first.parent.iterdir() if p.suffix == ".bin")
     assert [p.name for p in files] == sorted(["train.tokens.bin", "train.offsets.bin", "valid.tokens.bin",
                                               "valid.offsets.bin"])
@@ -167,7 +170,9 @@ def test_the_cache_downloads_once_and_replaces_a_damaged_file(endpoint: str, pre
     # 3) a fetch killed mid-way (no meta.json yet, a temporary left): a file of the right size is trusted only
     #    after its checksum, and the temporary is never taken for a shard
     (first.parent / "meta.json").unlink()
-    (first.parent / "valid.tokens.bin.tmp999").write_bytes(b"half")
+    killed = subprocess.Popen(["true"])  # a fetch of this host that is gone: its temporary is provably stale
+    killed.wait()
+    (first.parent / f"valid.tokens.bin.tmp-{shards._host()}-{killed.pid}-abcd1234").write_bytes(b"half")
     offsets = first.parent / "valid.offsets.bin"
     offsets.write_bytes(bytes(offsets.stat().st_size))  # right size, wrong bytes
     fetch_shards(cfg, lines.append)
