@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     def build() -> None:
         cfg = load_config(args.config, overrides)
         if args.command == "tokenizer":
-            train_tokenizer(cfg, force=args.force)
+            from .prepare import run_dir_lock
+
+            with run_dir_lock(cfg):  # never beside a `make data` of this run_dir; a read-only run_dir fails at once
+                train_tokenizer(cfg, force=args.force)
         elif args.command == "data":
             from .prepare import prepare_data
 

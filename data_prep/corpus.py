@@ -5,17 +5,25 @@ whole). Sources:
 
 - `.txt` (documents separated by blank lines), `.jsonl` and `.parquet` (one document per record, the
   `text_field` split into lines), each optionally gzip-compressed (`.gz`);
-- directories (searched recursively) and globs of those files, in sorted order;
-- `hf:NAME[/CONFIG][:SPLIT]`: a `datasets` dataset, streamed from the hub, or a `save_to_disk` directory;
+- directories (searched recursively) and globs of those files, in sorted order, never the run's own outputs (a
+  glob `data/**/*.txt` with the run_dir under data/ would otherwise train on its tokenizer's merges.txt);
+- `hf:NAME[/CONFIG][:SPLIT]`: a `datasets` dataset, streamed from the hub, or a local folder (a `save_to_disk`
+  directory, a folder of data files); a spec that is neither an existing folder nor a name in the hub's grammar
+  is refused before any request (a missing `./dir` would be looked up on the hub);
 - `builtin:python-docs`: the embedded default corpus (see `default_corpus.py`).
 
 Memory stays constant whatever the corpus size: files are read line by line, lines longer than
 `max_line_bytes` are cut into pieces, Parquet is read in record batches and hub datasets are streamed.
-Invalid UTF-8 is replaced (U+FFFD) and counted, NUL bytes are dropped and counted.
+Invalid UTF-8 is replaced (U+FFFD) and counted, and so is a lone surrogate (a JSON escape `\ud800` without its
+pair: text no UTF-8 can hold); NUL bytes are dropped and counted. A file that cannot be read as its format
+(damaged gzip, JSON nested too deeply for the parser, a Parquet text column that holds numbers) is a
+`CorpusError` naming the file and the line or row.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import gzip
 import hashlib
@@ -23,15 +31,18 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, NamedTuple
 
-from .config import CorpusConfig
+from .config import CorpusConfig, ExperimentConfig
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 Split = Literal["train", "valid"]
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)  # damaged, truncated, damaged deflate data
 
 
 class CorpusError(ValueError):
@@ -45,7 +56,7 @@ class CorpusStats:
     documents: int = 0
     sentences: int = 0
     bytes: int = 0
-    replaced_bytes: int = 0  # invalid UTF-8 bytes, each run replaced by U+FFFD
+    replaced_bytes: int = 0  # invalid UTF-8 bytes, each run replaced by U+FFFD; lone surrogates, one each
     nul_bytes: int = 0  # NUL bytes dropped
     split_lines: int = 0  # lines longer than max_line_bytes, cut into pieces
 
@@ -82,6 +93,26 @@ def _clean_text(text: str, stats: CorpusStats) -> str:
         stats.nul_bytes += text.count("\x00")
         text = text.replace("\x00", "")
     return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(text: str, stats: CorpusStats) -> str:
+    """`text` with each lone surrogate (JSON's `"\\ud800"` decodes to one; a pair decodes to its character) replaced
+    by U+FFFD and counted: no UTF-8 holds it, so the tokenizer could not encode the text."""
+    text, n = _SURROGATE.subn("\ufffd", text)
+    stats.replaced_bytes += n
+    return text
+
+
+def _utf8_size(text: str, stats: CorpusStats) -> tuple[str, int]:
+    """(`text` without lone surrogates, its size in UTF-8); the encode that measures it finds them for free."""
+    try:
+        return text, len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        text = _without_surrogates(text, stats)
+        return text, len(text.encode("utf-8"))
 
 
 def _read_lines(f: BinaryIO, max_bytes: int, stats: CorpusStats) -> Iterator[tuple[bytes, bool]]:
@@ -151,9 +182,11 @@ def _text_to_document(text: str, max_bytes: int, stats: CorpusStats) -> list[str
 
 
 def _read_txt(path: Path, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
-    with _open_binary(path) as f:
+    lines = 0
+    with _open_binary(path) as f, _gzip_damage(path, lambda: lines):
         doc: list[str] = []
         for raw, complete in _read_lines(f, max_bytes, stats):
+            lines += complete
             stats.bytes += len(raw) + complete
             line = decode_line(raw, stats)
             if complete:  # trailing whitespace of a line goes; inside an overlong line nothing is dropped
@@ -168,7 +201,8 @@ def _read_txt(path: Path, max_bytes: int, stats: CorpusStats) -> Iterator[list[s
 
 
 def _read_jsonl(path: Path, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
-    with _open_binary(path) as f:
+    lineno = 0
+    with _open_binary(path) as f, _gzip_damage(path, lambda: lineno):
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -177,7 +211,12 @@ def _read_jsonl(path: Path, text_field: str, max_bytes: int, stats: CorpusStats)
                 record = json.loads(decode_line(raw, stats))
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:  # the parser recurses per level: [[[[... a million deep
+                raise CorpusError(f"{path}:{lineno}: JSON nested too deeply to read (a damaged or hostile line); "
+                                  "remove the line") from None
             text = _field(record, text_field, f"{path}:{lineno}")
+            if b"\\u" in raw:  # only a \u escape makes a lone surrogate
+                text = _without_surrogates(text, stats)
             doc = _text_to_document(text, max_bytes, stats)
             if doc:
                 yield doc
@@ -196,6 +235,7 @@ def _field(record: Any, text_field: str, where: str) -> str:
 
 
 def _read_parquet(path: Path, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -206,14 +246,35 @@ def _read_parquet(path: Path, text_field: str, max_bytes: int, stats: CorpusStat
         raise CorpusError(
             f"{path}: no column {text_field!r} (has: {', '.join(pf.schema_arrow.names)}); set corpus.text_field"
         )
-    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if not text:
-                continue
-            stats.bytes += len(text.encode("utf-8"))
-            doc = _text_to_document(text, max_bytes, stats)
-            if doc:
-                yield doc
+    kind = pf.schema_arrow.field(text_field).type
+    if not _is_text(kind):
+        text_columns = [f.name for f in pf.schema_arrow if _is_text(f.type)]
+        raise CorpusError(f"{path}: column {text_field!r} holds {kind}, not text; set corpus.text_field to a text "
+                          f"column (has: {', '.join(text_columns) or 'none'})")
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if not text:
+                    continue
+                text, size = _utf8_size(text, stats)
+                stats.bytes += size
+                doc = _text_to_document(text, max_bytes, stats)
+                if doc:
+                    yield doc
+    except pa.ArrowException as e:  # a damaged page or column chunk
+        raise CorpusError(f"{path}: damaged Parquet data after row {row} ({e})") from None
+
+
+def _is_text(kind: Any) -> bool:
+    """A Parquet column type whose values `to_pylist` gives as str (or None)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind) or (
+        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind))
 
 
 def _read_datasets(spec: str, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
@@ -255,8 +316,8 @@ def _read_datasets(spec: str, text_field: str, max_bytes: int, stats: CorpusStat
     if columns and text_field not in columns:
         raise CorpusError(f"{spec}: no column {text_field!r} (has: {', '.join(columns)}); set corpus.text_field")
     for i, record in enumerate(records):
-        text = _field(record, text_field, f"{spec} record {i}")
-        stats.bytes += len(text.encode("utf-8"))
+        text, size = _utf8_size(_field(record, text_field, f"{spec} record {i}"), stats)
+        stats.bytes += size
         doc = _text_to_document(text, max_bytes, stats)
         if doc:
             yield doc
@@ -271,27 +332,46 @@ def _saved_to_disk(directory: Path) -> bool:
 # Source resolution
 
 
-def resolve_sources(specs: list[str], key: str = "corpus.train") -> list[str]:
-    """Expand globs and directories into a sorted list of files; hf:/builtin: specs pass through."""
+def resolve_sources(specs: list[str], key: str = "corpus.train", exclude: Iterable[str | Path] = ()) -> list[str]:
+    """Expand globs and directories into a sorted list of files, leaving out every file under a directory of
+    `exclude` (the run's own outputs: `Corpus.of_experiment`); hf: specs are checked (`check_hf_spec`),
+    builtin: specs pass through. A file named explicitly is taken wherever it is."""
     out: list[str] = []
+    given = [os.path.abspath(os.path.expanduser(d)) for d in exclude]
+    roots = [os.path.realpath(d) for d in given]
+    outside = f" outside this run's outputs ({', '.join(roots)})" if roots else ""
+    prefixes = tuple(set(given + roots))
+    real_dirs = functools.lru_cache(maxsize=4096)(os.path.realpath)  # one resolve per directory, not per file
+
+    def mine(f: Path) -> bool:
+        if not roots:
+            return False
+        path = os.path.abspath(f)
+        real = os.path.join(real_dirs(os.path.dirname(path)), f.name)  # under a root through a symlink, too
+        return any(p == r or p.startswith(r + os.sep) for p in (path, real) for r in prefixes)
+
     for spec in specs:
-        if spec.startswith(("hf:", "builtin:")):
-            if spec.startswith("builtin:") and spec != "builtin:python-docs":
+        if spec.startswith("hf:"):
+            out.append(check_hf_spec(spec, key))
+            continue
+        if spec.startswith("builtin:"):
+            if spec != "builtin:python-docs":
                 raise CorpusError(f"{key}: unknown built-in corpus {spec!r} (known: builtin:python-docs)")
             out.append(spec)
             continue
         p = Path(os.path.expanduser(spec))
         if p.is_dir():
             files = sorted(
-                str(f) for f in p.rglob("*") if f.is_file() and _base_suffix(f) in TEXT_SUFFIXES
+                str(f) for f in p.rglob("*") if f.is_file() and _base_suffix(f) in TEXT_SUFFIXES and not mine(f)
             )
             if not files:
-                raise CorpusError(f"{key}: directory {spec} holds no .txt, .jsonl or .parquet files")
+                raise CorpusError(f"{key}: directory {spec} holds no .txt, .jsonl or .parquet files{outside}")
             out.extend(files)
         elif any(c in spec for c in "*?["):
-            files = sorted(f for f in glob.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
+            files = sorted(f for f in glob.glob(os.path.expanduser(spec), recursive=True)
+                           if Path(f).is_file() and not mine(Path(f)))
             if not files:
-                raise CorpusError(f"{key}: no file matches {spec}")
+                raise CorpusError(f"{key}: no file matches {spec}{outside}")
             out.extend(files)
         elif p.is_file():
             if _base_suffix(p) not in TEXT_SUFFIXES:
@@ -300,6 +380,37 @@ def resolve_sources(specs: list[str], key: str = "corpus.train") -> list[str]:
         else:
             raise CorpusError(f"{key}: {spec} does not exist")
     return out
+
+
+_HF_CONFIG = re.compile(r"[\w.+=-]*\w[\w.+=-]*")  # a `datasets` config name: wikitext-103-raw-v1, 20231101.en
+
+
+def check_hf_spec(spec: str, key: str = "corpus.train") -> str:
+    """`hf:NAME[/CONFIG][:SPLIT]` as `read_source` takes it (a local folder's `~` expanded), once NAME is an
+    existing folder or a hub dataset in the hub's grammar (`NAME`, `NAME/CONFIG`, `OWNER/NAME/CONFIG`). Anything
+    else is refused here, offline: `datasets` would look a missing relative folder up on the hub, and took
+    `hf:/abs/missing` for the dataset "/abs" with the config "missing" (a scan of a foreign directory)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name, colon, split = spec[len("hf:") :].partition(":")
+    local = Path(name).expanduser()
+    if name and local.is_dir():
+        return f"hf:{local}{colon}{split}"
+    parts = name.split("/")
+    repo, config = ("/".join(parts[:2]), parts[2:]) if len(parts) > 2 else (parts[0], parts[1:])
+    try:
+        validate_repo_id(repo)
+        hub = len(parts) <= 3 and all(_HF_CONFIG.fullmatch(c) for c in config)
+    except HFValidationError:
+        hub = False
+    if hub:
+        return spec
+    if name.startswith(("/", ".", "~")) or "\\" in name:
+        raise CorpusError(f"{key}: {spec}: {local} is not a directory (hf: takes a `save_to_disk` directory, a "
+                          "folder of data files, or a hub dataset name)")
+    raise CorpusError(f"{key}: {spec}: {name!r} is neither a directory nor a hub dataset name (hf:NAME, "
+                      "hf:NAME/CONFIG or hf:OWNER/NAME/CONFIG: letters, digits, '-', '_' and '.'); write a local "
+                      "folder as ./DIR or /abs/DIR")
 
 
 def read_source(source: str, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
@@ -313,15 +424,25 @@ def read_source(source: str, text_field: str, max_bytes: int, stats: CorpusStats
         source = str(python_docs_path())
     path = Path(source)
     suffix = _base_suffix(path)
-    try:
+    with _gzip_damage(path):
         if suffix == ".txt":
             yield from _read_txt(path, max_bytes, stats)
         elif suffix in (".jsonl", ".json"):
             yield from _read_jsonl(path, text_field, max_bytes, stats)
         else:
             yield from _read_parquet(path, text_field, max_bytes, stats)
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise CorpusError(f"{path}: corrupt gzip file ({e})") from None
+
+
+@contextlib.contextmanager
+def _gzip_damage(path: Path, lines_read: Callable[[], int] | None = None) -> Iterator[None]:
+    """A damaged or truncated .gz (bad header, damaged deflate data, a CRC or length that does not match, an end
+    before its end) as one CorpusError naming the file, and the lines read before it when known."""
+    try:
+        yield
+    except GZIP_ERRORS as e:
+        at = "" if lines_read is None else f" after line {lines_read()}" if lines_read() else " at its start"
+        raise CorpusError(f"{path}: corrupt gzip file{at} ({type(e).__name__}: {e}); replace the file "
+                          "(`gzip -t` checks one)") from None
 
 
 def fingerprint(sources: list[str]) -> str:
@@ -389,14 +510,22 @@ class Corpus:
     with every weight 1 the stream is exactly the unweighted one.
     """
 
-    def __init__(self, cfg: CorpusConfig, seed: int = 0):
+    def __init__(self, cfg: CorpusConfig, seed: int = 0, exclude: Iterable[str | Path] = ()):
         self.cfg = cfg
         self.seed = seed
         self.sources = cfg.sources
-        self.source_files = [resolve_sources([s.path], "corpus.train") for s in self.sources]
+        exclude = list(exclude)
+        self.source_files = [resolve_sources([s.path], "corpus.train", exclude) for s in self.sources]
         self.train_sources = [f for files in self.source_files for f in files]
-        self.valid_files = [resolve_sources([v.path], "corpus.valid") for v in cfg.valid_entries]
+        self.valid_files = [resolve_sources([v.path], "corpus.valid", exclude) for v in cfg.valid_entries]
         self.valid_sources = [f for files in self.valid_files for f in files]
+
+    @classmethod
+    def of_experiment(cls, cfg: ExperimentConfig) -> Corpus:
+        """The experiment's corpus, with the prep seed; its globs and directories never match what the run
+        writes (run_dir, and data.cache_dir where remote shards are kept)."""
+        outputs = [cfg.run_path] + ([cfg.data.cache_dir] if cfg.data.cache_dir else [])
+        return cls(cfg.corpus, cfg.prep_seed, exclude=outputs)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

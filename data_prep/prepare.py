@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import itertools
 import json
@@ -45,6 +46,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
+from .cli import naming
 from .config import ExperimentConfig
 from .corpus import Corpus, CorpusStats, Doc
 from .pack import PAIR_PACKINGS, Packer, PackStats, encode_stream
@@ -122,6 +124,8 @@ def run_dir_lock(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> I
     if getattr(mp.current_process(), "_inheriting", False):
         raise RuntimeError("data preparation was started while a worker process imported the main script: call it "
                            "under `if __name__ == \"__main__\":`")
+    if cfg.run_path.exists() and not cfg.run_path.is_dir():  # mkdir would say "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(cfg.run_path))
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     lock = FileLock(cfg.run_path / ".prepare.lock")
     try:
@@ -148,7 +152,7 @@ def _prepare_data(cfg: ExperimentConfig, force: bool, log: Callable[[str], None]
         short_meta = _prepare_data(short_config(cfg), force, log).parent / META
     # 1) tokenizer and the content address
     tok_dir = tokenizer_dir(cfg)
-    corpus = Corpus(cfg.corpus, cfg.prep_seed)
+    corpus = Corpus.of_experiment(cfg)
     fingerprint = corpus.fingerprint()
     if not (tok_dir / "tokenizer.json").is_file():
         train_tokenizer(cfg, log=log)
@@ -175,7 +179,8 @@ def _prepare_data(cfg: ExperimentConfig, force: bool, log: Callable[[str], None]
             log(f"data: {out} is up to date for this corpus, tokenizer and packing settings "
                 "(delete it or pass --force to rebuild)")
             if short and found.get("short") != short:  # point reused shards at this config's short shards
-                write_json_atomic(part_path, {**found, "short": short})
+                with naming(part_path):
+                    write_json_atomic(part_path, {**found, "short": short})
             return _finish_slices(out, part_path, d.num_shards, log)
         log(f"data: {part_path} {problem}; its splits are complete, so it is written again")
 
@@ -192,7 +197,8 @@ def _prepare_data(cfg: ExperimentConfig, force: bool, log: Callable[[str], None]
 
     # 3) metadata, last and atomically
     meta = {**_meta(cfg, dtype, vocab_size, ids, tok_sha, fingerprint, records), **({"short": short} if short else {})}
-    write_json_atomic(part_path, meta)
+    with naming(part_path):
+        write_json_atomic(part_path, meta)
     log(format_report(meta, out))
     return _finish_slices(out, part_path, d.num_shards, log)
 
@@ -264,7 +270,8 @@ def _finish_slices(out: Path, part_path: Path, num_shards: int, log: Callable[[s
         done = len(list(out.glob(f"meta-*-of-{num_shards:05d}.json")))
         log(f"data: {done} of {num_shards} slices are done; the last one to finish writes {out / META}")
         return part_path
-    write_json_atomic(out / META, meta)
+    with naming(out / META):
+        write_json_atomic(out / META, meta)
     log(f"data: all {num_shards} slices are done: {out / META}")
     return out / META
 
@@ -287,7 +294,8 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     packers: list[Packer] = []
     worker_peaks: list[int] = []  # bytes, one per pool of tokenizer workers
     start = time.perf_counter()
-    with ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(
+    # a failed write of a shard file names no file (ENOSPC, EFBIG): name the split's files
+    with naming(out / f"{name}.*"), ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(
         total=_read_size(corpus, split), unit="B", unit_scale=True, desc=f"data: {split}", mininterval=1.0,
         disable=None,
     ) as bar:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3; <mask> is added last
 MASK = "<mask>"
 FORMAT_VERSION = 2  # 2: trained on whole documents, newlines included (was: line by line)
 FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+RESAVE = "save it again with the fast tokenizer's `save_pretrained(DIR)`"  # the fix for a tokenizer one brought
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -54,11 +56,18 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
     return ids
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
+def load_tokenizer(directory: str | Path, fix: str = "delete it and run `make tokenizer` again") -> Tokenizer:
+    """The tokenizer of `directory`/tokenizer.json, checked for RoBERTa's special ids; a missing, damaged or foreign
+    file is a TokenizerError naming it and `fix` (for a file the user brought, say how to make it again)."""
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(f"{path} does not exist: run `make tokenizer` first")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # `tokenizers` raises a plain Exception for any file it cannot parse
+        if (error := _os_error(e, path)) is not None:
+            raise error from None  # unreadable, not damaged: the operating system's one line
+        raise TokenizerError(f"{path}: not a tokenizer file ({_first_line(e)}); {fix}") from None
     ids = special_ids(tok)
     if ids["bos"] != 0 or ids["pad"] != 1 or ids["eos"] != 2 or ids["unk"] != 3 or ids["mask"] is None:
         raise TokenizerError(f"{path}: special tokens are not RoBERTa's (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>)")
@@ -159,7 +168,7 @@ def train_tokenizer(cfg: ExperimentConfig, force: bool = False, log=print) -> Pa
     if cfg.model.init_from:
         return tokenizer_from_hf(cfg, force, log)
     out = tokenizer_dir(cfg)
-    corpus = Corpus(cfg.corpus, cfg.prep_seed)
+    corpus = Corpus.of_experiment(cfg)
     fingerprint = {"corpus": corpus.fingerprint(), **_settings(cfg)}
     if not force and _up_to_date(out, "fingerprint", fingerprint):
         log(f"tokenizer: {out} is up to date for this corpus and these settings "
@@ -216,10 +225,18 @@ def train_tokenizer(cfg: ExperimentConfig, force: bool = False, log=print) -> Pa
 
 
 def _install(tok: Tokenizer, report: dict[str, Any], out: Path, model_max_length: int) -> None:
+    """Write the tokenizer into a fresh directory beside `out`, every file flushed to disk, and swap it in: `out`
+    is then complete or absent (or the old one), whatever stops the write (a full disk, a kill, a power cut). A
+    failed write removes the fresh directory and keeps the old one."""
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save(tok, tmp, model_max_length=model_max_length)
-    (tmp / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        save(tok, tmp, model_max_length=model_max_length)
+        _write_file(tmp / "quality.json", json.dumps(report, indent=2) + "\n")  # last: up to date (`_up_to_date`)
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         old = out.with_name(out.name + f".old{os.getpid()}")
         os.replace(out, old)
@@ -228,6 +245,59 @@ def _install(tok: Tokenizer, report: dict[str, Any], out: Path, model_max_length
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
+    _fsync(out.parent)
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)$")  # how Rust's std::io::Error ends its message
+
+
+def _os_error(e: Exception, path: Path) -> OSError | None:
+    """`tokenizers`' plain Exception for a failed read or write ("No space left on device (os error 28)") as the
+    OSError (naming `path`) that Python's own I/O would raise; None when it is no OS error."""
+    m = _OS_ERROR.search(str(e))
+    return OSError(int(m[1]), os.strerror(int(m[1])), str(path)) if m else None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _rust_write(path: Path, write: Callable[[], Any]) -> None:
+    """A `tokenizers` save; its OS errors become OSErrors naming `path`, so the command ends with one line."""
+    try:
+        write()
+    except Exception as e:
+        if (error := _os_error(e, path)) is None:
+            raise
+        raise error from None
+
+
+def _write_file(path: Path, text: str) -> None:
+    """`text` into `path`, flushed to disk; a failed write names the file (a Python `write()` error does not)."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a directory's files (`tokenizers` writes without fsync) and then its entries to disk."""
+    try:
+        for p in [*path.iterdir(), path] if path.is_dir() else [path]:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,15 +349,15 @@ def tokenizer_from_hf(cfg: ExperimentConfig, force: bool = False, log=print) -> 
         log(f"tokenizer: {out} is up to date with model.init_from={cfg.model.init_from} "
             "(delete it or pass --force to rebuild)")
         return out
-    tok = load_tokenizer(source.parent)
+    tok = load_tokenizer(source.parent, fix=RESAVE)
     if not isinstance(tok.model, models.BPE):
         raise TokenizerError(f"{source}: a {type(tok.model).__name__} model, not RoBERTa's byte-level BPE")
     added: list[str] = []
     if domain is not None:
-        tok, added = extend(tok, load_tokenizer(domain.parent))
+        tok, added = extend(tok, load_tokenizer(domain.parent, fix=RESAVE))
         log(f"tokenizer: appended {len(added)} tokens of {domain.parent} after the "
             f"{tok.get_vocab_size() - len(added)} of model.init_from (old ids kept)")
-    report = {"vocab_size": tok.get_vocab_size(), **evaluate(tok, Corpus(cfg.corpus, cfg.prep_seed).documents("valid")),
+    report = {"vocab_size": tok.get_vocab_size(), **evaluate(tok, Corpus.of_experiment(cfg).documents("valid")),
               "init_from": str(cfg.model.init_from), "extend_from": cfg.tokenizer.extend_from,
               # not "fingerprint": that names a trained tokenizer's corpus and settings, which data prep checks
               "added_tokens": len(added), "source_fingerprint": fingerprint}
@@ -332,18 +402,22 @@ def _sha256(path: Path) -> str:
 
 
 def _up_to_date(out: Path, key: str, fingerprint: dict[str, Any]) -> bool:
-    """All files present and quality.json records `fingerprint` under `key`."""
+    """All files present and quality.json records `fingerprint` under `key`; a damaged quality.json is not."""
     report = out / "quality.json"
     if not report.is_file() or not all((out / f).is_file() for f in FILES):
         return False
-    return json.loads(report.read_text()).get(key) == fingerprint
+    try:
+        found = json.loads(report.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(found, dict) and found.get(key) == fingerprint
 
 
 def save(tok: Tokenizer, directory: Path, model_max_length: int) -> None:
     """Write the five files `transformers` needs to load this as a RoBERTa tokenizer offline."""
     directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    tok.model.save(str(directory))  # vocab.json, merges.txt
+    _rust_write(directory / "tokenizer.json", lambda: tok.save(str(directory / "tokenizer.json")))
+    _rust_write(directory / "vocab.json", lambda: tok.model.save(str(directory)))  # and merges.txt
     mask = {"content": MASK, "lstrip": True, "rstrip": False, "normalized": False, "single_word": False,
             "special": True}
     special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
@@ -362,8 +436,8 @@ def save(tok: Tokenizer, directory: Path, model_max_length: int) -> None:
         **special_map,
         "mask_token": MASK,  # a plain string here; its lstrip lives in tokenizer.json and added_tokens_decoder
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    _write_file(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    _write_file(directory / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
 
 
 def evaluate(tok: Tokenizer, docs: Iterator[list[str]], max_bytes: int = 4_000_000) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.cli import run_command
+from data_prep.cli import naming, run_command
 from data_prep.config import describe_config, load_config
 
 
@@ -55,7 +55,8 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
     cfg = load_config(args.config, overrides)
     if args.command == "export":
-        export(cfg, args.ckpt, args.out)
+        with naming(args.out or cfg.run_path / "hf"):  # a write that fails for want of space names no file
+            export(cfg, args.ckpt, args.out)
         return
     if cfg.model.init_from:
         check_init_from(cfg)  # one clear line before any data work
@@ -65,7 +66,10 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
         raise NothingToResume(f"{cfg.run_path}/checkpoints/last.ckpt does not exist: nothing to resume "
                               "(run `make pretrain`)")
     meta = training_data(cfg)  # data.shards_url's, fetched into the node's cache, or `make data`'s
-    trainer = fit(cfg, meta, resume=args.command == "resume" or None, ckpt=args.ckpt if args.command == "resume" else None)
+    # a checkpoint or log write that fails for want of space names no file: it was under run_dir
+    with naming(cfg.run_path):
+        trainer = fit(cfg, meta, resume=args.command == "resume" or None,
+                      ckpt=args.ckpt if args.command == "resume" else None)
     if trainer.global_rank == 0:
         logs = cfg.run_path / "logs"
         png = plot_losses(logs / "metrics.csv", logs / "loss.png")

@@ -196,3 +196,157 @@ def test_stats_count_documents_and_sentences(tmp_path: Path) -> None:
     list(Corpus(CorpusConfig(train=[str(p)], valid_fraction=0.0)).documents("train", stats))
     assert stats.documents == 50 and stats.sentences == sum(map(len, docs))
     assert stats.bytes == p.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile and malformed corpora: one line naming the file (and line or row), exit 2, through the command line
+
+
+def run_cli(capsys, tmp_path: Path, *args: str, command: str = "tokenizer") -> tuple[int, str, str]:
+    from data_prep.__main__ import main
+
+    capsys.readouterr()
+    code = main([command, f"--run_dir={tmp_path / 'run'}", "--corpus.valid_fraction=0", "--tokenizer.vocab_size=300",
+                 "--data.seq_len=32", "--data.num_proc=1", *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_a_deeply_nested_json_line_is_one_line_naming_it(tmp_path: Path, capsys) -> None:
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
+    assert run_cli(capsys, tmp_path, f"--corpus.train={p}")[::2] == (
+        2, f"error: {p}:2: JSON nested too deeply to read (a damaged or hostile line); remove the line\n")
+
+
+def test_a_lone_surrogate_is_replaced_and_counted_like_invalid_utf8(tmp_path: Path, capsys) -> None:
+    """JSON's "\\ud800" without its pair decodes to a code point no UTF-8 holds (the tokenizer refused the text
+    with a TypeError); a pair is one character and stays."""
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"text": "half \\ud800 of a pair\\nand \\udc00\\ud800 backwards"}\n'
+                 '{"text": "a whole pair \\ud83d\\ude00 stays"}\n' * 20)
+    docs, stats = read_all(p)
+    assert docs[:2] == [["half \ufffd of a pair", "and \ufffd\ufffd backwards"], ["a whole pair \U0001f600 stays"]]
+    assert stats.replaced_bytes == 3 * 20
+    code, out, _ = run_cli(capsys, tmp_path, f"--corpus.train={p}", command="data")
+    assert code == 0 and "data: wrote" in out
+    meta = json.loads(next((tmp_path / "run" / "data").glob("*/meta.json")).read_text())
+    assert meta["splits"]["train"]["replaced_bytes"] == 3 * 20
+
+
+def gzip_members(*parts: bytes) -> bytearray:
+    return bytearray(b"".join(gzip.compress(part, mtime=0) for part in parts))
+
+
+def test_damaged_gzip_data_is_one_line_naming_the_file_and_the_lines_read(tmp_path: Path, capsys) -> None:
+    first = "".join(f"sentence {i} of the first member\n" + ("\n" if i % 4 == 3 else "") for i in range(40)).encode()
+    second = b"the second member\n" * 50
+    # damaged deflate data: the second member's first block header says block type 3, which does not exist
+    data = gzip_members(first, second)
+    data[len(gzip.compress(first, mtime=0)) + 10] = 0b111
+    p = tmp_path / "c.txt.gz"
+    p.write_bytes(bytes(data))
+    lines = len(first.splitlines())
+    assert run_cli(capsys, tmp_path, f"--corpus.train={p}")[::2] == (2, (
+        f"error: {p}: corrupt gzip file after line {lines} (error: Error -3 while decompressing data: "
+        "invalid block type); replace the file (`gzip -t` checks one)\n"))
+    # a CRC that does not match (the data decompressed, but is not what was compressed), in a .jsonl.gz
+    lines = b"".join(json.dumps({"text": f"record {i}"}).encode() + b"\n" for i in range(30))
+    data = gzip_members(lines)
+    data[-8] ^= 1
+    p = tmp_path / "c.jsonl.gz"
+    p.write_bytes(bytes(data))
+    crc = gzip.zlib.crc32(lines)
+    assert run_cli(capsys, tmp_path, f"--corpus.train={p}")[::2] == (2, (
+        f"error: {p}: corrupt gzip file after line 30 (BadGzipFile: CRC check failed {crc ^ 1:#x} != {crc:#x}); "
+        "replace the file (`gzip -t` checks one)\n"))
+
+
+def test_a_parquet_text_column_of_numbers_is_one_line_naming_it(tmp_path: Path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3], "title": ["a", "b", "c"]}), p)
+    assert run_cli(capsys, tmp_path, f"--corpus.train={p}")[::2] == (
+        2, f"error: {p}: column 'text' holds int64, not text; set corpus.text_field to a text column (has: title)\n")
+    pq.write_table(pa.table({"text": pa.array(["x", "y"]).dictionary_encode()}), p)  # text, dictionary-encoded
+    assert read_all(p)[0] == [["x"], ["y"]]
+
+
+def test_a_garbage_tokenizer_json_is_one_line_naming_it_and_the_fix(tmp_path: Path, capsys) -> None:
+    corpus = write_txt(tmp_path / "c.txt", make_documents(50))
+    path = tmp_path / "run" / "tokenizer" / "tokenizer.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("garbage")
+    assert run_cli(capsys, tmp_path, f"--corpus.train={corpus}", command="data")[::2] == (
+        2, f"error: {path}: not a tokenizer file (expected value at line 1 column 1); delete it and run "
+           "`make tokenizer` again\n")
+
+
+def test_globs_and_directories_never_match_the_runs_own_outputs(tmp_path: Path, capsys, monkeypatch) -> None:
+    """corpus.train: [data/**/*.txt] with run_dir under data/: the second run would train on its own
+    tokenizer/merges.txt (and a directory spec on vocab.json and the shards' records) and rebuild everything."""
+    monkeypatch.chdir(tmp_path)
+    for spec in ("data/**/*.txt", "text"):
+        root = Path(spec.split("/")[0])
+        root.mkdir()
+        write_txt(root / "c.txt", make_documents(60))
+        for _ in range(2):
+            code, out, err = run_cli(capsys, tmp_path, f"--corpus.train={spec}", f"--run_dir={root}/runs/0",
+                                     command="data")
+            assert code == 0, err
+        assert "is up to date" in out and "warning" not in out, out
+        assert (root / "runs" / "0" / "tokenizer" / "merges.txt").is_file()
+    assert run_cli(capsys, tmp_path, "--corpus.train=data/runs/**/*.txt", "--run_dir=data/runs/0")[::2] == (
+        2, f"error: corpus.train: no file matches data/runs/**/*.txt outside this run's outputs "
+           f"({tmp_path / 'data/runs/0'})\n")
+    from data_prep.config import load_config
+
+    cfg = load_config(None, ["--corpus.train=data/**/*.txt", "--run_dir=data/runs/0", "--data.cache_dir=data/cache"])
+    Path("data/cache/x").mkdir(parents=True)
+    write_txt(Path("data/cache/x/cached.txt"), [["shards of a URL"]])
+    assert Corpus.of_experiment(cfg).train_sources == ["data/c.txt"]
+    assert Corpus(cfg.corpus).train_sources[0] == "data/c.txt" and len(Corpus(cfg.corpus).train_sources) > 1
+    Path("link").symlink_to("data")  # the run_dir named through a symlink is still the run's
+    cfg = load_config(None, ["--corpus.train=data/**/*.txt", "--run_dir=link/runs/0", "--data.cache_dir=link/cache"])
+    assert Corpus.of_experiment(cfg).train_sources == ["data/c.txt"]
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("hf:/abs/missing", "/abs/missing is not a directory (hf: takes a `save_to_disk` directory, a folder of data "
+                        "files, or a hub dataset name)"),
+    ("hf:./missing/ds:train", "missing/ds is not a directory (hf: takes a `save_to_disk` directory, a folder of "
+                              "data files, or a hub dataset name)"),
+    ("hf:bad name!", "'bad name!' is neither a directory nor a hub dataset name (hf:NAME, hf:NAME/CONFIG or "
+                     "hf:OWNER/NAME/CONFIG: letters, digits, '-', '_' and '.'); write a local folder as ./DIR or "
+                     "/abs/DIR"),
+    ("hf:a/b/c/d", "'a/b/c/d' is neither a directory nor a hub dataset name (hf:NAME, hf:NAME/CONFIG or "
+                   "hf:OWNER/NAME/CONFIG: letters, digits, '-', '_' and '.'); write a local folder as ./DIR or "
+                   "/abs/DIR"),
+])
+def test_an_hf_spec_that_is_no_folder_and_no_hub_name_is_refused_offline(spec: str, problem: str, tmp_path: Path,
+                                                                          capsys, monkeypatch) -> None:
+    import datasets
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("load_dataset was called")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_request)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, tmp_path, f"--corpus.train={spec}")[::2] == (2, f"error: corpus.train: {spec}: {problem}\n")
+
+
+def test_hub_names_and_local_folders_pass_the_hf_check(tmp_path: Path, monkeypatch) -> None:
+    from data_prep.corpus import check_hf_spec
+
+    for spec in ("hf:wikitext/wikitext-2-raw-v1", "hf:Salesforce/wikitext/wikitext-103-raw-v1:train", "hf:c4",
+                 "hf:legacy-datasets/wikipedia/20220301.en:train"):
+        assert check_hf_spec(spec) == spec
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ds").mkdir()
+    assert check_hf_spec("hf:~/ds:test") == f"hf:{tmp_path / 'ds'}:test"
+    with pytest.raises(CorpusError, match=r"^corpus.valid: hf:: '' is neither a directory nor a hub dataset name"):
+        check_hf_spec("hf:", "corpus.valid")
