@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, load_config, option
+from data_prep.redact import redact_argv
 from data_prep.shards import ShardSplit, read_meta, short_phase, write_json_atomic
 from data_prep.typed_config import read_yaml_mapping
 
@@ -260,7 +261,9 @@ def run_ablation(path: str | Path, overrides: list[str] | None = None, log=print
 
 
 def _settings_key(v: VariantSpec, seed: int, common: list[str], budget: float, st: AblationSettings) -> dict:
-    return {"changes": v.changes, "seed": seed, "common": common, "budget": round(budget),
+    """What a variant-seed ran with, as settings.json and result.json record it: the overrides' secrets (a
+    `--data.storage_options=...`) redacted."""
+    return {"changes": v.changes, "seed": seed, "common": redact_argv(common), "budget": round(budget),
             "eval_blocks": st.eval_blocks, "eval_seed": st.eval_seed, "evals": st.evals, "task": st.task,
             "task_overrides": st.task_overrides}
 

@@ -164,3 +164,11 @@ def test_wandb_gets_the_redacted_config_and_arguments(tmp_path: Path, monkeypatc
                             f"--data.storage_options.token={REDACTED}", "--data.storage_options.secret", REDACTED,
                             f"--data.shards_url=s3://{REDACTED}@bucket/shards"]
     assert not leaks(repr(seen).encode())
+
+
+def test_the_ablation_records_its_overrides_without_secrets() -> None:
+    from pretrain.ablation import AblationSettings, VariantSpec, _settings_key
+
+    common = [f"--data.storage_options={flow(SECRETS)}", "--trainer.max_steps=3", "--data_seed=0"]
+    key = _settings_key(VariantSpec(name="roberta"), 0, common, 1e6, AblationSettings())
+    assert key["common"] == [f"--data.storage_options={REDACTED}", "--trainer.max_steps=3", "--data_seed=0"]
