@@ -345,7 +345,8 @@ def validate_meta(meta: Any, where: str, fix: str = REMAKE) -> dict[str, Any]:
                         integer, bad)
     if "short" in meta:
         short = meta["short"]
-        if not isinstance(short, dict) or not (isinstance(short.get("meta"), str) and SHORT_META.fullmatch(short["meta"])):
+        name = short.get("meta") if isinstance(short, dict) else None
+        if not (isinstance(name, str) and SHORT_META.fullmatch(name)):
             bad("short", f"{_show(short)} does not name the short shards' meta.json as ../<16 hex digits>/meta.json")
         integer(short.get("seq_len"), "short.seq_len", 8, seq_len - 1)
     if "files" in meta:

@@ -10,12 +10,15 @@ import copy
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from data_prep import remote, shards
 from data_prep.config import ConfigError, ExperimentConfig, load_config
@@ -358,6 +361,29 @@ def test_local_shards_are_validated_before_anything_is_opened(tmp_path: Path, ch
         with pytest.raises(ShardError) as info:
             call(path)
         assert str(info.value).startswith(f"{path}: ") and problem in str(info.value) and "\n" not in str(info.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="./\\-_0123456789abcdefghijklmnopqrstuvwxyz~ ", max_size=40),
+       st.sampled_from(["tokens", "offsets"]))
+@example("train.tokens.bin", "tokens")
+@example("train-00001-of-00002.offsets.bin", "offsets")
+@example("../train.tokens.bin", "tokens")
+@example("/train.tokens.bin", "tokens")
+@example("train.tokens.bin/../../x", "tokens")
+def test_a_name_is_accepted_only_when_the_writer_could_have_written_it(name: str, kind: str) -> None:
+    # the law: validate_meta accepts a record's file name only when it is the writer's name for that split and
+    # kind, so it is a plain file name inside the directory
+    meta = manifest(Path("/nonexistent"), {"tokens": "train.tokens.bin", "offsets": "train.offsets.bin",
+                                           "dtype": "uint16", "num_blocks": 3, "num_tokens": 13}, table=False)
+    meta["splits"]["train"][kind] = name
+    try:
+        shards.validate_meta(meta, "meta.json")
+    except ShardError as e:
+        assert str(e).startswith(f"meta.json: splits.train.{kind}: ") and "\n" not in str(e)
+        return
+    assert re.fullmatch(rf"train(-\d{{5}}-of-\d{{5}})?\.{kind}\.bin", name)
+    assert os.path.dirname(name) == "" and os.path.normpath(name) == name
 
 
 def test_a_deep_or_huge_local_meta_json_is_one_line(tmp_path: Path) -> None:
