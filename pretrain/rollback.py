@@ -75,7 +75,7 @@ class RollbackState:
         count) pairs that each moved the data of the steps from that step on `count` further, and an event's
         `skipped_data_steps` was one [first, last] pair. Both are read as what they meant then."""
         d = d or {}
-        skipped = [list(r) for r in d["skipped_data"]] if "skipped_data" in d else _from_offsets(d.get("skips", []))
+        skipped = _merge(d["skipped_data"]) if "skipped_data" in d else _from_offsets(d.get("skips", []))
         events = [dict(e) for e in d.get("events", [])]
         for e in events:
             runs = e.get("skipped_data_steps")
