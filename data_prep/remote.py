@@ -98,7 +98,7 @@ def _remote(where: str, what: str, call: Callable[[], T]) -> T:
     except ShardError:
         raise
     except Exception as e:
-        text = " ".join(str(e).split()) or type(e).__name__
+        text = " ".join(str(e).split())[:500] or type(e).__name__  # a server's error page is not a message
         raise ShardError(redact_text(f"{where}: {what}: {text}")) from None
 
 

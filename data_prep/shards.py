@@ -75,6 +75,7 @@ MAX_DEPTH = 16  # meta.json nests 7 deep (meta, splits, split, parts, part, sour
 MAX_VOCAB = 1 << 24  # 330 times RoBERTa's 50,265: the embedding is vocab_size x hidden, allocated from this
 MAX_SEQ_LEN = 1 << 20
 MAX_COUNT = 1 << 50  # tokens, blocks or bytes of one file: a petabyte
+MAX_TOKENIZER_BYTES = 1 << 30  # a tokenizer file (RoBERTa's tokenizer.json: 2 MB)
 
 
 class ShardError(ValueError):
@@ -414,7 +415,7 @@ def _check_table(table: Any, names: set[str], integer: Callable[..., int],
             bad(entry, "no split record names this file")
         if not isinstance(e, dict) or not (isinstance(e.get("sha256"), str) and SHA256.fullmatch(e["sha256"])):
             bad(entry, f"{_show(e)} is not {{bytes, sha256 (64 hex digits)}}")
-        integer(e.get("bytes"), f"{entry}.bytes", 0, MAX_COUNT)
+        integer(e.get("bytes"), f"{entry}.bytes", 0, MAX_COUNT if SHARD_FILE.fullmatch(name) else MAX_TOKENIZER_BYTES)
 
 
 def inside(directory: Path, name: str, where: str) -> Path:
