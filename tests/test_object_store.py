@@ -5,6 +5,7 @@ replaces a damaged file; a missing bucket or object is one line naming the URL."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -118,8 +119,11 @@ def test_upload_writes_the_files_and_meta_json_with_their_checksums(endpoint: st
         assert fs.cat_file(f"{url}/{name}") == path.read_bytes()
         assert uploaded["files"][name]["bytes"] == path.stat().st_size
     # again: every file is there with its checksum, so only meta.json is sent
-    again = upload_shards(meta.parent, url, {"endpoint_url": endpoint}, meta.parents[2] / "tokenizer", lambda *_: None)
+    said: list[str] = []
+    again = upload_shards(meta.parent, url, {"endpoint_url": endpoint}, meta.parents[2] / "tokenizer", said.append)
     assert again == 0 and json.loads(fs.cat_file(f"{url}/meta.json")) == uploaded
+    # the line gives the sha256 to pin as data.shards_sha256
+    assert f"(sha256 {hashlib.sha256(fs.cat_file(f'{url}/meta.json')).hexdigest()}: pin it" in said[-1]
 
 
 def test_training_from_the_bucket_equals_training_from_local_shards(endpoint: str, prepared, tmp_path: Path) -> None:
