@@ -3,18 +3,24 @@
 The learning-rate schedule needs max_steps (linear, cosine and wsd decay towards it), and an exact resume needs
 the same max_steps after every restart. So a budgeted run starts with max_steps open, trains
 `trainer.calibration_steps` steps (all inside warmup, whose rate does not depend on max_steps: config.py checks
-it), measures its time per training sequence over them (the first step, with its warm-up and compilation, counts
-in the time spent but not in the rate), and fixes
+it), measures its time per training sequence over them (the first step of each process, with its warm-up and
+compilation, counts in the time spent but not in the rate; so do validations), and fixes
 
-    max_steps = calibration_steps + the steps holding (budget - time so far) / (time per sequence + validation
-                time per sequence) sequences
+    max_steps = calibration_steps + the steps that (budget - time so far) pays for, each at
+                (its sequences x time per sequence) + validation time per step
 
 (steps of the batch schedule, which grow during batch-size warmup), where the validation time is that of the
-run's validations (every `trainer.val_check_interval` steps, `limit_val_batches` micro-batches each) at a third of
-a training sequence's time per sequence (a forward pass without the backward). Rank 0 decides and broadcasts. The decision is printed, written to logs/budget.json and logged as
-`budget/max_steps`, and kept in every checkpoint (`checkpoint["budget"]`): a resumed or rolled-back run reads it
-back (`train.py`) and never measures again, so its schedule, data and masks are those of the uninterrupted run.
-Time lost to a restart is not given back: the budget buys steps, decided once.
+run's validations (every `trainer.val_check_interval` steps, each as long as a rank's share of the validation
+blocks, which the ranks validate in parallel) at a third of a training sequence's time per sequence (a forward
+pass without the backward), spread over the steps between them. Rank 0 decides and broadcasts. The decision is
+printed, written to logs/budget.json and logged as `budget/max_steps`, and kept in every checkpoint
+(`checkpoint["budget"]`): a resumed or rolled-back run reads it back (`train.py`) and never measures again, so
+its schedule, data and masks are those of the uninterrupted run. A checkpoint written before the decision (a
+preemption during calibration) carries the budget's progress instead (`TimeBudget.state_dict`): the resumed run
+counts the time already spent and the steps already timed, so it decides what the uninterrupted run would have
+at the same pace, and spends no more than the budget. Time lost to a restart (the restart itself, the steps
+redone after the checkpoint resumed) is not charged: the budget buys steps, decided once, and a restart makes
+the wall clock longer, not the run shorter.
 """
 
 from __future__ import annotations
@@ -36,62 +42,104 @@ OPEN_ENDED = 10**9
 
 
 def decide_max_steps(budget_s: float, elapsed_s: float, calibration_steps: int, sequence_time_s: float,
-                     validation_s_per_sequence: float, min_steps: int, batches: BatchSchedule) -> int:
-    """The steps a budget buys: the calibration steps, then the sequences the remaining time pays for at the
-    measured rate, in the steps of the batch schedule (which grow during batch-size warmup); never fewer than
-    `min_steps` (the end of warmup, so the schedule is well formed)."""
-    sequences = int(max(0.0, budget_s - elapsed_s) // max(sequence_time_s + validation_s_per_sequence, 1e-12))
+                     validation_s_per_step: float, min_steps: int, batches: BatchSchedule) -> int:
+    """The steps a budget buys: the calibration steps, then as many steps as the remaining time pays for, each
+    at its sequences' measured time (the steps of the batch schedule, which grow during batch-size warmup) plus
+    its share of the validations; never fewer than `min_steps` (the end of warmup, so the schedule is well
+    formed)."""
+    left = budget_s - elapsed_s
     step = calibration_steps
-    while step < batches.ramp_steps and batches.size(step) <= sequences:
-        sequences -= batches.size(step)
+    while step < batches.ramp_steps and batches.size(step) * sequence_time_s + validation_s_per_step <= left:
+        left -= batches.size(step) * sequence_time_s + validation_s_per_step
         step += 1
     if step >= batches.ramp_steps:
-        step += sequences // batches.G
+        step += int(max(0.0, left) // max(batches.G * sequence_time_s + validation_s_per_step, 1e-12))
     return max(step, min_steps, calibration_steps)
 
 
 class TimeBudget(pl.Callback):
-    """Times the calibration steps, then fixes the run's max_steps (module, trainer loop, progress bar)."""
+    """Times the calibration steps, then fixes the run's max_steps (module, trainer loop, progress bar).
+
+    A stop before the decision loses none of it: every checkpoint until then carries the budget's progress
+    (`state_dict`, which Lightning keeps under `checkpoint["callbacks"]`: the budget time spent up to the
+    checkpoint's step, and the time and sequences of the steps timed so far), and the resumed run's TimeBudget
+    takes it up (`load_state_dict`), so it decides at the same step, from the same time spent and the same
+    measured rate, as a run that never stopped. From the decision on, checkpoints carry the decision
+    (`checkpoint["budget"]`, module.py). It runs before the checkpoint callbacks (train.make_trainer), so a
+    checkpoint of the decision step, a preemption's included, carries the decision.
+
+    Timed are the steps of each process after its first (whose warm-up, compilation and loader start count in the
+    time spent, not in the rate), without the validations between them (counted in the time spent, and priced
+    separately, by `_validation_sequences`)."""
 
     def __init__(self, budget_s: float, calibration_steps: int, run_dir: Path):
         self.budget_s, self.K, self.run_dir = budget_s, calibration_steps, Path(run_dir)
-        self.start: float | None = None
-        self.step_ends: list[float] = []
-        self.first_timed: int | None = None  # the step whose end is step_ends[0]
+        self.spent_s = 0.0  # the budget time of the processes before this one, up to the checkpoint resumed
+        self.timed_s = 0.0  # time of the timed steps, over all processes
+        self.timed_sequences = 0  # their training sequences (over all ranks)
+        self.decided = False
+        self._start: float | None = None  # this process's training start
+        self._last_end: float | None = None  # the end of this process's last step
+        self._validation_s = 0.0  # validation time since the last step's end
+        self._validation_start: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The progress up to the end of the last step (a checkpoint's step: this callback runs before the
+        checkpoint callbacks); nothing once decided (the checkpoint has the decision)."""
+        if self.decided:
+            return {}
+        here = self._last_end - self._start if self._last_end is not None and self._start is not None else 0.0
+        return {"spent_s": self.spent_s + here, "timed_s": self.timed_s, "timed_sequences": self.timed_sequences}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spent_s = float(state.get("spent_s", 0.0))
+        self.timed_s = float(state.get("timed_s", 0.0))
+        self.timed_sequences = int(state.get("timed_sequences", 0))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = clock()
+        self._start, self._last_end, self._validation_s = clock(), None, 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.decided and self._start is not None:
+            self._validation_start = clock()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validation_start is not None:
+            self._validation_s += clock() - self._validation_start
+            self._validation_start = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches or pl_module.budget is not None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or self.decided or pl_module.budget is not None:
             return
-        self.step_ends.append(clock())
-        if self.first_timed is None:
-            self.first_timed = trainer.global_step
-        if trainer.global_step < self.K or len(self.step_ends) < 2:
+        now, step = clock(), trainer.global_step  # step: the steps done, this one included
+        cfg = pl_module.cfg
+        if self._last_end is not None:  # not this process's first step
+            self.timed_s += now - self._last_end - self._validation_s
+            self.timed_sequences += BatchSchedule.from_config(cfg.batch, cfg.data.seq_len).size(step - 1)
+        self._last_end, self._validation_s = now, 0.0
+        if step < self.K or not self.timed_sequences:
             return
-        decision = self._decide(trainer, pl_module) if trainer.global_rank == 0 else None
+        decision = self._decide(trainer, pl_module, now) if trainer.global_rank == 0 else None
         decision = trainer.strategy.broadcast(decision, src=0)
+        self.decided = True
         apply_budget(trainer, pl_module, decision)
         if trainer.global_rank == 0:
             self._report(trainer, decision)
 
-    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: float) -> dict[str, Any]:
         cfg, step = pl_module.cfg, trainer.global_step
         batches = BatchSchedule.from_config(cfg.batch, cfg.data.seq_len)
-        timed = batches.offset(step) - batches.offset(self.first_timed)  # sequences of the steps after the first
-        sequence_time = (self.step_ends[-1] - self.step_ends[0]) / timed
-        elapsed = self.step_ends[-1] - (self.start or self.step_ends[0])
+        sequence_time = self.timed_s / self.timed_sequences
+        elapsed = self.spent_s + (now - self._start)
         t = cfg.trainer
-        val_sequences = (t.limit_val_batches or _all_val_batches(trainer)) * cfg.batch.micro_size * trainer.world_size
         # a validation sequence costs a forward pass, about a third of a training sequence's forward and backward
-        val_per_sequence = val_sequences * sequence_time / 3 / (max(1, t.val_check_interval) * cfg.batch.global_size)
+        val_per_step = _validation_sequences(trainer, cfg) * sequence_time / 3 / max(1, t.val_check_interval)
         min_steps = 0 if cfg.optim.schedule == "inverse_sqrt" else cfg.optim.warmup_steps + 1
-        steps = decide_max_steps(self.budget_s, elapsed, step, sequence_time, val_per_sequence, min_steps, batches)
+        steps = decide_max_steps(self.budget_s, elapsed, step, sequence_time, val_per_step, min_steps, batches)
         return {"max_time_s": self.budget_s, "calibration_steps": step,
                 "step_time_s": round(sequence_time * batches.G, 6), "elapsed_s": round(elapsed, 3),
-                "validation_s_per_step": round(val_per_sequence * batches.G, 6), "max_steps": steps,
+                "validation_s_per_step": round(val_per_step, 6), "max_steps": steps,
                 "world_size": trainer.world_size}
 
     def _report(self, trainer: pl.Trainer, decision: dict[str, Any]) -> None:
@@ -104,9 +152,17 @@ class TimeBudget(pl.Callback):
             logger.log_metrics({"budget/max_steps": float(decision["max_steps"])}, step=trainer.global_step)
 
 
-def _all_val_batches(trainer: pl.Trainer) -> int:
-    batches = trainer.num_val_batches
-    return int(sum(batches)) if batches else 0
+def _validation_sequences(trainer: pl.Trainer, cfg: Any) -> int:
+    """The sequences of one validation run, in the unit of the measured rate (wall time per training sequence of
+    all ranks together): each rank validates its own share in parallel (data.ValidSampler splits the first
+    limit_val_batches x micro_size blocks over the ranks), taking world_size x that rate per sequence, so a
+    validation lasts as long as this rank's share (rank 0's, the largest) x world_size sequences would. Before
+    the loaders are set up: the limit, which is already the sequences of all ranks together."""
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        return cfg.trainer.limit_val_batches * cfg.batch.micro_size
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    return sum(len(loader.sampler) for loader in loaders) * trainer.world_size
 
 
 def apply_budget(trainer: pl.Trainer | None, pl_module: Any, decision: dict[str, Any]) -> None:

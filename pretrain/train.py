@@ -210,6 +210,11 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
     memory = [RetainHostMemory()] if t.retain_host_memory else []
     throughput = [Throughput(cfg.data.seq_len, cfg.masking.probability, t.precision, t.peak_flops, t.log_every_n_steps,
                              t.last_layer_subset)]
+    # a time budget decides before any checkpoint callback saves at the same step, so that a checkpoint of the
+    # decision step carries the decision and an earlier one the budget's progress (budget.py)
+    callbacks = list(callbacks or [])
+    budget = [c for c in callbacks if isinstance(c, TimeBudget)]
+    callbacks = [c for c in callbacks if not isinstance(c, TimeBudget)]
     kwargs: dict[str, Any] = dict(
         # One Lightning epoch is the whole run: the sampler's stream already spans the data epochs (data.py).
         max_steps=t.max_steps, max_epochs=1, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
@@ -219,7 +224,7 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=cfg.optim.grad_clip or None,
         use_distributed_sampler=False,  # our samplers split the data by rank themselves (see data.py)
         num_sanity_val_steps=0, default_root_dir=str(cfg.run_path), logger=make_loggers(cfg, resume_step),
-        callbacks=[*memory, *guard, *throughput, *saving, *exporting, *bar, *(callbacks or [])],
+        callbacks=[*memory, *guard, *budget, *throughput, *saving, *exporting, *bar, *callbacks],
         plugins=[AtomicCheckpointIO()], enable_model_summary=False,  # Throughput prints the model's line
     )
     kwargs.update(overrides)
