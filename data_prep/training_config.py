@@ -124,8 +124,8 @@ class OptimConfig:
                                why=STEPS)
     schedule: str = option(
         "linear", "After warmup: linear (to 0 at trainer.max_steps; RoBERTa), cosine (to 0 at max_steps), wsd "
-        "(warmup-stable-decay: peak until the last decay_steps, then decay_shape to 0), inverse_sqrt (peak x "
-        "sqrt(timescale / (step - warmup + timescale)), no end).")
+        "(warmup-stable-decay: peak until the last decay_steps, then decay_shape to min_lr_ratio), inverse_sqrt (peak "
+        "x sqrt(timescale / (step - warmup + timescale)), no end).")
     decay_steps: int = option(
         0, "wsd: steps of the final decay; 0: decay_fraction x max_steps. To decay a stable-phase checkpoint of "
         "step S over D steps: `make resume ARGS=\"--trainer.max_steps=S+D --optim.decay_steps=D\"`.",
@@ -134,7 +134,8 @@ class OptimConfig:
     decay_shape: str = option("linear", "wsd: the decay's shape, linear, 1-sqrt or cosine (as transformers' "
                               "get_wsd_schedule).")
     min_lr_ratio: float = option(0.0, "linear, cosine, wsd: the rate ends at this share of peak_lr instead of 0.")
-    timescale: int = option(0, "inverse_sqrt: steps after warmup at which the rate is peak / sqrt(2); 0: warmup_steps.",
+    timescale: int = option(0, "inverse_sqrt: steps after warmup at which the rate is peak / sqrt(2); 0: warmup_steps, "
+                            "or 10,000 without warmup (as transformers).",
                             ge=0, le=MAX_STEPS, why=STEPS)
     grad_clip: float = option(0.0, "Gradient-norm clipping; 0: off, as in the paper.", ge=0, le=1e6,
                               why="a norm that large never clips; 0 turns clipping off")

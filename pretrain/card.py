@@ -84,7 +84,7 @@ def schedule_text(c: ExperimentConfig) -> str:
     o, end = c.optim, f"{c.trainer.max_steps:,} steps"
     floor = f"{o.min_lr_ratio:g} x the peak" if o.min_lr_ratio else "0"
     text = {"linear": f"linear decay to {floor} at {end}", "cosine": f"cosine decay to {floor} at {end}",
-            "inverse_sqrt": f"inverse square root decay (timescale {o.timescale or o.warmup_steps:,} steps)",
+            "inverse_sqrt": f"inverse square root decay (timescale {o.timescale or o.warmup_steps or 10_000:,} steps)",
             "wsd": f"stable, then a {o.decay_shape} decay to {floor} over the last "
                    f"{o.decay_steps or round(o.decay_fraction * c.trainer.max_steps):,} of {end} (wsd)"}[o.schedule]
     m = c.masking
