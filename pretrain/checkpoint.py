@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -198,11 +199,14 @@ def load_full(path: Path) -> dict[str, Any]:
     return _format_checkpoint(_load_distributed_checkpoint(path))
 
 
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.stem.split("-")[-1])
-    except ValueError:
-        return -1
+_STEP_NAME = re.compile(r"step-(\d+)(?:-v(\d+))?\.ckpt")
+"""A step checkpoint's name; Lightning appends -vK where the name is taken (by an older run in the run_dir)."""
+
+
+def _step_of(path: Path) -> tuple[int, int]:
+    """(step, K) in a step checkpoint's name (also its `.NAME.old`), (-1, 0) for another name."""
+    m = _STEP_NAME.fullmatch(_name_of(path))
+    return (int(m[1]), int(m[2] or 0)) if m else (-1, 0)
 
 
 def checkpoint_versions(directory: Path) -> frozenset[tuple[int, int, int]]:
@@ -211,13 +215,13 @@ def checkpoint_versions(directory: Path) -> frozenset[tuple[int, int, int]]:
     the same name, and a renamed one (a sharded swap's `.NAME.old`) keeps its version."""
     versions = set()
     for entry in directory.iterdir() if directory.is_dir() else ():
-        version = _version(entry)
-        if version is not None:
-            versions.add(version)
+        identity = _identity(entry)
+        if identity is not None:
+            versions.add(identity)
     return frozenset(versions)
 
 
-def _version(path: Path) -> tuple[int, int, int] | None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
     try:
         st = path.stat()
     except FileNotFoundError:  # removed meanwhile (the keep_last rotation)
@@ -227,12 +231,15 @@ def _version(path: Path) -> tuple[int, int, int] | None:
 
 def resumable_checkpoint(directory: Path, log=print, exclude: frozenset[tuple[int, int, int]] = frozenset(),
                          ) -> tuple[Path, int] | None:
-    """(path, step) of the newest complete checkpoint in `directory` by its step, or None. The candidates:
-    `last.ckpt` and the `step-*.ckpt`, since a kill between the two writes of a save leaves the step checkpoint
-    the newer; and for a name that is missing, its `.NAME.old`, the only complete copy left by a sharded swap
-    cut short between its renames (`ShardedFSDPStrategy`). A tie goes to last.ckpt: saved at the same optimizer
-    step, the two hold the same state, and last.ckpt is the name the messages give. Unreadable ones are
-    reported by path and passed over; `exclude`: versions not to consider (`checkpoint_versions`)."""
+    """(path, step) of the newest complete checkpoint in `directory`, or None. The candidates: `last.ckpt` and
+    the `step-*.ckpt`, since a kill between the two writes of a save leaves the step checkpoint the newer; and
+    for a name that is missing, its `.NAME.old`, the only complete copy left by a sharded swap cut short between
+    its renames (`ShardedFSDPStrategy`). Newest: the highest step; on a tie the one written last, then
+    last.ckpt, then the highest -vK. Within a run the two copies of a step hold the same state and last.ckpt is
+    written after the step checkpoint, so last.ckpt, the name the messages give, wins; where two runs share a
+    run_dir (a decay started from the stable run's step-0000010.ckpt writes step-0000015-v1.ckpt beside its
+    last.ckpt of step 15), the later write is the newer run's. Unreadable ones are reported by path and passed
+    over; `exclude`: versions not to consider (`checkpoint_versions`)."""
     found = []
     for name in ["last.ckpt", *(p.name for p in directory.glob("step-*.ckpt")),
                  *(p.name[1:-len(".old")] for p in directory.glob(".step-*.ckpt.old"))]:
@@ -242,20 +249,23 @@ def resumable_checkpoint(directory: Path, log=print, exclude: frozenset[tuple[in
         if path.exists() and path not in found:
             found.append(path)
     # last.ckpt first (its step is known once read), then the step checkpoints by the step in their names,
-    # newest first, up to the first that cannot be newer than the best so far
-    found.sort(key=lambda p: (_name_of(p) != "last.ckpt", -_step_of(Path(_name_of(p)))))
-    best: tuple[Path, int] | None = None
+    # newest first, up to the first whose step is below the best so far
+    found.sort(key=lambda p: (_name_of(p) != "last.ckpt", -_step_of(p)[0]))
+    best: tuple[tuple[int, int, bool, int], Path] | None = None  # ((step, written, is last.ckpt, K), path)
     for path in found:
-        if best is not None and _name_of(path) != "last.ckpt" and _step_of(Path(_name_of(path))) <= best[1]:
+        if best is not None and _name_of(path) != "last.ckpt" and _step_of(path)[0] < best[0][0]:
             break
-        if exclude and _version(path) in exclude:
+        identity = _identity(path)
+        if identity is None or (exclude and identity in exclude):
             continue
         step, problem = probe(path)
         if problem is not None:
             log(f"warning: checkpoint {path} is unreadable ({problem}); trying the previous one")
-        elif best is None or step > best[1]:
-            best = (path, step)
-    return best
+            continue
+        key = (step, identity[2], _name_of(path) == "last.ckpt", _step_of(path)[1])
+        if best is None or key > best[0]:
+            best = (key, path)
+    return (best[1], best[0][0]) if best else None
 
 
 def _name_of(path: Path) -> str:

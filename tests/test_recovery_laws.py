@@ -5,14 +5,17 @@
   ever read, and no data is dropped that was not skipped; a checkpoint's record keeps the mapping, also an old
   record of summed offsets.
 - Resume from any set of surviving checkpoint files (last.ckpt, step-*.ckpt, truncated files, damaged or intact
-  sharded directories, a sharded swap's `.NAME.old`) picks the newest complete one by its step, last.ckpt on a
-  tie; and, given the files an older run left, only among those written since.
+  sharded directories, a sharded swap's `.NAME.old`, Lightning's `-vK` names) picks the newest complete one by
+  its step (on a tie the later write, then last.ckpt); and, given the files an older run left, only among those
+  written since.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -159,11 +162,11 @@ def lay_out(directory: Path, name: str, step: int, kind: str, stale_step: int, t
 
 survivors = st.tuples(
     st.one_of(st.none(), st.tuples(st.integers(0, 30), st.sampled_from(KINDS), st.integers(0, 30), st.booleans())),
-    st.dictionaries(st.integers(0, 30), st.tuples(st.sampled_from(KINDS), st.integers(0, 30), st.booleans()),
-                    max_size=4),
+    st.dictionaries(st.tuples(st.integers(0, 30), st.integers(0, 1)),
+                    st.tuples(st.sampled_from(KINDS), st.integers(0, 30), st.booleans()), max_size=4),
 )
-"""(last.ckpt: (step, kind, stale .old's step, written by an older run) or None, {step: (kind, stale step,
-older)} of the step checkpoints)."""
+"""(last.ckpt: (step, kind, stale .old's step, written by an older run) or None, {(step, K): (kind, stale step,
+older)} of the step checkpoints, `step-NNNNNNN-vK.ckpt` for K > 0 as Lightning names one whose name is taken)."""
 
 
 @settings(max_examples=100, deadline=None)
@@ -171,7 +174,8 @@ older)} of the step checkpoints)."""
 def test_resume_picks_the_newest_complete_checkpoint_of_any_survivors(sharded_template: Path, files) -> None:
     last, steps = files
     entries = ([("last.ckpt", *last)] if last else []) + [
-        (f"step-{step:07d}.ckpt", step, kind, stale, older) for step, (kind, stale, older) in steps.items()]
+        (f"step-{step:07d}{f'-v{k}' if k else ''}.ckpt", step, kind, stale, older)
+        for (step, k), (kind, stale, older) in steps.items()]
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         considered = {}  # path -> (step, complete, written by an older run)
@@ -185,9 +189,10 @@ def test_resume_picks_the_newest_complete_checkpoint_of_any_survivors(sharded_te
                 before = checkpoint_versions(directory)
 
         def newest(paths) -> tuple[Path, int] | None:
-            whole = [(step, p.name in ("last.ckpt", ".last.ckpt.old"), p) for p in paths for step, complete, _ in [considered[p]]
-                     if complete]
-            return (max(whole)[2], max(whole)[0]) if whole else None  # the highest step, then last.ckpt
+            """The highest step; on a tie the one written last, then last.ckpt, then the highest K."""
+            whole = [((step, p.stat().st_mtime_ns, p.name in ("last.ckpt", ".last.ckpt.old"), "-v1" in p.name), p)
+                     for p in paths for step, complete, _ in [considered[p]] if complete]
+            return (max(whole)[1], max(whole)[0][0]) if whole else None
 
         warned: list[str] = []
         assert resumable_checkpoint(directory, warned.append) == newest(considered)
@@ -198,10 +203,14 @@ def test_resume_picks_the_newest_complete_checkpoint_of_any_survivors(sharded_te
 
 def test_a_step_checkpoint_newer_than_last_ckpt_wins(tmp_path: Path) -> None:
     """A kill between the two writes of a save (step checkpoint first, then last.ckpt) leaves last.ckpt a save
-    behind: resume takes the newer step checkpoint, and on a tie last.ckpt."""
+    behind: resume takes the newer step checkpoint; on a tie the later write, last.ckpt within a run."""
     io = AtomicCheckpointIO()
     for name, step in (("step-0000010.ckpt", 10), ("last.ckpt", 5), ("step-0000005.ckpt", 5)):
         io.save_checkpoint({"global_step": step, "state_dict": {}}, tmp_path / name)
     assert resumable_checkpoint(tmp_path) == (tmp_path / "step-0000010.ckpt", 10)
     io.save_checkpoint({"global_step": 10, "state_dict": {}}, tmp_path / "last.ckpt")
     assert resumable_checkpoint(tmp_path) == (tmp_path / "last.ckpt", 10)
+    # another run in this run_dir saves step 10 again (Lightning names it -v1) and dies before its last.ckpt
+    io.save_checkpoint({"global_step": 10, "state_dict": {}}, tmp_path / "step-0000010-v1.ckpt")
+    os.utime(tmp_path / "step-0000010-v1.ckpt", ns=(time.time_ns() + 10**9,) * 2)  # written after last.ckpt
+    assert resumable_checkpoint(tmp_path) == (tmp_path / "step-0000010-v1.ckpt", 10)
