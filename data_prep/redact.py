@@ -9,8 +9,8 @@ What counts as a secret:
   parameters that name a credential (a presigned URL's `X-Amz-Signature`, `X-Amz-Credential`, Azure's `sig`,
   `token`, `access_token`, ...).
 
-On the command line: the value of an override of `data.storage_options` or of a credential-like key, in the
-copy of `sys.argv` that wandb records (`redact_argv`).
+On the command line: the value of an override of `data.storage_options`, in the copy of `sys.argv` that wandb
+records and in the ablation's record of its overrides (`redact_argv`).
 
 The run itself keeps the real values in memory (the config object it was given); only what is written or printed
 is redacted. A resumed run takes its storage options from the config it is started with, not the checkpoint's.
@@ -87,12 +87,13 @@ def redact_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """Command-line arguments safe to record (wandb keeps `sys.argv` in its run files): the value of an override
-    of `data.storage_options` (whole or any key of it) or of a key that names a credential is replaced, as
-    `--KEY=VALUE` or `--KEY VALUE`; URLs in every other argument are redacted."""
+    """Command-line arguments safe to record (wandb keeps `sys.argv` in its run files; the ablation its
+    overrides): the value of an override of `data.storage_options` (whole or any key of it) is replaced, as
+    `--KEY=VALUE` or `--KEY VALUE`; URLs in every other argument are redacted. Only storage options: other keys
+    that look like credentials (`batch.warmup_tokens`) are settings, and the ablation compares them."""
 
     def secret(key: str) -> bool:
-        return key.startswith("--") and ("storage_options" in key or bool(CREDENTIAL_KEY.search(key.rsplit(".", 1)[-1])))
+        return key.startswith("--data.storage_options")
 
     out: list[str] = []
     for i, arg in enumerate(argv):

@@ -17,7 +17,7 @@ from moto.server import ThreadedMotoServer
 
 from data_prep.config import load_config
 from data_prep.prepare import prepare_data
-from data_prep.redact import REDACTED, redact_config, redact_text, redact_url
+from data_prep.redact import REDACTED, redact_argv, redact_config, redact_text, redact_url
 from data_prep.remote import upload_shards
 from pretrain.__main__ import main as pretrain_main
 
@@ -172,3 +172,12 @@ def test_the_ablation_records_its_overrides_without_secrets() -> None:
     common = [f"--data.storage_options={flow(SECRETS)}", "--trainer.max_steps=3", "--data_seed=0"]
     key = _settings_key(VariantSpec(name="roberta"), 0, common, 1e6, AblationSettings())
     assert key["common"] == [f"--data.storage_options={REDACTED}", "--trainer.max_steps=3", "--data_seed=0"]
+
+
+def test_only_storage_options_are_redacted_among_overrides() -> None:
+    """The ablation compares the overrides it records: a setting whose name has 'token' in it is kept."""
+    argv = ["--batch.warmup_tokens=1000", "--batch.by_tokens=true", "--data.storage_options.key=K", "--seed=1",
+            "--data.shards_url=https://u:p@host/x?token=T&n=1"]
+    assert redact_argv(argv) == ["--batch.warmup_tokens=1000", "--batch.by_tokens=true",
+                                 f"--data.storage_options.key={REDACTED}", "--seed=1",
+                                 f"--data.shards_url=https://{REDACTED}@host/x?token={REDACTED}&n=1"]
