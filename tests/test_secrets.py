@@ -54,7 +54,9 @@ def endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True).mkdir("shards")
+    fs = s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True)
+    if not fs.exists("shards"):  # moto keeps its buckets per process: another module's server may have made it
+        fs.mkdir("shards")
     yield url
     server.stop()
 
@@ -75,7 +77,7 @@ def test_no_secret_reaches_a_file_of_the_run_or_its_output(endpoint: str, tmp_pa
                               "--tokenizer.vocab_size=300", "--data.seq_len=32"])
     meta = prepare_data(prep, log=lambda *_: None)
     options = {"endpoint_url": endpoint, **SECRETS}
-    url = "s3://shards/tiny"
+    url = f"s3://shards/secrets-{tmp_path.name}"  # a prefix of its own in a bucket other modules share
     upload_shards(meta.parent, url, options, tokenizer=tmp_path / "prep" / "tokenizer", log=lambda *_: None)
 
     # 2) a run that reads them with the credentials, every logger on; its config file holds them, as a user's would
