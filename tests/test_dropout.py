@@ -202,38 +202,3 @@ def test_distinct_keys_draw_distinct_dropout(a: tuple[int, int, int], b: tuple[i
         reseed(*key)
         draws.append(torch.randint(-(2**63), 2**63 - 1, (4,)))
     assert torch.equal(*draws) == (a == b)
-
-
-def test_reseeding_costs_little_next_to_the_smallest_micro_batch() -> None:
-    """Measured: reseed (best of 30) against the forward and backward of one micro-batch of a model the size of
-    configs/tiny.yaml's (hidden 128, 2 layers), 4 x 128 tokens here, an eighth of that config's (best of 3).
-    About 0.2-0.5 ms against 20 ms on one core; asserted below 10%."""
-    import time
-
-    from pretrain.steps import reseed
-
-    def best(fn, n: int) -> float:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    model = RobertaForMLM(RobertaConfig(vocab_size=400, hidden_size=128, num_layers=2, num_heads=2,
-                                        intermediate_size=512, max_position_embeddings=130))
-    ids = torch.randint(5, 400, (4, 128))
-    positions = torch.arange(0, 4 * 128, 7)
-
-    def micro_batch() -> None:
-        logits = model.mlm_logits(model.encode(ids, None), positions)
-        F.cross_entropy(logits, ids.flatten()[positions]).backward()
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # both on one core: two threads on cores other tests share measure their waiting
-    try:
-        step = best(micro_batch, 3)
-        cost = best(lambda: reseed(0, 1234, 5), 30)
-    finally:
-        torch.set_num_threads(threads)
-    assert cost < 0.1 * step, (cost, step)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.steps import step_seed
+from pretrain.steps import reseed, step_seed
 from pretrain.train import fit
 
 from .test_train import FAST, QUIET, config, corpus_file, shards  # noqa: F401 - fixtures
@@ -53,12 +53,13 @@ def assert_close(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
 
 
 def test_different_keys_draw_different_dropout_masks() -> None:
-    """What each rank's micro-batch draws: (seed, step, micro-batch over ranks) keys give distinct masks."""
+    """What each rank's micro-batch draws: (seed, step, micro-batch over ranks) keys give distinct masks, drawn
+    after `reseed` as the module's training step reseeds (the CPU's whole mt19937 state, steps.py)."""
     masks = []
     for micro in (0, 1):
-        torch.manual_seed(step_seed(0, 3, micro))
+        reseed(0, 3, micro)
         masks.append(torch.nn.functional.dropout(torch.ones(1000), 0.1) == 0)
-    torch.manual_seed(step_seed(0, 3, 0))
+    reseed(0, 3, 0)
     assert torch.equal(masks[0], torch.nn.functional.dropout(torch.ones(1000), 0.1) == 0)
     assert not torch.equal(masks[0], masks[1]) and 50 < int(masks[1].sum()) < 150
     assert len({step_seed(s, t, m) for s in range(3) for t in range(50) for m in range(8)}) == 3 * 50 * 8
