@@ -156,6 +156,18 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Nothing: Lightning 2.6 saves `last` here when this callback has not saved it yet (a preemption stop before
+        the first step checkpoint), which wrote an end-of-epoch copy of the preempted step beside the exact
+        `last.ckpt`. The final step and a preemption save themselves (above; PreemptionCheckpoint)."""
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # `last.ckpt` is always the run_dir's newest checkpoint. Lightning's version counter writes `last-v1.ckpt`
+        # when a `last.ckpt` it did not write itself is there (PreemptionCheckpoint's, or an earlier run's), and
+        # `last.ckpt` then stayed behind for good; the file is replaced atomically (AtomicCheckpointIO).
+        self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
 
 def progress_bar() -> pl.Callback:
     """Lightning's progress bar (rich when installed), showing the loss the module read at its last logging step.

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from .test_train import QUIET, config, corpus_file, shards  # noqa: F401 - fixtures
@@ -214,3 +215,36 @@ def test_a_sharded_swap_cut_short_between_its_renames_is_resumed_and_never_delet
     assert resumable_checkpoint(tmp_path) == (path, 4)  # put back before the save began
     strategy.save_checkpoint(checkpoint(7), path)
     assert probe(path) == (7, None) and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+class _TermAt(pl.Callback):
+    """SIGTERM to this process at the end of optimizer step `step`, as a scheduler's would arrive."""
+
+    def __init__(self, step: int):
+        self.step, self.sent = step, False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_preemption_before_the_first_step_checkpoint_keeps_last_ckpt_the_newest(
+        shards, corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Lightning 2.6 saves `last` at train end when its callback has not saved it yet, and counts versions past a
+    `last.ckpt` it did not write: a preemption before the first step checkpoint left `last-v1.ckpt` (an
+    end-of-epoch copy) beside the exact `last.ckpt`, and the resumed run wrote `last-v2.ckpt`, so `last.ckpt` stayed
+    at the preempted step for good."""
+    from pretrain.train import fit
+
+    _, meta = shards
+    cfg = config(tmp_path / "run", corpus_file, "--trainer.max_steps=8", "--checkpoint.every_n_steps=100",
+                 "--trainer.val_check_interval=100")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    fit(cfg, meta, resume=False, callbacks=[_TermAt(2)], **QUIET)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    stopped_at = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
+    assert 2 <= stopped_at < 8
+    fit(cfg, meta, resume=True, **QUIET)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-0000008.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 8
