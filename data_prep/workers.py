@@ -57,7 +57,9 @@ def peak_rss_bytes() -> int:
 def _worker_main(init: Callable[..., Callable[[Any], Any]], init_args: tuple, tasks: Any, results: Any,
                  parent: int) -> None:
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C that came while it started (blocked) is discarded
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     function = init(*init_args)
     while (task := tasks.get()) is not None:
         try:
@@ -85,7 +87,15 @@ class WorkerPool:
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(target=_worker_main, args=(init, init_args, tasks, writer, os.getpid()),
                                       daemon=True)
-            process.start()
+            # started with Ctrl-C blocked until it ignores it: a Ctrl-C while the worker was still importing
+            # printed a KeyboardInterrupt traceback from it (seen in the group-signal test on a loaded machine)
+            blocked = (signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                       if hasattr(signal, "pthread_sigmask") else None)
+            try:
+                process.start()
+            finally:
+                if blocked is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             writer.close()  # the worker's is the only write end left: its death is end-of-file here
             self._workers.append((process, tasks, reader))
 

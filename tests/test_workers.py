@@ -66,3 +66,26 @@ def test_a_worker_reports_its_own_peak_memory_not_its_parents() -> None:
         assert pool.result()[1] == 9
         pool.close(finish=True)
     assert 0 < pool.peak_rss_bytes < 200 * 2**20 < ballast.nbytes
+
+
+class _OneThatPressesCtrlC(int):
+    """The int 1, which sends SIGINT to the process that unpickles it: in a worker, as it starts, before its main
+    function runs (a Ctrl-C at that moment)."""
+
+    def __new__(cls) -> _OneThatPressesCtrlC:
+        return super().__new__(cls, 1)
+
+    def __reduce__(self):  # noqa: ANN204 - rebuilt in the worker through __setstate__
+        return (_OneThatPressesCtrlC, (), {})
+
+    def __setstate__(self, state: dict) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_ctrl_c_that_reaches_a_worker_while_it_starts_is_ignored() -> None:
+    """Workers start with Ctrl-C blocked until they ignore it: one still importing when the terminal's SIGINT
+    reached the process group died with a KeyboardInterrupt traceback (the group-signal test, loaded machine)."""
+    with WorkerPool(2, _square_or_fail, (_OneThatPressesCtrlC(),)) as pool:
+        for k in range(4):
+            pool.submit(k)
+        assert [value for _, value in (pool.result() for _ in range(4))] == [k * k + 1 for k in range(4)]
