@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .corpus import CorpusError
+from .redact import redact_text
 from .shards import ShardError
 from .tokenizer import TokenizerError
 from .workers import WorkerError
@@ -115,7 +116,7 @@ def run_command(body: Callable[[], int | None], errors: dict[type[BaseException]
     try:
         return body() or 0
     except tuple(codes) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)  # a URL in a message never shows its credentials
         return next(codes[kind] for kind in type(e).__mro__ if kind in codes)
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
@@ -128,7 +129,7 @@ def run_command(body: Callable[[], int | None], errors: dict[type[BaseException]
         line = os_error_line(error) if error is not None else None
         if line is None:
             raise  # a bug: its traceback
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {redact_text(line)}", file=sys.stderr)
         return 2
     finally:
         if stop_on_sigterm:

@@ -141,9 +141,9 @@ class DataConfig:
         "a local disk. null: run_dir/data/remote.")
     storage_options: dict[str, Any] = option(
         {}, "fsspec options of shards_url's file system, e.g. {endpoint_url: 'http://127.0.0.1:9000'} for an "
-        "S3-compatible server (s3fs; also anon: true, client_kwargs). Credentials belong in the environment "
-        "(AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) or ~/.aws: the config is saved in logs "
-        "and checkpoints.")
+        "S3-compatible server (s3fs; also anon: true, client_kwargs). Credential-like values (key, secret, token, "
+        "...) are redacted in every log, checkpoint and tracker config; still, they are best kept in the environment "
+        "(AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) or ~/.aws.")
     fetch_threads: int = option(8, "Files of shards_url downloaded at once (each checked and renamed on its own).",
                                 ge=1, le=64, why="each holds a connection and a file open")
     shards_sha256: str | None = option(

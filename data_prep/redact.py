@@ -58,8 +58,15 @@ def redact_url(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Every URL inside `text` (an error message, a log line) redacted by `redact_url`."""
-    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+    """Every URL inside `text` (an error message, a log line) redacted by `redact_url`; punctuation that ends a
+    sentence or a clause after a URL (`s3://b/x: not found`) stays outside it."""
+
+    def one(m: re.Match[str]) -> str:
+        url = m.group(0)
+        body = url.rstrip(".,;:)]}")
+        return redact_url(body) + url[len(body):]
+
+    return _URL.sub(one, text)
 
 
 def redact_options(options: Any) -> Any:

@@ -27,7 +27,7 @@ import torch
 
 from data_prep.config import ConfigError, ExperimentConfig
 from data_prep.pack import PAIR_PACKINGS
-from data_prep.tokenizer import HF_WEIGHTS, load_tokenizer, read_hf_dir, tokenizer_dir
+from data_prep.tokenizer import HF_WEIGHTS, RESAVE, load_tokenizer, read_hf_dir, tokenizer_dir
 
 from .model import RobertaConfig, RobertaForMLM, from_hf_state_dict, to_hf_state_dict
 
@@ -92,7 +92,7 @@ def check_init_from(cfg: ExperimentConfig) -> dict[str, Any]:
     if positions < cfg.data.seq_len + 2:
         problems.append(f"data.seq_len={cfg.data.seq_len} needs {cfg.data.seq_len + 2} positions but "
                         f"max_position_embeddings={positions} (lower data.seq_len to {positions - 2})")
-    vocab = load_tokenizer(path).get_vocab_size()
+    vocab = load_tokenizer(path, fix=RESAVE).get_vocab_size()
     if hf.get("vocab_size") != vocab:
         problems.append(f"vocab_size={hf.get('vocab_size')} but tokenizer.json has {vocab} tokens")
     if problems:
@@ -133,7 +133,7 @@ def init_from_hf(model: RobertaForMLM, cfg: ExperimentConfig) -> None:
 
     # 2) vocabulary: old rows keep their ids; each appended token (tokenizer.extend_from) starts as the mean
     #    of the rows of its pieces under the old tokenizer, for the embedding (tied decoder) and the decoder bias
-    old, new = load_tokenizer(path), load_tokenizer(tokenizer_dir(cfg))
+    old, new = load_tokenizer(path, fix=RESAVE), load_tokenizer(tokenizer_dir(cfg))
     moved = [t for t, i in old.get_vocab(with_added_tokens=True).items() if new.token_to_id(t) != i]
     if moved or new.get_vocab_size() != model.cfg.vocab_size:
         raise ConfigError(

@@ -31,6 +31,9 @@ def raising(e: BaseException):
     (Incomplete("stopped at step 3 of 6"), 3, "error: stopped at step 3 of 6"),
     (Specific("the subclass's own code"), 4, "error: the subclass's own code"),
     (KeyboardInterrupt(), 130, "interrupted"),
+    # a URL in any message loses its credentials, whichever module wrote the message
+    (ConfigError("data.shards_url=s3://AKIA1:s3cr%2Ft@bucket/x?X-Amz-Signature=abc: no such bucket"), 2,
+     "error: data.shards_url=s3://REDACTED@bucket/x?X-Amz-Signature=REDACTED: no such bucket"),
 ])
 def test_a_users_error_is_one_line_and_its_exit_code(error, code, line, capsys: pytest.CaptureFixture) -> None:
     assert run_command(raising(error), {Incomplete: 3, Specific: 4}) == code
