@@ -202,3 +202,19 @@ def test_distinct_keys_draw_distinct_dropout(a: tuple[int, int, int], b: tuple[i
         reseed(*key)
         draws.append(torch.randint(-(2**63), 2**63 - 1, (4,)))
     assert torch.equal(*draws) == (a == b)
+
+
+def test_a_torch_of_another_generator_layout_still_trains_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch whose CPU generator state is laid out otherwise (not seen up to 2.13) must not stop training: the CPU
+    is then seeded with the 64-bit seed, reproducibly, and one warning says its masks may collide."""
+    import pretrain.steps as steps
+
+    monkeypatch.setattr(steps, "_CPU_STATE", None)
+    steps._warn_layout.cache_clear()
+    draws = []
+    with pytest.warns(UserWarning, match="not the layout"):
+        for _ in range(2):
+            steps.reseed(0, 7, 1)
+            draws.append(torch.rand(4))
+    torch.manual_seed(steps.step_seed(0, 7, 1))
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], torch.rand(4))
