@@ -11,9 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import s3fs
 import yaml
-from moto.server import ThreadedMotoServer
 
 from data_prep.config import load_config
 from data_prep.prepare import prepare_data
@@ -22,6 +20,10 @@ from data_prep.remote import upload_shards
 from pretrain.__main__ import main as pretrain_main
 
 from .conftest import make_documents, write_txt
+
+# the S3 server: its environment's credentials are not the secrets and it reads no ~/.aws, so only
+# storage_options carries them
+from .test_object_store import endpoint  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,27 +42,6 @@ TINY = {
 }
 
 
-@pytest.fixture
-def endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """An S3 server on 127.0.0.1 with a bucket; the environment's credentials are not the secrets (and no
-    ~/.aws is read), so only storage_options carries them."""
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                       "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
-                       "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials")}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    fs = s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True)
-    if not fs.exists("shards"):  # moto keeps its buckets per process: another module's server may have made it
-        fs.mkdir("shards")
-    yield url
-    server.stop()
-
-
 def flow(options: dict) -> str:
     return yaml.safe_dump(options, default_flow_style=True).strip()
 
@@ -69,7 +50,7 @@ def leaks(data: bytes) -> list[str]:
     return [name for name, value in SECRETS.items() if value.encode() in data]
 
 
-def test_no_secret_reaches_a_file_of_the_run_or_its_output(endpoint: str, tmp_path: Path,
+def test_no_secret_reaches_a_file_of_the_run_or_its_output(endpoint: str, tmp_path: Path,  # noqa: F811
                                                            capfd: pytest.CaptureFixture) -> None:
     # 1) shards made here and uploaded to the bucket with the credentials
     corpus = write_txt(tmp_path / "corpus.txt", make_documents(200, seed=11))
