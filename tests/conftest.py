@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,15 @@ def tiny_cfg(tmp_path: Path, text_corpus: Path) -> ExperimentConfig:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def ctrl_c_reaches_children():
+    """Children this test starts take Ctrl-C as a terminal gives it: a test run from the background of a shell
+    without job control (`make test &` in a script, nohup) has SIGINT ignored, which every child inherits, and
+    Python then installs no KeyboardInterrupt handler in them. A handler here is reset to the default in a child
+    at its exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+

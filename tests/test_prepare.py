@@ -307,7 +307,8 @@ def assert_group_ends(pgid: int, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_a_signal_to_the_whole_group_stops_data_prep_cleanly(tmp_path, repo_root, sig, code, line) -> None:
+def test_a_signal_to_the_whole_group_stops_data_prep_cleanly(tmp_path, repo_root, sig, code, line,
+                                                              ctrl_c_reaches_children) -> None:
     """SIGTERM (SLURM's time limit or scancel) and Ctrl-C reach the tokenizer workers too. The parent stops the
     pool and ends with one line; no temporary shard file and no process is left. With the workers killed by the
     signal, the executor could wait for ever on a result a dying worker had half sent."""
