@@ -9,10 +9,10 @@ ARGS   ?=
 # on a GPU machine pass e.g. TORCH="torch==2.13.0" with your platform's index, or TORCH=torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup tokenizer data pretrain resume export finetune ablation bench bench-tokenizer bench-data bench-train bench-quality test lint clean help
+.PHONY: setup tokenizer data pretrain resume export finetune ablation bench bench-tokenizer bench-data bench-train bench-quality test lint docs clean help
 
 help:
-	@echo "make pretrain | test | setup | tokenizer | data | resume | export | finetune | ablation | bench[-tokenizer|-data|-train|-quality] | lint   (CONFIG=... ARGS=...)"
+	@echo "make pretrain | test | setup | tokenizer | data | resume | export | finetune | ablation | bench[-tokenizer|-data|-train|-quality] | lint | docs   (CONFIG=... ARGS=...)"
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,9 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+docs: setup
+	$(PY) -m data_prep.config_doc
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

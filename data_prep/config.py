@@ -52,14 +52,16 @@ Packing = Literal["full_sentences", "doc_sentences", "segment_pair", "sentence_p
 class CorpusConfig:
     train: list[str | Source] = option(
         ["builtin:python-docs"],
-        "Training text: files, globs, directories (.txt, .jsonl, .parquet, optionally .gz), "
-        "hf:NAME[/CONFIG][:SPLIT] for a `datasets` dataset (a local save_to_disk directory works too), "
-        "or builtin:python-docs, the embedded default corpus; an entry may be a mapping {path: ..., weight: 2.0, "
-        "name: books}: the weight is passes over that source (0.5: a seeded half of its documents).",
+        "Training text: files, globs, directories (.txt with blank-line-separated documents, .jsonl, .parquet, "
+        "each optionally .gz), hf:NAME[/CONFIG][:SPLIT] for a `datasets` dataset, streamed (a local "
+        "dataset-repository folder or a save_to_disk directory works too; an owner-qualified hub name is "
+        "hf:owner/name/config), or builtin:python-docs, the embedded default corpus; an entry may be a mapping "
+        "{path: ..., weight: 2.0, name: books}: the weight is passes over that source (0.5: a seeded half of its "
+        "documents).",
     )
     valid: list[str | Source] = option(
         [], "Validation text, same forms as train; empty: a seeded document-level split of train. An entry may be a "
-        "mapping {path: ..., name: news}: with a name, that entry gets its own val/loss/<name> (no weight here).")
+        "mapping {path: ..., name: news}: with a name, that entry gets its own val/loss/<name> (a weight is refused: validation text is read once).")
     valid_fraction: float = option(0.005, "Share of train documents held out for validation when `valid` is empty.")
     text_field: str = option("text", "The text column of .jsonl, .parquet and `datasets` sources.")
     max_line_bytes: int = option(
@@ -101,7 +103,9 @@ class TokenizerConfig:
     )
     max_train_bytes: int = option(
         0, "Train on a sample of at most this many bytes of whole train documents, drawn from the sources in "
-        "proportion to weight x size (weight alone when a size is unknown), each from its start; 0: all the text.",
+        "proportion to weight x size (weight alone when a size is not known up front: .gz, .parquet, hf:), each "
+        "read from its start and left at the first document that does not fit; 0: all the text (the same "
+        "tokenizer as before the key existed).",
         ge=0, le=2**50, why="bytes; 0: all the text")
 
 
@@ -117,34 +121,43 @@ class DataConfig:
                            "them.", ge=0)
     shard_index: int = option(0, "Which slice of the corpus this run prepares: documents i with i % num_shards == "
                           "shard_index (one machine per slice; the slices are read together, unmerged).")
-    num_shards: int = option(1, "Slices the corpus is prepared in, e.g. one per machine; 1: all at once.", ge=1,
+    num_shards: int = option(1, "Slices the corpus is prepared in, e.g. one per machine, read together, never "
+                             "merged; 1: all at once.", ge=1,
                              le=2**16)
     short_seq_len: int = option(
         0,
         "BERT's length schedule: the first short_fraction of trainer.max_steps train on blocks of this many "
-        "tokens (BERT: 128), the rest on seq_len blocks, from shards prepared at both lengths; 0: off (RoBERTa).",
+        "tokens (BERT: 128), the rest on seq_len blocks, from shards prepared at both lengths (`make data` "
+        "prepares both; the short shards get their own hashed directory, which the long shards' meta.json points "
+        "to); validation uses the long blocks; a resume before or after the switch is exact; train/seq_len logs "
+        "the length. 0: off (RoBERTa).",
     )
     short_fraction: float = option(
-        0.9, "Share of trainer.max_steps trained at short_seq_len when it is set (BERT: 0.9, then 10% at 512)."
+        0.9, "Share of trainer.max_steps trained at short_seq_len when it is set (BERT: 0.9, then 10% at 512); "
+        "the switch is at round(short_fraction x max_steps), and the global batch stays global_size sequences in "
+        "both phases, as in BERT."
     )
     short_seq_prob: float = option(
         0.0, "segment_pair only: the share of documents whose pairs aim at a random length in [2, seq_len - 4] "
-        "instead of filling the block, so the model also sees short inputs (BERT's short_seq_prob: 0.1).",
+        "instead of filling the block, so the model also sees short inputs (BERT's short_seq_prob: 0.1, as in "
+        "configs/bert-*.yaml).",
     )
     shards_url: str | None = option(
         None, "Train on the shards at this URL instead of preparing them here: a directory that `python -m "
         "data_prep upload URL` wrote (s3://bucket/path, gs://..., hf://datasets/owner/name/path, file:///path: "
         "any fsspec URL). Each node downloads it once into cache_dir, checks sizes and sha256, and reads it "
-        "memory-mapped; seq_len and packing must be the shards'. null: the shards `make data` makes.")
+        "memory-mapped; seq_len and packing must be the shards'; not with short_seq_len. null: the shards "
+        "`make data` makes.")
     cache_dir: str | None = option(
         None, "Where a node keeps the shards of shards_url (a subdirectory per URL, named by its hash); put it on "
         "a local disk. null: run_dir/data/remote.")
     storage_options: dict[str, Any] = option(
         {}, "fsspec options of shards_url's file system, e.g. {endpoint_url: 'http://127.0.0.1:9000'} for an "
-        "S3-compatible server (s3fs; also anon: true, client_kwargs). Credential-like values (key, secret, token, "
+        "S3-compatible server (MinIO, Ceph; s3fs; also anon: true, client_kwargs). Credential-like values (key, secret, token, "
         "...) are redacted in every log, checkpoint and tracker config; still, they are best kept in the environment "
         "(AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) or ~/.aws.")
-    fetch_threads: int = option(8, "Files of shards_url downloaded at once (each checked and renamed on its own).",
+    fetch_threads: int = option(8, "Files of shards_url downloaded at once (each checked by size and sha256 and "
+                                "renamed into place on its own).",
                                 ge=1, le=64, why="each holds a connection and a file open")
     shards_sha256: str | None = option(
         None, "The sha256 of shards_url's meta.json (`sha256sum meta.json`, printed by `python -m data_prep "

@@ -31,8 +31,12 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a name is also a metric key 
 @dataclass
 class Source:
     path: str = option("", "A file, glob, directory (.txt, .jsonl, .parquet, optionally .gz) or hf:NAME[/CONFIG][:SPLIT].")
-    weight: float = option(1.0, "Passes over this source's documents (2.0: each twice; 0.5: a seeded half).")
-    name: str | None = option(None, "A short name for reports, meta.json, the model card and val/loss/<name>; null: the path.")
+    weight: float = option(1.0, "Passes over this source's documents at prep time, at most 1000 (2.0: each twice; "
+                           "0.5: a seeded half; 1.5: each once and a seeded half again; 0: none, its held-out "
+                           "documents still validate).")
+    name: str | None = option(None, "A short name (letters, digits, _ . -) for make data's report, meta.json, the "
+                              "model card and its own val/loss/<name> (when validation is held out of the train "
+                              "sources); null: the path.")
 
     @property
     def label(self) -> str:

@@ -120,7 +120,10 @@ class OptimConfig:
     betas: list[float] = option([0.9, 0.98], "Adam betas (RoBERTa: 0.9, 0.98; BERT: 0.9, 0.999).")
     eps: float = option(1.0e-6, "Adam epsilon (RoBERTa: 1e-6).", le=1)
     weight_decay: float = option(0.01, "Decoupled weight decay, not applied to biases and LayerNorm.", ge=0, le=10)
-    warmup_steps: int = option(24000, "Linear warmup steps from 0 to peak_lr (every schedule).", ge=0, le=MAX_STEPS,
+    warmup_steps: int = option(24000, "Linear warmup steps from 0 to peak_lr (every schedule; wsd from "
+                               "min_lr_ratio, as transformers; as transformers: lr 0 for the first update, the peak "
+                               "at update warmup_steps + 1); more than trainer.max_steps is refused.",
+                               ge=0, le=MAX_STEPS,
                                why=STEPS)
     schedule: str = option(
         "linear", "After warmup: linear (to 0 at trainer.max_steps; RoBERTa), cosine (to 0 at max_steps), wsd "
@@ -130,11 +133,13 @@ class OptimConfig:
         0, "wsd: steps of the final decay; 0: decay_fraction x max_steps. To decay a stable-phase checkpoint of "
         "step S over D steps: `make resume ARGS=\"--trainer.max_steps=S+D --optim.decay_steps=D\"`.",
         ge=0, le=MAX_STEPS, why=STEPS)
-    decay_fraction: float = option(0.2, "wsd: the share of max_steps spent decaying, when decay_steps is 0.")
+    decay_fraction: float = option(0.2, "wsd: the share of max_steps spent decaying, when decay_steps is 0 "
+                                  "(0: never decays).")
     decay_shape: str = option("linear", "wsd: the decay's shape, linear, 1-sqrt or cosine (as transformers' "
                               "get_wsd_schedule).")
     min_lr_ratio: float = option(0.0, "linear, cosine, wsd: the rate ends at this share of peak_lr instead of 0.")
-    timescale: int = option(0, "inverse_sqrt: steps after warmup at which the rate is peak / sqrt(2); 0: warmup_steps, "
+    timescale: int = option(0, "inverse_sqrt: rate = peak x sqrt(timescale / (step - warmup + timescale)), so the "
+                            "steps after warmup at which the rate is peak / sqrt(2); 0: warmup_steps, "
                             "or 10,000 without warmup (as transformers).",
                             ge=0, le=MAX_STEPS, why=STEPS)
     grad_clip: float = option(0.0, "Gradient-norm clipping; 0: off, as in the paper.", ge=0, le=1e6,
@@ -178,19 +183,21 @@ class OptimConfig:
 class BatchConfig:
     global_size: int = option(8192, "Sequences per optimizer step, over all devices and accumulation (RoBERTa: 8K).",
                               ge=1, le=2**24, why="RoBERTa: 8K")
-    micro_size: int = option(32, "Sequences per forward pass per device; accumulation is derived.", ge=1, le=2**24)
+    micro_size: int = option(32, "Sequences per forward pass per device; accumulation is derived: global_size / "
+                                "(micro_size x devices x nodes).", ge=1, le=2**24)
     num_workers: int = option(2, "DataLoader worker processes per device that mask and collate ahead of the step.",
                               ge=0, le=256, why="processes, each with its own memory")
     by_tokens: bool = option(
         False, "Size each micro-batch by tokens, not sequences: consecutive blocks of the epoch's order while their "
         "tokens stay within micro_size x data.seq_len, so short blocks (doc_sentences on short documents) come in "
         "larger batches with about the tokens of a full one, as RoBERTa does for DOC-SENTENCES. global_size / "
-        "micro_size stays the number of micro-batches per step.",
+        "micro_size stays the number of micro-batches per step; resume stays exact; not with data.short_seq_len.",
     )
 
     start_size: int = option(
         0, "Batch-size warmup: the global batch at step 0, growing linearly with the tokens trained to global_size "
-        "over warmup_tokens, in whole sequences per micro-batch (a multiple of global_size / micro_size); 0: off.",
+        "over warmup_tokens, in whole sequences per micro-batch (a multiple of global_size / micro_size); 0: off; not with "
+        "by_tokens.",
         ge=0, le=2**24)
     warmup_tokens: int = option(0, "Batch-size warmup: tokens (sequences x data.seq_len) over which the batch grows.",
                                 ge=0, le=2**50)
@@ -222,7 +229,8 @@ class TrainerConfig:
         "1:00:00:00 (quotes optional: the config reader keeps base-60 numbers as written), at most 365 days: after "
         "calibration_steps the run measures its step time and fixes max_steps to fill the budget (training plus "
         "the validation it will run); the decision is logged and kept in every checkpoint, so a resume keeps it.")
-    calibration_steps: int = option(10, "max_time: steps timed before max_steps is fixed (the first is not timed).",
+    calibration_steps: int = option(10, "max_time: steps timed before max_steps is fixed (the first is not timed); they "
+                                    "must lie inside optim.warmup_steps (except inverse_sqrt).",
                                     ge=2, le=10**6)
     precision: str | int = option(
         "32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true, "
@@ -240,15 +248,18 @@ class TrainerConfig:
                                     le=MAX_STEPS, why=STEPS)
     compile: bool = option(False, "torch.compile the training objective (model, sparse head, loss), with static "
                            "shapes: batches padded to a multiple of 64 tokens, padded attention (masking.py).")
-    unpad: bool = option(True, "Run padded batches on their real tokens only (varlen attention); same results.")
+    unpad: bool = option(True, "Run padded batches (DOC-SENTENCES, pairs, batch.by_tokens) on their real tokens "
+                           "only (varlen attention); same results.")
     last_layer_subset: bool = option(True, "Run the last encoder layer on the MLM targets only (its keys and values "
                                      "on every token): the same function, ~0.7/L of the encoder's work saved (1.1x at "
                                      "small and base on a CPU); the collator lays target slots out per row for it.")
     retain_host_memory: bool = option(True, "On a CPU, keep freed memory in the process (glibc mallopt: no mmap, no "
                                       "trim) so each step reuses its large tensors' pages instead of faulting them in "
-                                      "afresh: 1.6x at the small model, for ~20% more peak RSS (host_memory.py).")
+                                      "afresh: 1.6x at the small model, for ~20% more peak RSS; restored after the "
+                                      "run (host_memory.py).")
     peak_flops: float = option(0.0, "Peak FLOP/s of one device, the denominator of train/mfu; 0: the GPU's "
-                               "datasheet peak for the precision, else measured once on this machine (cached).",
+                               "datasheet peak for the precision, else the best matmul FLOP/s measured once on "
+                               "this machine (cached in ~/.cache/roberta-pretrain/).",
                                ge=0, le=1e18, why="FLOP/s of one device: an H100 does about 1e15")
 
     def __post_init__(self) -> None:
