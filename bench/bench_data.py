@@ -54,8 +54,8 @@ def prep(cfg) -> tuple[dict, dict]:
     """`make data`'s train split of `cfg` into a temporary directory, timed with the tokenizer's loading: the
     side's figures, and the split's record."""
     from data_prep.corpus import Corpus
+    from data_prep.manifest import token_dtype
     from data_prep.prepare import build_split, num_workers
-    from data_prep.shards import token_dtype
     from data_prep.tokenizer import load_tokenizer, special_ids, tokenizer_dir
 
     start = time.perf_counter()

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "upload":
             upload(cfg, args.url, args.force)
         elif args.command == "fetch":
-            from .remote import fetch_shards
+            from .fetch import fetch_shards
 
             if not cfg.data.shards_url:
                 raise ConfigError("fetch needs data.shards_url (the URL `python -m data_prep upload` wrote to)")

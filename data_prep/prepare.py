@@ -49,19 +49,11 @@ from filelock import FileLock, Timeout
 from .cli import naming
 from .config import ExperimentConfig
 from .corpus import Corpus, CorpusStats, Doc
+from .manifest import FORMAT, token_dtype
 from .pack import PAIR_PACKINGS, Packer, PackStats, encode_stream
-from .shards import (
-    FORMAT,
-    META,
-    ShardWriter,
-    combine_parts,
-    load_record,
-    meta_name,
-    stem,
-    token_dtype,
-    write_json_atomic,
-)
+from .shards import META, ShardWriter, combine_parts, load_record, meta_name, stem
 from .sources import mixture, short_label
+from .tempfiles import write_json_atomic
 from .tokenizer import _known_size, load_tokenizer, special_ids, tokenizer_dir, train_tokenizer
 from .tokenizer import _settings as _tokenizer_settings
 

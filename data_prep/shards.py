@@ -29,61 +29,27 @@ is read across its parts as one sequence of blocks.
 
 Crash safety: every file is written under a temporary name, flushed to disk and renamed when complete; the
 split record, then `meta.json`, are written atomically after the files they describe, so a file is trusted
-only when a record names it and its size matches the record. A temporary is `{name}.tmp-{host}-{pid}-{random}`,
-created with O_EXCL (never an existing file or a planted symlink); cleanup removes only temporaries that provably
-belong to no running process (this host's name, a pid that is gone), so processes on other hosts sharing the
-directory over NFS never lose each other's files.
+only when a record names it and its size matches the record (temporaries: tempfiles.py).
 
-A meta.json is data, never a path to follow (`parse_meta`, `validate_meta`: the one place that checks it, used by
-`read_meta`, `combine_parts` and remote.py): before anything is opened, its size and nesting are bounded, every
-file name must be one the writer produces (`{stem}.{tokens,offsets,nsp,bstart}.bin`, stem `train`, `valid` or
-`train-00000-of-00004`; `tokenizer/<file>` in a files table; `../<hash>/meta.json` for the short shards), and every
-field the reader uses is checked: dtype (the one `token_dtype` gives the vocabulary), vocab_size, seq_len,
-special ids below the vocabulary, non-negative counts, and `max_token_id` (the largest id the writer wrote, in
-each split record) below vocab_size. The reader also checks each file's size against its record before mapping it.
+A meta.json is read only through `manifest.py`'s `parse_meta` / `validate_meta`, which bound it and check every
+name and field before this module opens anything it names; `ShardError` is defined there, with those rules.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import socket
-import tempfile
-import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-from .config import Packing
+from .manifest import REMAKE, ShardError, inside, parse_meta, read_bounded, show, validate_meta
 from .sources import add_counts, mixture
+from .tempfiles import remove_temporaries, temporary, write_json_atomic
 
-FORMAT = 1
 META = "meta.json"
-SPLITS = ("train", "valid")
-KINDS = ("tokens", "offsets", "nsp", "bstart")
-SHARD_FILE = re.compile(r"(train|valid)(-\d{5}-of-\d{5})?\.(tokens|offsets|nsp|bstart)\.bin")
-"""Every shard file name the writer produces, and so the only ones a meta.json may name."""
-SHORT_META = re.compile(r"\.\./[0-9a-f]{16}/meta\.json")
-"""The short shards' meta.json, relative to the long shards' directory (a sibling hashed directory)."""
-SHA256 = re.compile(r"[0-9a-f]{64}")
-MAX_META_BYTES = 8 << 20  # a meta.json of 10,000 slices with 20 sources each is about 5 MB
-MAX_DEPTH = 16  # meta.json nests 7 deep (meta, splits, split, parts, part, sources, source)
-MAX_VOCAB = 1 << 24  # 330 times RoBERTa's 50,265: the embedding is vocab_size x hidden, allocated from this
-MAX_SEQ_LEN = 1 << 20
-MAX_COUNT = 1 << 50  # tokens, blocks or bytes of one file: a petabyte
-MAX_TOKENIZER_BYTES = 1 << 30  # a tokenizer file (RoBERTa's tokenizer.json: 2 MB)
-
-
-class ShardError(ValueError):
-    """Missing, incomplete or inconsistent shards: the message names the file."""
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def stem(split: str, shard_index: int = 0, num_shards: int = 1) -> str:
@@ -92,63 +58,6 @@ def stem(split: str, shard_index: int = 0, num_shards: int = 1) -> str:
 
 def meta_name(shard_index: int = 0, num_shards: int = 1) -> str:
     return META if num_shards == 1 else f"meta-{shard_index:05d}-of-{num_shards:05d}.json"
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = temporary(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Temporaries: unique, never through a symlink, removed only by their owner or when provably stale
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "_"
-
-
-_TMP = re.compile(r"(?P<final>.+)\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[A-Za-z0-9_]+")
-_LEGACY_TMP = re.compile(r"(?P<final>.+)\.tmp(?P<pid>\d+)")  # `{name}.tmp{pid}`, written before host names
-
-
-def temporary(path: Path) -> tuple[int, Path]:
-    """(open fd, path) of a new temporary beside `path`, for writing it and renaming it to `path`. mkstemp
-    creates it with O_EXCL (and O_NOFOLLOW), so a file or symlink planted under the name is never written
-    through; the name carries host and pid, for `remove_temporaries`. Readable by all like any other output."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp-{_host()}-{os.getpid()}-")
-    os.fchmod(fd, 0o644)
-    return fd, Path(name)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return True  # os.kill(0) would mean the process group; our own temporaries are removed by their writer
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OverflowError:
-        return False  # no such pid can exist
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def stale_temporary(name: str) -> bool:
-    """Whether `name` is a temporary of a process that is gone: made on this host by a pid not running. Another
-    host's (a directory shared over NFS), or a live process's, are not."""
-    m = _TMP.fullmatch(name)
-    if m is not None and m["host"] != _host():
-        return False
-    m = m or _LEGACY_TMP.fullmatch(name)
-    return m is not None and not _alive(int(m["pid"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,12 +128,6 @@ class ShardWriter:
             self.abort()
 
 
-def remove_temporaries(directory: Path, name: str) -> None:
-    """Leftovers of killed runs for this split and slice: only those `stale_temporary` proves stale."""
-    for p in directory.glob(f"{glob.escape(name)}.*.tmp*"):
-        if stale_temporary(p.name):
-            p.unlink(missing_ok=True)
-
 
 def file_sizes(record: dict[str, Any]) -> dict[str, int]:
     """The files of a split's (or slice's) record, name -> the size in bytes its counts imply."""
@@ -248,184 +151,6 @@ def load_record(directory: str | Path, name: str) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return record
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Validation: a meta.json is data, checked before anything it names is opened
-
-REMAKE = "run `make data` again"
-
-
-def _show(value: Any) -> str:
-    """A value from outside in a message: its repr, cut short (a hostile name may be megabytes long)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def json_depth(raw: bytes) -> int:
-    """How deep arrays and objects nest in `raw` (strings skipped), without parsing it: json.loads recurses."""
-    text = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", raw, flags=re.DOTALL)
-    b = np.frombuffer(text, np.uint8)
-    step = np.isin(b, np.frombuffer(b"[{", np.uint8)).astype(np.int64) - np.isin(b, np.frombuffer(b"]}", np.uint8))
-    return int(np.cumsum(step).max(initial=0))
-
-
-def parse_meta(raw: bytes, where: str, fix: str = REMAKE) -> dict[str, Any]:
-    """The validated content of a meta.json's bytes (`validate_meta`); one ShardError line naming `where` if it is
-    too large, nested too deep, not JSON or not a valid meta.json."""
-    if len(raw) > MAX_META_BYTES:
-        raise ShardError(f"{where}: {len(raw)} bytes, more than a meta.json may have ({MAX_META_BYTES}); {fix}")
-    if (depth := json_depth(raw)) > MAX_DEPTH:
-        raise ShardError(f"{where}: nested {depth} deep, more than a meta.json may be ({MAX_DEPTH}); {fix}")
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise ShardError(f"{where}: not valid JSON ({e}); {fix}") from None
-    return validate_meta(meta, where, fix)
-
-
-def read_bounded(path: Path) -> bytes:
-    """A local meta.json's bytes, refused by its size before it is read."""
-    if path.stat().st_size > MAX_META_BYTES:
-        raise ShardError(f"{path}: {path.stat().st_size} bytes, more than a meta.json may have ({MAX_META_BYTES}); "
-                         f"{REMAKE}")
-    return path.read_bytes()
-
-
-def validate_meta(meta: Any, where: str, fix: str = REMAKE) -> dict[str, Any]:
-    """`meta` itself, once every field the readers use is what the format allows; else one ShardError line naming
-    `where` and the entry. File names are checked as names (`SHARD_FILE`, `tokenizer/<file>`, `SHORT_META`), so no
-    meta.json can point outside its directory; numbers are bounded before they size anything."""
-
-    def bad(entry: str, problem: str) -> NoReturn:
-        raise ShardError(f"{where}: {entry}: {problem}; {fix}")
-
-    def integer(value: Any, entry: str, lo: int, hi: int) -> int:
-        if type(value) is not int or not lo <= value <= hi:  # not bool, not float
-            bad(entry, f"{_show(value)} is not an integer in [{lo}, {hi}]")
-        return value
-
-    if not isinstance(meta, dict):
-        raise ShardError(f"{where}: not a JSON object ({type(meta).__name__}); {fix}")
-    if meta.get("format") != FORMAT:
-        raise ShardError(f"{where}: shard format {_show(meta.get('format'))}, this code reads {FORMAT}; {fix}")
-    vocab = integer(meta.get("vocab_size"), "vocab_size", 1, MAX_VOCAB)
-    dtype = token_dtype(vocab).name
-    if meta.get("dtype") != dtype:
-        bad("dtype", f"{_show(meta.get('dtype'))}; the ids of a vocabulary of {vocab} are stored as {dtype!r}")
-    seq_len = integer(meta.get("seq_len"), "seq_len", 8, MAX_SEQ_LEN)
-    if meta.get("packing") not in typing.get_args(Packing):
-        bad("packing", f"{_show(meta.get('packing'))} is not one of {', '.join(typing.get_args(Packing))}")
-    ids = meta.get("special_ids")
-    if not isinstance(ids, dict) or sorted(ids) != sorted(("bos", "pad", "eos", "unk", "mask")):
-        bad("special_ids", f"{_show(ids)} is not an object of the ids of bos, pad, eos, unk and mask")
-    for k, v in ids.items():
-        integer(v, f"special_ids.{k}", 0, vocab - 1)
-    for key in ("tokenizer_sha256",):
-        if key in meta and not (isinstance(meta[key], str) and SHA256.fullmatch(meta[key])):
-            bad(key, f"{_show(meta[key])} is not a sha256 (64 hex digits)")
-    for key in ("shard_index", "num_shards"):
-        if key in meta:
-            integer(meta[key], key, 0, 99999)
-
-    splits = meta.get("splits")
-    if not isinstance(splits, dict) or not splits or not set(splits) <= set(SPLITS):
-        bad("splits", f"{_show(splits)} is not an object of the splits {' and '.join(SPLITS)}")
-    names: set[str] = set()
-    for split, record in splits.items():
-        entry = f"splits.{split}"
-        if not isinstance(record, dict):
-            bad(entry, "not a JSON object")
-        parts = record.get("parts", [record])
-        if not isinstance(parts, list) or not parts or len(parts) > 99999:
-            bad(f"{entry}.parts", "not a list of 1 to 99999 slice records")
-        integer(record.get("num_blocks"), f"{entry}.num_blocks", 0, MAX_COUNT)
-        integer(record.get("num_tokens"), f"{entry}.num_tokens", 0, MAX_COUNT)
-        for i, part in enumerate(parts):
-            _check_part(part, split, f"{entry}.parts[{i}]" if "parts" in record else entry, dtype, vocab, names,
-                        integer, bad)
-    if "short" in meta:
-        short = meta["short"]
-        name = short.get("meta") if isinstance(short, dict) else None
-        if not (isinstance(name, str) and SHORT_META.fullmatch(name)):
-            bad("short", f"{_show(short)} does not name the short shards' meta.json as ../<16 hex digits>/meta.json")
-        integer(short.get("seq_len"), "short.seq_len", 8, seq_len - 1)
-    if "files" in meta:
-        _check_table(meta["files"], names, integer, bad)
-    return meta
-
-
-def _check_part(part: Any, split: str, entry: str, dtype: str, vocab: int, names: set[str],
-                integer: Callable[..., int], bad: Callable[[str, str], NoReturn]) -> None:
-    """One slice's record: its file names, dtype and counts."""
-    if not isinstance(part, dict) or "parts" in part:
-        bad(entry, "not a slice record (a JSON object with the files and counts of one slice)")
-    kinds = [k for k in KINDS if k in part]
-    if kinds not in (["tokens", "offsets"], list(KINDS)):
-        bad(entry, f"names the files {_show(kinds)}; a record names tokens and offsets (and nsp and bstart for "
-                   "the pair packings)")
-    stems = set()
-    for kind in kinds:
-        name = part[kind]
-        m = SHARD_FILE.fullmatch(name) if isinstance(name, str) else None
-        if m is None or m[1] != split or m[3] != kind:
-            bad(f"{entry}.{kind}", f"{_show(name)} is not a file name of this format ({split}.{kind}.bin or "
-                                   f"{split}-0000k-of-0000N.{kind}.bin)")
-        if name in names:
-            bad(f"{entry}.{kind}", f"{_show(name)} is named twice")
-        names.add(name)
-        stems.add(name.rsplit(".", 2)[0])
-    if len(stems) != 1:
-        bad(entry, f"its files have different stems ({', '.join(sorted(stems))})")
-    if part.get("dtype") != dtype:
-        bad(f"{entry}.dtype", f"{_show(part.get('dtype'))}, not the shards' {dtype!r}")
-    blocks = integer(part.get("num_blocks"), f"{entry}.num_blocks", 0, MAX_COUNT)
-    integer(part.get("num_tokens"), f"{entry}.num_tokens", 0, MAX_COUNT)
-    if "max_token_id" in part:
-        top = integer(part["max_token_id"], f"{entry}.max_token_id", -1, MAX_VOCAB)
-        if top >= vocab:
-            bad(f"{entry}.max_token_id", f"token id {top} is not below vocab_size {vocab} (shards of another "
-                                         "tokenizer, or damaged)")
-    if "source_blocks" in part:
-        counts = part["source_blocks"]
-        if not isinstance(counts, list) or len(counts) > 1 << 16:
-            bad(f"{entry}.source_blocks", "not a list of block counts")
-        if sum(integer(n, f"{entry}.source_blocks", 0, blocks) for n in counts) > blocks:
-            bad(f"{entry}.source_blocks", f"count more than the record's {blocks} blocks")
-
-
-def tokenizer_entry(name: str) -> bool:
-    """Whether `name` is a tokenizer file of a files table: `tokenizer/` and one of `tokenizer.FILES`."""
-    from .tokenizer import FILES
-
-    folder, _, file = name.partition("/")
-    return folder == "tokenizer" and file in FILES
-
-
-def _check_table(table: Any, names: set[str], integer: Callable[..., int],
-                 bad: Callable[[str, str], NoReturn]) -> None:
-    """The files table `upload` writes: shard files and `tokenizer/<file>`, each with its bytes and sha256."""
-    if not isinstance(table, dict):
-        bad("files", "not a JSON object of file name -> {bytes, sha256}")
-    for name, e in table.items():
-        entry = f"files[{_show(name)}]"
-        if not (SHARD_FILE.fullmatch(name) or tokenizer_entry(name)):
-            bad(entry, "not a shard file or tokenizer/<file> of this format")
-        if SHARD_FILE.fullmatch(name) and name not in names:
-            bad(entry, "no split record names this file")
-        if not isinstance(e, dict) or not (isinstance(e.get("sha256"), str) and SHA256.fullmatch(e["sha256"])):
-            bad(entry, f"{_show(e)} is not {{bytes, sha256 (64 hex digits)}}")
-        integer(e.get("bytes"), f"{entry}.bytes", 0, MAX_COUNT if SHARD_FILE.fullmatch(name) else MAX_TOKENIZER_BYTES)
-
-
-def inside(directory: Path, name: str, where: str) -> Path:
-    """`directory / name`, once it is certain to stay under `directory` (no absolute name, no `..`, no symlinked
-    folder on the way out): the last check before a name from outside becomes a path."""
-    path = directory / name
-    if (os.path.isabs(name) or ".." in Path(name).parts
-            or not path.parent.resolve().is_relative_to(directory.resolve())):
-        raise ShardError(f"{where}: {_show(name)} is not a file name inside {directory}")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,7 +183,7 @@ def combine_parts(directory: str | Path) -> dict[str, Any] | None:
     try:
         meta = _combine(metas)
     except (KeyError, TypeError, IndexError, ValueError) as e:  # counts of the slices that do not add up
-        raise ShardError(f"{directory}: the slices' meta-*-of-*.json do not combine ({type(e).__name__}: {_show(e)}); "
+        raise ShardError(f"{directory}: the slices' meta-*-of-*.json do not combine ({type(e).__name__}: {show(e)}); "
                          f"{REMAKE}") from None
     return validate_meta(meta, f"{directory} (its meta-*-of-*.json combined)")
 

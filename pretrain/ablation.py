@@ -34,7 +34,8 @@ from typing import Any, Literal
 
 from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, load_config, option
 from data_prep.redact import redact_argv
-from data_prep.shards import ShardSplit, read_meta, short_phase, write_json_atomic
+from data_prep.shards import ShardSplit, read_meta, short_phase
+from data_prep.tempfiles import write_json_atomic
 from data_prep.typed_config import read_yaml_mapping
 
 from .ablation_report import build_report, markdown, plot_curves

@@ -61,10 +61,10 @@ def last_checkpoint(cfg: ExperimentConfig, log=print, exclude: frozenset[tuple[i
 
 def training_data(cfg: ExperimentConfig, log=print) -> Path:
     """meta.json of the shards the run trains on: those at `data.shards_url`, fetched into this node's cache
-    (data_prep/remote.py), or else the ones `make data` prepares (or finds up to date) under run_dir. Every
+    (data_prep/fetch.py), or else the ones `make data` prepares (or finds up to date) under run_dir. Every
     process calls it; each way holds a file lock, so one process per node (or run_dir) does the work."""
     if cfg.data.shards_url:
-        from data_prep.remote import fetch_shards
+        from data_prep.fetch import fetch_shards
 
         return fetch_shards(cfg, lambda line: log(redact_text(line)))  # the URL's credentials stay out of logs
     from data_prep.prepare import prepare_data

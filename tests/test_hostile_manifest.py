@@ -20,9 +20,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from data_prep import remote, shards
+from data_prep import fetch, shards, tempfiles
 from data_prep.config import ConfigError, ExperimentConfig, load_config
-from data_prep.remote import cache_path, fetch_shards
+from data_prep.fetch import fetch_shards
+from data_prep.manifest import MAX_META_BYTES, validate_meta
+from data_prep.remote import cache_path
 from data_prep.shards import (
     META,
     ShardError,
@@ -30,8 +32,8 @@ from data_prep.shards import (
     open_split,
     read_meta,
     short_phase,
-    write_json_atomic,
 )
+from data_prep.tempfiles import write_json_atomic
 
 from .test_object_store import BUCKET, client, endpoint  # noqa: F401 - the S3 server fixture
 
@@ -188,7 +190,7 @@ def _deep(meta: dict, src: Path, server: Server) -> tuple[bytes, str]:
 def _large(meta: dict, src: Path, server: Server) -> tuple[bytes, str]:
     meta["padding"] = "x" * (9 << 20)
     raw = dump(meta)
-    return raw, f"meta.json: {shards.MAX_META_BYTES + 1} bytes, more than a meta.json may have"
+    return raw, f"meta.json: {MAX_META_BYTES + 1} bytes, more than a meta.json may have"
 
 
 CASES = {"dotdot": _dotdot, "absolute": _absolute, "tokenizer": _tokenizer, "dtype-O": _dtype("O"),
@@ -244,7 +246,7 @@ def test_a_server_sending_more_than_the_table_says_is_cut_off(kind: str, s3, tmp
     message = str(info.value)
     assert message.startswith(f"{server.url}/train.tokens.bin: more than the {size} bytes its meta.json says")
     read = int(message.rpartition("stopped after reading ")[2].partition(")")[0])
-    assert size < read <= size + remote.CHUNK  # one read past the size, not the 8 MB
+    assert size < read <= size + fetch.CHUNK  # one read past the size, not the 8 MB
     assert sum(written.values()) <= size  # the disk never held more than the manifest says
     assert not list(tmp_path.rglob("train.tokens.bin.tmp*")) and not list(tmp_path.rglob("cache/*/train.tokens*"))
 
@@ -289,8 +291,8 @@ def test_a_cached_file_altered_in_place_is_hashed_again_and_downloaded_again(tmp
     assert "downloading 2 of 2 files" in lines[-1]
     # a second start hashes nothing: the stored sha256 of each file holds while its size, mtime and inode do
     hashed: list[Path] = []
-    real = remote.sha256_file
-    monkeypatch.setattr(remote, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = fetch.sha256_file
+    monkeypatch.setattr(fetch, "sha256_file", lambda p: hashed.append(p) or real(p))
     assert fetch_shards(cfg, lines.append) == meta and "holds the shards" in lines[-1] and hashed == []
     # the same size, other bytes, meta.json still there: once this was taken as whole
     tokens = meta.parent / "train.tokens.bin"
@@ -378,7 +380,7 @@ def test_a_name_is_accepted_only_when_the_writer_could_have_written_it(name: str
                                            "dtype": "uint16", "num_blocks": 3, "num_tokens": 13}, table=False)
     meta["splits"]["train"][kind] = name
     try:
-        shards.validate_meta(meta, "meta.json")
+        validate_meta(meta, "meta.json")
     except ShardError as e:
         # the name itself, or (a writer's name of another slice) the record's mixed stems
         assert str(e).startswith((f"meta.json: splits.train.{kind}: ", "meta.json: splits.train: its files have "
@@ -443,7 +445,7 @@ def test_a_planted_symlink_at_a_temporary_name_is_never_followed(tmp_path: Path)
 
 
 def test_only_provably_stale_temporaries_are_removed(tmp_path: Path) -> None:
-    host, live, gone = shards._host(), os.getppid(), dead_pid()
+    host, live, gone = tempfiles._host(), os.getppid(), dead_pid()
     names = {"other-host": f"train.tokens.bin.tmp-elsewhere-{gone}-abcd1234",  # NFS: another node's download
              "live": f"train.tokens.bin.tmp-{host}-{live}-abcd1234",
              "dead": f"train.tokens.bin.tmp-{host}-{gone}-abcd1234",
@@ -459,7 +461,7 @@ def test_a_fetch_removes_only_stale_temporaries_of_its_host(tmp_path: Path) -> N
     cfg = config(tmp_path, server)
     cache = cache_path(cfg)
     cache.mkdir(parents=True)
-    host, gone = shards._host(), dead_pid()
+    host, gone = tempfiles._host(), dead_pid()
     keep = [f"train.tokens.bin.tmp-elsewhere-{gone}-abcd1234", f"train.tokens.bin.tmp-{host}-{os.getppid()}-ab12"]
     for name in [*keep, f"train.tokens.bin.tmp-{host}-{gone}-abcd1234", f"valid.tokens.bin.tmp{gone}"]:
         (cache / name).write_bytes(b"half")

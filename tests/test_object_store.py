@@ -1,4 +1,4 @@
-"""Shards from object storage (data_prep/remote.py) against a real S3 server: moto's standalone server, started
+"""Shards from object storage (data_prep/remote.py, data_prep/fetch.py) against a real S3 server: moto's standalone server, started
 here on 127.0.0.1 and spoken to by s3fs over HTTP, as a cluster node speaks to S3. Training from the bucket
 equals training from the local shards, bit for bit, also across a resume; the cache downloads once and
 replaces a damaged file; a missing bucket or object is one line naming the URL."""
@@ -15,11 +15,12 @@ import s3fs
 import torch
 from moto.server import ThreadedMotoServer
 
-from data_prep import shards
+from data_prep import tempfiles
 from data_prep.__main__ import main as data_prep_main
 from data_prep.config import ExperimentConfig, load_config
+from data_prep.fetch import fetch_shards
 from data_prep.prepare import prepare_data
-from data_prep.remote import cache_path, fetch_shards, upload_shards
+from data_prep.remote import cache_path, upload_shards
 from data_prep.shards import ShardError
 from data_prep.tokenizer import FILES
 from pretrain.__main__ import main as pretrain_main
@@ -176,7 +177,7 @@ def test_the_cache_downloads_once_and_replaces_a_damaged_file(endpoint: str, pre
     (first.parent / "meta.json").unlink()
     killed = subprocess.Popen(["true"])  # a fetch of this host that is gone: its temporary is provably stale
     killed.wait()
-    (first.parent / f"valid.tokens.bin.tmp-{shards._host()}-{killed.pid}-abcd1234").write_bytes(b"half")
+    (first.parent / f"valid.tokens.bin.tmp-{tempfiles._host()}-{killed.pid}-abcd1234").write_bytes(b"half")
     offsets = first.parent / "valid.offsets.bin"
     offsets.write_bytes(bytes(offsets.stat().st_size))  # right size, wrong bytes
     fetch_shards(cfg, lines.append)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import shards
+from data_prep import tempfiles
 from data_prep.__main__ import main
 from data_prep.cli import run_command
 from data_prep.config import load_config
 from data_prep.prepare import prepare_data
-from data_prep.shards import META, open_split, temporary
+from data_prep.shards import META, open_split
+from data_prep.tempfiles import temporary
 from data_prep.tokenizer import FILES, train_tokenizer
 from tests.conftest import make_documents, write_txt
 
@@ -238,7 +239,7 @@ def test_a_full_disk_under_meta_json_is_one_line_and_the_rerun_reuses_the_splits
             os.close(full)
         return fd, tmp
 
-    monkeypatch.setattr(shards, "temporary", onto_dev_full)
+    monkeypatch.setattr(tempfiles, "temporary", onto_dev_full)
     capsys.readouterr()
     assert main(["data", *args(run, corpus)]) == 2
     assert capsys.readouterr().err == f"error: {meta}: {NO_SPACE}\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_prep.manifest import token_dtype
 from data_prep.shards import (
     META,
     ShardError,
@@ -19,9 +20,8 @@ from data_prep.shards import (
     open_split,
     read_meta,
     stem,
-    token_dtype,
-    write_json_atomic,
 )
+from data_prep.tempfiles import write_json_atomic
 
 BLOCKS = [[0, 5, 6, 2], [0, 7, 2], [0, 8, 9, 10, 2]]
 
