@@ -241,7 +241,7 @@ def side_ours(args: argparse.Namespace, parity: bool) -> dict[str, Any]:
     from data_prep.prepare import prepare_data
     from data_prep.shards import read_meta
     from pretrain.hf import model_config, to_hf
-    from pretrain.model import RobertaForMLM
+    from pretrain.model.encoder import RobertaForMLM
     from pretrain.train import TrainingIncomplete, fit
 
     cfg = experiment(args)

@@ -71,7 +71,7 @@ ROW_LABEL = {"fp32": "ours vs HF, fp32", "fp32-retained": "ours vs HF with our h
 
 def model_flops_per_token(layers: int, hidden: int, ffn: int, seq: int, vocab: int, mask_p: float = 0.15,
                           last_layer_subset: bool = False) -> float:
-    from pretrain.model import RobertaConfig
+    from pretrain.model.config import RobertaConfig
     from pretrain.throughput import flops_per_token
 
     cfg = RobertaConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=1, intermediate_size=ffn,

@@ -18,7 +18,8 @@ from data_prep.redact import redact_text
 from data_prep.shards import ShardError, open_split, read_meta, short_phase
 
 from .data import length_schedule
-from .model import RobertaConfig, RobertaForMLM
+from .model.config import RobertaConfig
+from .model.encoder import RobertaForMLM
 from .rollback import describe_skipped
 from .schedules import BatchSchedule
 

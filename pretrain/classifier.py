@@ -2,7 +2,7 @@
 re-initialised) RoBERTa directory, and the LightningModule that trains it and keeps its best validation.
 
 The stock model holds the weights and is what is saved; with `finetune.unpad` (the default) its encoder is run
-through this project's (`shared_encoder`: model.py's layers over the very same tensors), so a padded batch runs on
+through this project's (`shared_encoder`: model/encoder.py's layers over the very same tensors), so a padded batch runs on
 its real tokens only and the last layer at <s> only, which is all the classification head reads. Logits and
 gradients equal the stock forward's within 1e-5 (tests/test_finetune_unpad.py).
 """
@@ -20,7 +20,9 @@ import torch
 from data_prep.config import ExperimentConfig
 
 from .metrics import compute
-from .model import RobertaConfig, RobertaForMLM, Unpadded, hf_name_map
+from .model.config import RobertaConfig
+from .model.encoder import RobertaForMLM, hf_name_map
+from .model.unpadded import Unpadded
 from .module import adamw
 from .schedules import LRSchedule
 from .task import FinetuneConfig, FinetuneError, TaskConfig
@@ -100,9 +102,9 @@ def build_model(model_dir: Path, task: TaskConfig, names: list[str], from_scratc
 
 
 def shared_encoder(model: torch.nn.Module) -> RobertaForMLM | None:
-    """model.py's embeddings and layers over the stock classifier's own parameters (the same tensors: an update
+    """model/encoder.py's embeddings and layers over the stock classifier's own parameters (the same tensors: an update
     to one is an update to the other, and moving the classifier moves them), without an LM head; None, with the
-    stock forward to run, when its config asks for something model.py does not compute."""
+    stock forward to run, when its config asks for something model/encoder.py does not compute."""
     c = model.config
     if (c.hidden_act != "gelu" or getattr(c, "position_embedding_type", "absolute") not in (None, "absolute")
             or c.is_decoder or not hasattr(model, "roberta")):
@@ -133,7 +135,7 @@ class ClassifierModule(pl.LightningModule):
         self.model, self.ft, self.task, self.total_steps, self._print = model, ft, task, total_steps, log
         self.encoder = shared_encoder(model) if ft.unpad else None  # the same parameters as model.roberta
         if ft.unpad and self.encoder is None:
-            log("finetune.unpad: this config is not one model.py computes; the stock forward runs")
+            log("finetune.unpad: this config is not one model/encoder.py computes; the stock forward runs")
         self.main = task.metrics[0]
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None

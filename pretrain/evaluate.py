@@ -22,7 +22,7 @@ from data_prep.shards import open_split, read_meta
 
 from .hf import model_config
 from .masking import MaskingCollator
-from .model import RobertaForMLM
+from .model.encoder import RobertaForMLM
 from .objective import batch_inputs, mlm_objective
 
 

@@ -42,7 +42,7 @@ from .card import model_card, validation_metrics
 from .card import tokens_seen as tokens_seen  # re-exported: it used to live here
 from .checkpoint import load_full, resumable_checkpoint
 from .hf import model_config, to_hf
-from .model import RobertaForMLM
+from .model.encoder import RobertaForMLM
 from .outputs import OutputDirError, Writer, check_replaceable, mark, remove, replace
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed in fp32 between this project's model and `transformers`

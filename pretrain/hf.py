@@ -1,7 +1,7 @@
 """Hugging Face RoBERTa <-> this project, in both directions: the one module that knows both formats.
 
 Below the LightningModule (module.py), the export command (export.py) and fine-tuning (finetune.py), above the
-plain-torch model (model.py, whose `HF_NAME_MAP` is the name map both directions use):
+plain-torch model (model/encoder.py, whose `HF_NAME_MAP` is the name map both directions use):
 
 - `model_config`: the architecture of a run, sizes from the experiment and vocabulary and ids from the shards'
   metadata; `RobertaConfig.hf_config_kwargs` is the same network as `transformers.RobertaConfig`.
@@ -29,7 +29,8 @@ from data_prep.config import ConfigError, ExperimentConfig
 from data_prep.pack import PAIR_PACKINGS
 from data_prep.tokenizer import HF_WEIGHTS, RESAVE, load_tokenizer, read_hf_dir, tokenizer_dir
 
-from .model import RobertaConfig, RobertaForMLM, from_hf_state_dict, to_hf_state_dict
+from .model.config import RobertaConfig
+from .model.encoder import RobertaForMLM, from_hf_state_dict, to_hf_state_dict
 
 
 def model_config(cfg: ExperimentConfig, meta: dict[str, Any]) -> RobertaConfig:
@@ -83,7 +84,7 @@ def check_init_from(cfg: ExperimentConfig) -> dict[str, Any]:
                          ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size")):
         if hf.get(theirs) != getattr(m, ours):
             problems.append(f"model.{ours}={getattr(m, ours)} but {theirs}={hf.get(theirs)}")
-    # what this project's RoBERTa fixes (model.py); HF's defaults when config.json leaves them out
+    # what this project's RoBERTa fixes (model/encoder.py); HF's defaults when config.json leaves them out
     fixed = {"hidden_act": "gelu", "type_vocab_size": 1, "position_embedding_type": "absolute", "pad_token_id": 1}
     problems += [f"{k}={hf[k]!r} (this model: {v!r})" for k, v in fixed.items() if k in hf and hf[k] != v]
     if "layer_norm_eps" in hf and not math.isclose(hf["layer_norm_eps"], 1e-5, rel_tol=1e-3):

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .model import Unpadded
+from .model.unpadded import Unpadded
 from .schedules import MaskSchedule
 
 # Names this generator's stream in Philox's counter, so that other users of (seed, index) draw other numbers.

@@ -25,7 +25,7 @@ from .checkpoint import check_compatible
 from .data import seq_len_at
 from .hf import init_from_hf, model_config  # model_config: also imported from here (bench/, tests)
 from .masking import IGNORE
-from .model import RobertaForMLM
+from .model.encoder import RobertaForMLM
 from .objective import batch_inputs, mlm_objective
 from .rollback import Diverged, DivergenceMonitor, RollbackState
 from .schedules import LRSchedule

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .masking import IGNORE
-from .model import RobertaForMLM, Unpadded
+from .model.encoder import RobertaForMLM
+from .model.unpadded import Unpadded
 
 
 def mlm_objective(model: RobertaForMLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -18,7 +18,7 @@ from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, fro
 from data_prep.typed_config import read_yaml_mapping
 
 from .metrics import CLASSIFICATION, REGRESSION
-from .model import Unpadded
+from .model.unpadded import Unpadded
 from .outputs import check_name
 
 
@@ -88,7 +88,7 @@ class FinetuneConfig:
     max_train_examples: int = option(0, "Train on a seeded random subset of this many examples; 0: all of them.")
     accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu.")
     precision: str = option("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed.")
-    unpad: bool = option(True, "Run the stock classifier's encoder through this project's (model.py, the same "
+    unpad: bool = option(True, "Run the stock classifier's encoder through this project's (model/encoder.py, the same "
                          "tensors): padded batches on their real tokens only, the last layer at <s> only; same "
                          "logits within 1e-5. false: the stock forward.")
 

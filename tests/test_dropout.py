@@ -1,4 +1,4 @@
-"""Dropout's cheaper CPU mask (pretrain/dropout.py): its rate and scale, exact expectation, seeding, gradients, and
+"""Dropout's cheaper CPU mask (pretrain/model/dropout.py): its rate and scale, exact expectation, seeding, gradients, and
 attention with it equal to SDPA's math written out with the same mask. Dropout's seeds (pretrain/steps.py): the
 whole CPU generator state from (seed, step, micro-batch), distinct for distinct keys, and cheap."""
 
@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pretrain.dropout import Dropout, attention, dropout, keep_mask
-from pretrain.model import RobertaConfig, RobertaForMLM
+from pretrain.model.config import RobertaConfig
+from pretrain.model.dropout import Dropout, attention, dropout, keep_mask
+from pretrain.model.encoder import RobertaForMLM
 
 KEY = st.integers(0, 2**64 - 1) | st.integers(0, 20)
 

@@ -17,7 +17,7 @@ from data_prep.tokenizer import FILES, load_tokenizer, train_tokenizer
 from pretrain import hf as hf_mod
 from pretrain.card import hub_datasets
 from pretrain.export import ParityError, export, parity_batch
-from pretrain.model import to_hf_state_dict
+from pretrain.model.encoder import to_hf_state_dict
 from pretrain.module import MLMModule
 from pretrain.outputs import MARKER
 from pretrain.train import fit

@@ -1,4 +1,4 @@
-"""Which attention path a call takes (pretrain/attention_paths.py): every row of the table forced on the CPU, the
+"""Which attention path a call takes (pretrain/model/attention_paths.py): every row of the table forced on the CPU, the
 CUDA rows included (called with device type "cuda", a dtype, a capability), so that an fp32 or pre-Ampere GPU run
 never reaches the flash kernel, which rejects it; the model asks the table with the call's real values; and the
 fallback paths run on the CPU and give the output of the path they stand in for."""
@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pretrain.dropout
-import pretrain.model
-from pretrain.attention_paths import attention_path
-from pretrain.dropout import attention
-from pretrain.model import RobertaConfig, RobertaForMLM, Unpadded, varlen_attention
+import pretrain.model.dropout
+import pretrain.model.unpadded
+from pretrain.model.attention_paths import attention_path
+from pretrain.model.config import RobertaConfig
+from pretrain.model.dropout import attention
+from pretrain.model.encoder import RobertaForMLM
+from pretrain.model.unpadded import Unpadded, varlen_attention
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -94,7 +96,7 @@ def forced(monkeypatch: pytest.MonkeyPatch, module, path: str) -> list[dict]:
 
 
 def test_varlen_attention_asks_the_table_with_the_calls_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = forced(monkeypatch, pretrain.model, "repadded")
+    calls = forced(monkeypatch, pretrain.model.unpadded, "repadded")
     q, k, v, unpadded, key_mask = packed_rows([5, 3, 5], H=2, D=8, dtype=torch.bfloat16)
     varlen_attention(q, k, v, unpadded, key_mask, 0.0)
     varlen_attention(q.float(), k.float(), v.float(), unpadded, key_mask, 0.1)
@@ -110,7 +112,7 @@ def test_varlen_attention_asks_the_table_with_the_calls_values(monkeypatch: pyte
 def test_a_bf16_unpadded_model_asks_with_the_dtype_autocast_gives(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under autocast q, k and v are the projections' bf16, which is what flash would see: the table is asked
     with it, not with the fp32 weights' dtype."""
-    calls = forced(monkeypatch, pretrain.model, "repadded")
+    calls = forced(monkeypatch, pretrain.model.unpadded, "repadded")
     model = RobertaForMLM(RobertaConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4,
                                         intermediate_size=64, max_position_embeddings=20, dropout=0.0,
                                         attention_dropout=0.0))
@@ -132,7 +134,7 @@ def test_the_repadded_fallback_runs_on_a_cpu_and_equals_attention_by_runs(
     q, k, v, unpadded, key_mask = packed_rows([7, 7, 3, 9, 9, 9, 1])
     outputs = {}
     for path in ("runs", "repadded"):
-        forced(monkeypatch, pretrain.model, path)
+        forced(monkeypatch, pretrain.model.unpadded, path)
         torch.manual_seed(0)
         outputs[path] = varlen_attention(q, k, v, unpadded, key_mask, dropout_p)
         assert outputs[path].shape == q.shape and torch.isfinite(outputs[path]).all()
@@ -161,8 +163,8 @@ def test_the_flash_path_calls_torchs_varlen_kernel_with_its_signature(monkeypatc
         seen.append((cu_seq_q, cu_seq_k, max_q, max_k))
         return torch.full_like(query, 7.0)
 
-    forced(monkeypatch, pretrain.model, "flash_varlen")
-    monkeypatch.setattr(pretrain.model, "_varlen_kernel", lambda: kernel)
+    forced(monkeypatch, pretrain.model.unpadded, "flash_varlen")
+    monkeypatch.setattr(pretrain.model.unpadded, "_varlen_kernel", lambda: kernel)
     out = varlen_attention(q, k, v, unpadded, key_mask, 0.0)
     assert torch.equal(out, torch.full_like(q, 7.0))
     assert seen == [(unpadded.cu_seqlens, unpadded.cu_seqlens, 6, 6)]
@@ -175,6 +177,6 @@ def test_the_dense_paths_agree_without_dropout(monkeypatch: pytest.MonkeyPatch) 
     mask = torch.rand(2, 1, 1, 6, generator=g) > 0.3
     mask[..., 0] = True
     sdpa = attention(q, k, v, mask, 0.0)
-    calls = forced(monkeypatch, pretrain.dropout, "math_dropout")
+    calls = forced(monkeypatch, pretrain.model.dropout, "math_dropout")
     torch.testing.assert_close(attention(q, k, v, mask, 0.0), sdpa, rtol=1e-12, atol=1e-12)
     assert calls[0]["packed"] is False and calls[0]["device"] == "cpu" and calls[0]["dropout"] is False

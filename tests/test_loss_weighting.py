@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from data_prep.prepare import prepare_data
 from pretrain.masking import IGNORE
-from pretrain.model import Unpadded
+from pretrain.model.unpadded import Unpadded
 from pretrain.train import fit
 
 from .test_train import QUIET, config, corpus_file, shards  # noqa: F401 - fixtures

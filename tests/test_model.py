@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.model import (
+from pretrain.model.config import RobertaConfig
+from pretrain.model.encoder import (
     HF_NAME_MAP,
-    RobertaConfig,
     RobertaForMLM,
     from_hf_state_dict,
     hf_name_map,

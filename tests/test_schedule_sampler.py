@@ -15,7 +15,8 @@ from pretrain.data import (
     epoch_permutation,
     token_bins,
 )
-from pretrain.model import RobertaConfig, RobertaForMLM
+from pretrain.model.config import RobertaConfig
+from pretrain.model.encoder import RobertaForMLM
 from pretrain.module import param_groups
 from pretrain.schedules import LRSchedule
 
@@ -129,7 +130,7 @@ def test_sparse_loss_equals_the_dense_loss_of_transformers_and_its_gradients() -
 
     from data_prep.config import load_config
     from pretrain.masking import MaskingCollator
-    from pretrain.model import to_hf_state_dict
+    from pretrain.model.encoder import to_hf_state_dict
     from pretrain.module import MLMModule
 
     cfg = load_config(None, ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2",

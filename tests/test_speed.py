@@ -15,7 +15,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.masking import IGNORE, MaskingCollator
-from pretrain.model import RobertaConfig, RobertaForMLM, Unpadded
+from pretrain.model.config import RobertaConfig
+from pretrain.model.encoder import RobertaForMLM
+from pretrain.model.unpadded import Unpadded
 from pretrain.objective import batch_inputs, mlm_objective
 from pretrain.throughput import flops_per_token
 from pretrain.train import fit
@@ -46,14 +48,14 @@ def rows(lengths: list[int], seed: int = 0) -> list[dict]:
 @pytest.mark.parametrize("by_runs", [True, False])
 def test_unpadded_encoder_equals_the_padded_one(left: bool, by_runs: bool, monkeypatch) -> None:
     """Attention on a CPU runs by runs of equal-length rows where that saves work, else re-padded: both."""
-    import pretrain.model
+    import pretrain.model.unpadded
 
     calls = []
-    real_runs = pretrain.model._attention_by_runs
-    monkeypatch.setattr(pretrain.model, "_attention_by_runs", lambda *a: calls.append(1) or real_runs(*a))
+    real_runs = pretrain.model.unpadded._attention_by_runs
+    monkeypatch.setattr(pretrain.model.unpadded, "_attention_by_runs", lambda *a: calls.append(1) or real_runs(*a))
     if not by_runs:
-        monkeypatch.setattr(pretrain.model, "RUNS_MAX_WORK", 0.0)
-        monkeypatch.setattr(pretrain.model, "RUNS_FEW", 0)
+        monkeypatch.setattr(pretrain.model.unpadded, "RUNS_MAX_WORK", 0.0)
+        monkeypatch.setattr(pretrain.model.unpadded, "RUNS_FEW", 0)
     model = tiny_model(dropout=0.0, attention_dropout=0.0)
     lengths = [32, 7, 19, 3, 30]
     ids = torch.full((len(lengths), 32), PAD)

@@ -13,7 +13,7 @@ What differs from `transformers` is speed, not maths:
   fairseq): with a 50K vocabulary the head is a large share of a small or base model's compute;
 - `attention_segments` packs several short blocks into one row with block-diagonal attention and positions
   that restart per segment, so each block computes exactly what it would alone;
-- a padded batch runs unpadded (`Unpadded`): pad tokens are dropped before the embeddings, every per-token
+- a padded batch runs unpadded (`Unpadded`, unpadded.py): pad tokens are dropped before the embeddings, every per-token
   layer (projections, feed-forward, LayerNorm) runs on the real tokens only, and only attention sees the rows
   again: through a variable-length kernel on CUDA where one applies, else re-padded around
   `scaled_dot_product_attention` with a key-padding mask (which kernel a call takes is one table,
@@ -22,116 +22,20 @@ What differs from `transformers` is speed, not maths:
   its keys and values come from every token, but nothing else of that layer is needed anywhere but the targets,
   so at 15% targets it costs under a third of a layer (the keys and values are 1/6 of its matmuls).
 
-Reading order: config, embeddings, attention, layer, encoder, LM head, NSP head, the model, the HF name map.
+Reading order (the config is config.py, packed attention unpadded.py): embeddings, attention, layer, encoder,
+LM head, NSP head, the model, the HF name map.
 Shapes: B batch, T sequence length, C hidden size, H heads, D head size, N masked tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_paths import attention_path, capability_of
+from .config import RobertaConfig
 from .dropout import Dropout, attention
-
-
-@dataclass
-class RobertaConfig:
-    """The architecture, and only the architecture: no data, optimisation, hardware or precision here.
-
-    `vocab_size` and `pad_token_id` come from the tokenizer's metadata and `max_position_embeddings` from the
-    data's block length (`seq_len + pad_token_id + 1`), so none of them is repeated in an experiment's YAML.
-    Defaults are roberta-base (Table 9 of the paper).
-    """
-
-    # --- vocabulary and positions (from the tokenizer and the data) ---
-    vocab_size: int = 50265
-    """Tokens in the vocabulary, specials included (RoBERTa's byte-level BPE: 50265)."""
-    max_position_embeddings: int = 514
-    """Rows of the position table: the longest sequence plus `pad_token_id + 1`, since positions start after
-    the pad id (roberta-base: 512 + 2 = 514)."""
-    pad_token_id: int = 1
-    """Id of <pad>: its embedding rows get no gradient, and position numbering starts after it (fairseq)."""
-
-    # --- size ---
-    hidden_size: int = 768
-    """Width of the residual stream C (base 768, large 1024)."""
-    num_layers: int = 12
-    """Encoder layers (base 12, large 24)."""
-    num_heads: int = 12
-    """Attention heads; must divide `hidden_size` (base 12, large 16)."""
-    intermediate_size: int = 3072
-    """Width of the feed-forward layer, 4x hidden in the paper (base 3072, large 4096)."""
-
-    # --- regularisation and numerics ---
-    dropout: float = 0.1
-    """Dropout on the embeddings and on each sublayer's output before the residual sum (paper: 0.1)."""
-    attention_dropout: float = 0.1
-    """Dropout on the attention probabilities (paper: 0.1)."""
-    layer_norm_eps: float = 1e-5
-    """LayerNorm epsilon; RoBERTa uses fairseq's 1e-5, not BERT's 1e-12."""
-    initializer_range: float = 0.02
-    """Std of the normal init of every weight matrix and embedding, as BERT and `transformers`."""
-
-    # --- objectives ---
-    nsp: bool = False
-    """Add BERT's next-sentence-prediction head (pooler + 2-way classifier) for the SEGMENT-PAIR and
-    SENTENCE-PAIR ablations. Not part of `RobertaForMaskedLM`, so export leaves it out."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
-            problems.append(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            problems.append(
-                f"pad_token_id={self.pad_token_id} must be a token id below vocab_size={self.vocab_size}"
-            )
-        if self.max_position_embeddings < self.pad_token_id + 2:
-            problems.append(
-                f"max_position_embeddings={self.max_position_embeddings} leaves no room: it must be "
-                f"at least pad_token_id + 2 = {self.pad_token_id + 2} (set it to seq_len + pad_token_id + 1)"
-            )
-        for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.layer_norm_eps <= 0 or self.initializer_range <= 0:
-            problems.append("layer_norm_eps and initializer_range must be positive")
-        if problems:
-            raise ValueError("RobertaConfig: " + "; ".join(problems))
-
-    @property
-    def head_size(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def max_seq_len(self) -> int:
-        """The longest sequence the position table covers."""
-        return self.max_position_embeddings - self.pad_token_id - 1
-
-    def hf_config_kwargs(self) -> dict:
-        """Keyword arguments for `transformers.RobertaConfig` describing the same network."""
-        return {
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "intermediate_size": self.intermediate_size,
-            "hidden_act": "gelu",
-            "hidden_dropout_prob": self.dropout,
-            "attention_probs_dropout_prob": self.attention_dropout,
-            "max_position_embeddings": self.max_position_embeddings,
-            "type_vocab_size": 1,
-            "layer_norm_eps": self.layer_norm_eps,
-            "initializer_range": self.initializer_range,
-            "pad_token_id": self.pad_token_id,
-        }
+from .unpadded import Unpadded, varlen_attention
 
 
 def position_ids(
@@ -151,127 +55,6 @@ def position_ids(
         before = torch.where(start, count - real, torch.zeros_like(count)).cummax(dim=1).values
         count = count - before
     return count * real + pad_token_id
-
-
-class Unpadded(NamedTuple):
-    """Where a padded batch's real tokens are: all the encoder needs to run on them only.
-
-    The collator computes it on the host with the batch (`from_mask` there), so the step needs no `nonzero` on
-    the device (a host sync on a GPU)."""
-
-    index: torch.Tensor
-    """(N,) flat indices into the B*T positions of the real tokens, row by row."""
-    cu_seqlens: torch.Tensor
-    """(B+1,) int32 offsets of each row's tokens in that packed order (the varlen kernels' format)."""
-    max_seqlen: int
-    """The longest row's real tokens."""
-    lengths: list[int] | None = None
-    """Each row's real tokens, as host ints, or None: read from `cu_seqlens` where needed (attention on a CPU)."""
-
-    @staticmethod
-    def from_mask(attention_mask: torch.Tensor) -> Unpadded | None:
-        """From a (B, T) mask (nonzero: real token); None when nothing is padded. Reads the mask on the host."""
-        mask = attention_mask.bool()
-        lengths = mask.sum(dim=1)  # (B,)
-        index = mask.flatten().nonzero().squeeze(1)  # (N,)
-        if index.numel() == mask.numel():
-            return None
-        cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
-        cu[1:] = lengths.cumsum(0)
-        host = lengths.tolist()
-        return Unpadded(index, cu, max(host, default=0), host)
-
-    @staticmethod
-    def from_batch(batch: dict) -> Unpadded | None:
-        """From a collated batch's keys (`as_batch`); None when the batch has none (nothing padded)."""
-        if "unpad_index" not in batch:
-            return None
-        return Unpadded(batch["unpad_index"], batch["cu_seqlens"], batch["max_seqlen"], batch.get("row_lengths"))
-
-    def as_batch(self) -> dict:
-        """The keys a collator adds to a padded batch: `unpad_index`, `cu_seqlens`, `max_seqlen`, `row_lengths`."""
-        return {"unpad_index": self.index, "cu_seqlens": self.cu_seqlens, "max_seqlen": self.max_seqlen,
-                "row_lengths": self.lengths}
-
-    def rows(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Packed (N, ...) -> (B * T, ...), zeros at the pads."""
-        return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x)
-
-    def pad(self, t: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Packed heads (N, H, D) -> (B, H, T, D), zeros at the pads."""
-        return self.rows(t, B, T).view(B, T, *t.shape[1:]).transpose(1, 2)
-
-
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded: Unpadded, key_mask: torch.Tensor,
-                     dropout_p: float) -> torch.Tensor:
-    """Attention of the packed rows (N, H, D) -> (N, H, D): each token sees its own row's real tokens, by the
-    path attention_paths.py's table gives. On CUDA in half precision without dropout this is torch's
-    variable-length flash kernel over `cu_seqlens` (no padding at all). On a CPU, where that saves enough
-    (`RUNS_MAX_WORK`), each run of consecutive rows of one length attends as one (rows, H, L, D) batch, views of
-    the packed tokens: no padding and no mask, so attention's work falls with the padding (quadratically), for one
-    call per run. Else (fp32 or an older GPU, dropout, a traced graph) the rows are re-padded to (B, H, T, D) for
-    `scaled_dot_product_attention` with the key-padding mask, and packed again."""
-    N, H, D = q.shape
-    B, T = key_mask.shape[0], key_mask.shape[-1]
-    compiling = torch.compiler.is_compiling()
-    runs = _runs(unpadded) if not q.is_cuda and not compiling else None  # a traced graph takes the re-padded form
-    pays = runs is not None and (len(runs) <= RUNS_FEW or sum(m * L * L for L, m in runs) <= RUNS_MAX_WORK * B * T * T)
-    kernel = _varlen_kernel()
-    path = attention_path(q.device.type, q.dtype, dropout_p > 0.0, packed=True, compiling=compiling,
-                          capability=capability_of(q), head_size=D, varlen=kernel is not None, runs_pay=pays)
-    if path == "runs":
-        return _attention_by_runs(q, k, v, runs, dropout_p)
-    if path == "flash_varlen":  # not run on a GPU yet: see README
-        cu, m = unpadded.cu_seqlens, unpadded.max_seqlen
-        return kernel(q, k, v, cu, cu, m, m)
-    # "repadded"
-    q, k, v = (unpadded.pad(t, B, T) for t in (q, k, v))  # (B, H, T, D)
-    y = attention(q, k, v, key_mask, dropout_p)
-    return y.transpose(1, 2).reshape(B * T, H, D).index_select(0, unpadded.index)  # (N, H, D)
-
-
-RUNS_MAX_WORK = 0.7
-"""Attention by runs of rows on a CPU when its work, the sum of the rows' squared lengths, is at most this share of
-the re-padded B x T^2, or when there are at most `RUNS_FEW` runs. One call per run costs more than its FLOPs: on
-2 cores, 32 rows of 32 lengths (4x256, T = 256) ran 1.10x faster by runs at 44% padding (work 0.36), 0.93-0.96x at
-11% (work 0.80)."""
-RUNS_FEW = 4
-
-
-def _runs(unpadded: Unpadded) -> list[tuple[int, int]]:
-    """(length L, rows m) of each run of consecutive rows of one length, in order. The lengths are the
-    collator's host ints, else read from `cu_seqlens` (a host tensor here)."""
-    lengths = unpadded.lengths if unpadded.lengths is not None else unpadded.cu_seqlens.diff().tolist()
-    runs: list[tuple[int, int]] = []
-    for n in lengths:
-        if runs and runs[-1][0] == n:
-            runs[-1] = (n, runs[-1][1] + 1)
-        else:
-            runs.append((n, 1))
-    return runs
-
-
-def _attention_by_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int]],
-                       dropout_p: float) -> torch.Tensor:
-    """`varlen_attention` on a host device: each run of m rows of length L (`_runs`) is a (m, H, L, D) view of
-    the packed tokens."""
-    N, H, D = q.shape
-    out, start = [], 0
-    for L, m in runs:
-        if L:
-            qs, ks, vs = (t[start:start + m * L].view(m, L, H, D).transpose(1, 2) for t in (q, k, v))
-            out.append(attention(qs, ks, vs, None, dropout_p).transpose(1, 2).reshape(m * L, H, D))
-        start += m * L
-    return torch.cat(out) if len(out) != 1 else out[0]  # (N, H, D)
-
-
-def _varlen_kernel():
-    """torch's variable-length attention (torch.nn.attention.varlen, CUDA only), or None."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
 
 
 class Embeddings(nn.Module):

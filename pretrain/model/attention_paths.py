@@ -17,7 +17,7 @@ The table, first matching row wins (`packed`: the real tokens of a padded batch 
   builds it for (sm80 to sm121, torch's `check_flash_attention_hardware_support`), with head sizes it runs forward
   and backward on every one of them; and it has no dropout.
 - `runs`: on a host device, each run of consecutive rows of one length attends as one (rows, H, L, D) batch of
-  views, where that saves enough work (model.py's `RUNS_MAX_WORK`). A traced graph takes the re-padded form.
+  views, where that saves enough work (unpadded.py's `RUNS_MAX_WORK`). A traced graph takes the re-padded form.
 - `repadded`: the fallback: the rows are re-padded to (B, H, T, D) and attend through the dense path below, with
   a key-padding mask; SDPA then picks among its own kernels (memory-efficient and math take fp32).
 - `math_dropout`: on a CPU with dropout, SDPA's math path written out with dropout.py's cheaper mask.
@@ -48,7 +48,7 @@ def attention_path(device: str, dtype: torch.dtype, dropout: bool, packed: bool,
     """The table above, for a call on device type `device` ("cpu", "cuda", ...) with q, k, v of `dtype`, dropout
     on or off, packed rows or dense tensors, under `torch.compile` tracing or not. `capability`: the CUDA device's
     (major, minor); `varlen`: whether this torch has the variable-length kernel; `runs_pay`: whether attending by
-    runs of rows saves enough here (a property of the batch's lengths, model.py)."""
+    runs of rows saves enough here (a property of the batch's lengths, unpadded.py)."""
     if packed:
         if (device == "cuda" and not dropout and varlen and dtype in FLASH_DTYPES and capability is not None
                 and FLASH_CAPABILITY[0] <= tuple(capability) <= FLASH_CAPABILITY[1]
