@@ -21,7 +21,7 @@ import yaml
 
 from .config import ExperimentConfig
 from .sources import Source
-from .typed_config import range_text, type_name
+from .typed_config import ConfigError, range_text, type_name
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 MARKER = "<!-- Generated below by `make docs` (python -m data_prep.config_doc) from the config's fields: edit their help, not this page. -->"
@@ -82,15 +82,21 @@ def render_tables() -> str:
 
 
 def render(current: str | None) -> str:
-    """The whole page: `current`'s intro (up to the marker; a bare title when there is none), then the tables."""
-    intro = current.split(MARKER)[0].rstrip("\n") + "\n" if current and MARKER in current else DEFAULT_INTRO
+    """The whole page: `current`'s intro (up to the marker; a bare title for a new page), then the tables."""
+    if current is not None and MARKER not in current:  # rewriting it would drop its hand-written text
+        raise ConfigError(f"{PAGE}: the line {MARKER!r} is missing; put it where the generated tables begin")
+    intro = current.split(MARKER)[0].rstrip("\n") + "\n" if current else DEFAULT_INTRO
     return f"{intro}\n{MARKER}\n\n{render_tables()}"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     current = PAGE.read_text() if PAGE.exists() else None
-    page = render(current)
+    try:
+        page = render(current)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if "--check" in argv:
         if page != current:
             print(f"{PAGE} is stale: run `make docs`", file=sys.stderr)
