@@ -5,8 +5,8 @@ The config lives in `data_prep` (not `pretrain`) because both halves of the pipe
 must never import `pretrain`. It imports no torch, so it stays cheap to load and serializes to YAML and into
 checkpoints as plain data.
 
-Every field carries its documentation in `field(metadata={"help": ...})`; `--help` and the README are made
-from the same text, so they cannot drift apart.
+Every field carries its documentation in `field(metadata={"help": ...})`; `--help` and docs/configuration.md
+(`make docs`, config_doc.py) are made from the same text, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ def dump_config(cfg: ExperimentConfig) -> str:
 
 
 def describe_config() -> str:
-    """Every key with its type, default and documentation, for --help and the README."""
+    """Every key with its type, default and documentation, for --help (config_doc.py makes the docs' tables)."""
     lines = []
 
     def walk(cls: type, prefix: str) -> None:

@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 def option(default: Any, help: str,  # noqa: A002 - `help` reads best at the call sites
            *, ge: float | None = None, le: float | None = None, why: str = "") -> Any:
-    """A dataclass field with its documentation (`python -m pretrain describe`, the README tables) and, for a
+    """A dataclass field with its documentation (`python -m pretrain --help`, docs/configuration.md) and, for a
     number, its range: `ge` <= value <= `le`, checked by `from_mapping` (an int or float in a union too), with
     `why` (what the bounds protect) in the message."""
     metadata = {"help": help, "ge": ge, "le": le, "why": why}
