@@ -19,9 +19,7 @@ from typing import Any
 
 import yaml
 
-from .config import ExperimentConfig
-from .sources import Source
-from .typed_config import ConfigError, range_text, type_name
+from .config import ConfigError, ExperimentConfig, Source, range_text, type_name  # what --help reads too
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 MARKER = "<!-- Generated below by `make docs` (python -m data_prep.config_doc) from the config's fields: edit their help, not this page. -->"
