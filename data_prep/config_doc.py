@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,16 @@ def yaml_value(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
+def type_text(tp: Any) -> str:
+    """`tp` as written in the code: `list[str | Source]`, where --help's type_name says `list`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, dict) and args:
+        return f"{origin.__name__}[{', '.join(type_text(a) for a in args)}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_text(a) for a in args)
+    return "Any" if tp is Any else "None" if tp is type(None) else type_name(tp)
+
+
 def _row(key: str, f: dataclasses.Field, tp: Any) -> str:
     if f.default_factory is not dataclasses.MISSING:
         default = yaml_value(f.default_factory())
@@ -48,7 +59,7 @@ def _row(key: str, f: dataclasses.Field, tp: Any) -> str:
     if bounds and f.metadata.get("why"):
         bounds += f" ({f.metadata['why']})"
     default = default if default == "(required)" else f"`{default}`"
-    return f"| `{key}` | {_cell(type_name(tp))} | {_cell(default)} | {_cell(bounds)} | {_cell(f.metadata['help'])} |"
+    return f"| `{key}` | {_cell(type_text(tp))} | {_cell(default)} | {_cell(bounds)} | {_cell(f.metadata['help'])} |"
 
 
 def _holds_sources(tp: Any) -> bool:
@@ -64,7 +75,8 @@ def _rows(cls: type, prefix: str) -> list[str]:
         rows.append(_row(prefix + f.name, f, hints[f.name]))
         if _holds_sources(hints[f.name]):
             source_hints = typing.get_type_hints(Source)  # a mapping entry of a sources list: its own keys
-            rows += [_row(f"{prefix}{f.name}[i].{g.name}", g, source_hints[g.name]) for g in dataclasses.fields(Source)]
+            rows += [_row(f"{prefix}{f.name}[i].{g.name}", g, source_hints[g.name]) for g in dataclasses.fields(Source)
+                     if not (f.name == "valid" and g.name == "weight")]  # refused there: validation is read once
     return rows
 
 
