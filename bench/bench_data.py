@@ -83,7 +83,7 @@ def side_mixture(args: argparse.Namespace) -> dict:
 
 def side_ceiling(args: argparse.Namespace) -> dict:
     from data_prep.corpus import Corpus
-    from data_prep.pack import load_encoder
+    from data_prep.encode import load_encoder
     from data_prep.prepare import num_workers
     from data_prep.tokenizer import tokenizer_dir
 
@@ -185,7 +185,8 @@ def main() -> None:
         print(json.dumps(sides[args._side](args)))
         return
 
-    from data_prep.tokenizer import tokenizer_dir, train_tokenizer
+    from data_prep.tokenizer import tokenizer_dir
+    from data_prep.tokenizer_training import train_tokenizer
 
     args.corpus = default_corpus(args.corpus)
     cfg = config(args)

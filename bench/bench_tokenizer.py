@@ -5,7 +5,7 @@
 Both sides train the same byte-level BPE (RoBERTa's pre-tokenizer, special tokens, vocabulary size and minimum
 frequency) on the same text file, each in its own process, alternating (ours, direct, ours, direct, ...) so that
 machine noise hits both:
-- ours: `data_prep.tokenizer.train_tokenizer`, the streaming corpus reader feeding `train_from_iterator`, timed
+- ours: `data_prep.tokenizer_training.train_tokenizer`, the streaming corpus reader feeding `train_from_iterator`, timed
   to the end of training (the quality report on the validation text, which `tokenizers` does not make, is not
   timed; its validation text is one line here);
 - direct: `Tokenizer.train([file], BpeTrainer(...))`, the Rust reader, what a user of `tokenizers` would write.
@@ -42,7 +42,7 @@ from common import (
 
 def side_ours(args: argparse.Namespace) -> dict:
     from data_prep.config import load_config
-    from data_prep.tokenizer import train_tokenizer
+    from data_prep.tokenizer_training import train_tokenizer
 
     with tempfile.TemporaryDirectory() as run:
         valid = Path(run) / "valid.txt"
@@ -58,7 +58,7 @@ def side_ours(args: argparse.Namespace) -> dict:
 
 def side_capped(args: argparse.Namespace) -> dict:
     from data_prep.config import load_config
-    from data_prep.tokenizer import train_tokenizer
+    from data_prep.tokenizer_training import train_tokenizer
 
     with tempfile.TemporaryDirectory() as run:
         pieces = Path(run) / "pieces"

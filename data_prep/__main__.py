@@ -10,7 +10,8 @@ import sys
 
 from .cli import run_command
 from .config import ConfigError, ExperimentConfig, describe_config, load_config
-from .tokenizer import tokenizer_dir, train_tokenizer
+from .tokenizer import tokenizer_dir
+from .tokenizer_training import train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

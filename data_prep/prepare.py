@@ -49,15 +49,17 @@ from filelock import FileLock, Timeout
 from .cli import naming
 from .config import ExperimentConfig
 from .corpus import Corpus, CorpusStats, Doc
+from .encode import encode_stream
 from .manifest import FORMAT, token_dtype
-from .pack import PAIR_PACKINGS, Packer, PackStats, encode_stream
+from .pack import PAIR_PACKINGS, Packer, PackStats
 from .shards import META, ShardWriter, combine_parts, load_record, meta_name, stem
 from .sources import mixture, short_label
 from .tempfiles import write_json_atomic
-from .tokenizer import _known_size, load_tokenizer, special_ids, tokenizer_dir, train_tokenizer
-from .tokenizer import _settings as _tokenizer_settings
+from .tokenizer import load_tokenizer, special_ids, tokenizer_dir
+from .tokenizer_training import known_size, train_tokenizer
+from .tokenizer_training import settings as tokenizer_settings
 
-# How a sentence becomes tokens (see pack.py); part of the hash, so a change can never mix two conventions.
+# How a sentence becomes tokens (see encode.py); part of the hash, so a change can never mix two conventions.
 SENTENCE_ENCODING = "line; '\\n'+line after the first of a document; no specials; special text as text"
 SPLITS = ("train", "valid")
 
@@ -250,7 +252,7 @@ def _tokenizer_is_stale(tok_dir: Path, cfg: ExperimentConfig, corpus_fingerprint
         trained_for = json.loads((tok_dir / "quality.json").read_text())["fingerprint"]
     except (OSError, ValueError, KeyError):
         return False  # not trained here (e.g. copied from a Hugging Face model): nothing to compare
-    return trained_for != {"corpus": corpus_fingerprint, **_tokenizer_settings(cfg)}
+    return trained_for != {"corpus": corpus_fingerprint, **tokenizer_settings(cfg)}
 
 
 def _finish_slices(out: Path, part_path: Path, num_shards: int, log: Callable[[str], None]) -> Path:
@@ -373,8 +375,8 @@ def _read_size(corpus: Corpus, split: str) -> int | None:
     """Bytes a split's pass over the corpus reads (train: a weighted source is read once per pass), for the
     progress bar; None when a source's size is not known up front."""
     if split == "valid" and corpus.valid_sources:
-        return _known_size(corpus.valid_sources)
-    sizes = [_known_size(files) for files in corpus.source_files]
+        return known_size(corpus.valid_sources)
+    sizes = [known_size(files) for files in corpus.source_files]
     if None in sizes:
         return None
     if split == "valid":

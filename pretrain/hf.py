@@ -27,7 +27,8 @@ import torch
 
 from data_prep.config import ConfigError, ExperimentConfig
 from data_prep.pack import PAIR_PACKINGS
-from data_prep.tokenizer import HF_WEIGHTS, RESAVE, load_tokenizer, read_hf_dir, tokenizer_dir
+from data_prep.tokenizer import RESAVE, load_tokenizer, tokenizer_dir
+from data_prep.tokenizer_hf import HF_WEIGHTS, read_hf_dir
 
 from .model.config import RobertaConfig
 from .model.encoder import RobertaForMLM, from_hf_state_dict, to_hf_state_dict

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.config import CorpusConfig
-from data_prep.corpus import Corpus, CorpusError, CorpusStats, decode_line, held_out, read_source
+from data_prep.corpus import Corpus, held_out
+from data_prep.readers import CorpusError, CorpusStats, decode_line, read_source
 
 from .conftest import make_documents, write_txt
 
@@ -340,7 +341,7 @@ def test_an_hf_spec_that_is_no_folder_and_no_hub_name_is_refused_offline(spec: s
 
 
 def test_hub_names_and_local_folders_pass_the_hf_check(tmp_path: Path, monkeypatch) -> None:
-    from data_prep.corpus import check_hf_spec
+    from data_prep.specs import check_hf_spec
 
     for spec in ("hf:wikitext/wikitext-2-raw-v1", "hf:Salesforce/wikitext/wikitext-103-raw-v1:train", "hf:c4",
                  "hf:legacy-datasets/wikipedia/20220301.en:train"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 
-from data_prep.pack import (
+from data_prep.encode import (
     SentenceEncoder,
     encode_sentences_one_by_one,
     encode_stream,

@@ -23,7 +23,8 @@ from data_prep.config import load_config
 from data_prep.prepare import prepare_data
 from data_prep.shards import META, open_split
 from data_prep.tempfiles import temporary
-from data_prep.tokenizer import FILES, train_tokenizer
+from data_prep.tokenizer import FILES
+from data_prep.tokenizer_training import train_tokenizer
 from tests.conftest import make_documents, write_txt
 
 ELSEWHERE = "or point the config at another path"

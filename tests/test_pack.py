@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 
 from data_prep.config import ConfigError, load_config
-from data_prep.pack import (
-    IS_NEXT,
-    NOT_NEXT,
-    Encoded,
-    Packer,
-    encode_stream,
-    pack_documents,
-    sentence_batches,
-    split_blocks,
-)
-from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from data_prep.encode import Encoded, encode_stream, sentence_batches
+from data_prep.pack import IS_NEXT, NOT_NEXT, Packer, pack_documents, split_blocks
+from data_prep.tokenizer import load_tokenizer
+from data_prep.tokenizer_training import train_tokenizer
 from tests.conftest import make_documents, write_txt
 
 BOS, EOS = 0, 2

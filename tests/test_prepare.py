@@ -20,7 +20,8 @@ from data_prep.__main__ import main
 from data_prep.config import load_config
 from data_prep.corpus import Corpus
 from data_prep.prepare import prepare_data
-from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from data_prep.tokenizer import load_tokenizer
+from data_prep.tokenizer_training import train_tokenizer
 from tests.conftest import make_documents, write_txt
 
 

@@ -15,8 +15,8 @@ from data_prep import shards
 from data_prep.config import ConfigError, config_from_dict, dump_config, load_config
 from data_prep.corpus import Corpus, held_out, kept
 from data_prep.prepare import format_report, prepare_data
-from data_prep.tokenizer import format_report as tokenizer_report
-from data_prep.tokenizer import train_tokenizer
+from data_prep.tokenizer_training import format_report as tokenizer_report
+from data_prep.tokenizer_training import train_tokenizer
 from pretrain.card import source_lines
 from tests.conftest import make_documents, write_txt
 

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from data_prep.config import ExperimentConfig
-from data_prep.corpus import CorpusStats, decode_line
-from data_prep.tokenizer import FILES, TokenizerError, load_tokenizer, special_ids, train_tokenizer
+from data_prep.readers import CorpusStats, decode_line
+from data_prep.tokenizer import FILES, TokenizerError, load_tokenizer, special_ids
+from data_prep.tokenizer_training import train_tokenizer
 
 HARD_TEXTS = [
     "Plain English, with punctuation; and numbers 12345.",
@@ -93,7 +94,7 @@ def test_literal_special_tokens_in_the_corpus_are_text_and_split_special_tokens_
     import numpy as np
     from transformers import AutoTokenizer
 
-    from data_prep.pack import encode_sentences, load_encoder
+    from data_prep.encode import encode_sentences, load_encoder
 
     _, out = trained
     text = "a literal <mask> then </s> and <s> inside <pad> text"
