@@ -3,7 +3,7 @@
     python bench/bench_data.py [--corpus ../shared/corpus/kernel_docs.txt] [--seq_len 512] [--num_proc 0] [--rounds 3]
 
 Both sides turn the same raw text file into blocks of `seq_len` tokens with the same tokenizer on the same cores:
-- ours: `data_prep.prepare.build_split` (streaming reader, worker processes, packer, shard writer), FULL-SENTENCES;
+- ours: `data_prep.build.build_split` (streaming reader, worker processes, packer, shard writer), FULL-SENTENCES;
 - run_mlm.py: `datasets.load_dataset("text")`, `map(tokenize_function, batched=True, num_proc=N)` with the fast
   tokenizer from `AutoTokenizer.from_pretrained(run_dir/tokenizer)`, then `map(group_texts, num_proc=N)`, with a
   fresh `datasets` cache, as the script does on a first run.
@@ -53,9 +53,9 @@ def config(args: argparse.Namespace, train: str | None = None):
 def prep(cfg) -> tuple[dict, dict]:
     """`make data`'s train split of `cfg` into a temporary directory, timed with the tokenizer's loading: the
     side's figures, and the split's record."""
+    from data_prep.build import build_split, num_workers
     from data_prep.corpus import Corpus
     from data_prep.manifest import token_dtype
-    from data_prep.prepare import build_split, num_workers
     from data_prep.tokenizer import load_tokenizer, special_ids, tokenizer_dir
 
     start = time.perf_counter()
@@ -82,9 +82,9 @@ def side_mixture(args: argparse.Namespace) -> dict:
 
 
 def side_ceiling(args: argparse.Namespace) -> dict:
+    from data_prep.build import num_workers
     from data_prep.corpus import Corpus
     from data_prep.encode import load_encoder
-    from data_prep.prepare import num_workers
     from data_prep.tokenizer import tokenizer_dir
 
     cfg = config(args)
@@ -100,7 +100,7 @@ def side_ceiling(args: argparse.Namespace) -> dict:
 def side_hf(args: argparse.Namespace) -> dict:
     from itertools import chain
 
-    from data_prep.prepare import num_workers
+    from data_prep.build import num_workers
 
     cfg = config(args)
     workers = num_workers(cfg.data.num_proc)

@@ -7,7 +7,7 @@ it and says so; any change makes a new directory, so shards never silently misma
 Steps, one split after the other (train, then valid):
     1) the tokenizer: trained first when `run_dir/tokenizer` has none (an existing one is used as it is);
     2) documents stream from the corpus, in `data.num_proc` encoding workers, through the packer, into a
-       `ShardWriter` (temporary names, renamed when complete);
+       `ShardWriter` (temporary names, renamed when complete): `build.build_split`;
     3) the split's record, then `meta.json`, are written atomically. A rerun after a crash finds the splits
        whose record and files agree and redoes only the others; a `meta.json` that is not what they make
        (unreadable, damaged, edited) is written again, never trusted.
@@ -30,38 +30,30 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
-import itertools
 import json
-import math
 import multiprocessing as mp
 import os
-import resource
-import sys
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from filelock import FileLock, Timeout
 
+from .build import build_split, peak_rss_mb, valid_by_source
 from .cli import naming
 from .config import ExperimentConfig
-from .corpus import Corpus, CorpusStats, Doc
-from .encode import encode_stream
-from .manifest import FORMAT, token_dtype
-from .pack import PAIR_PACKINGS, Packer, PackStats
-from .shards import META, ShardWriter, combine_parts, load_record, meta_name, stem
+from .corpus import Corpus
+from .manifest import FORMAT, SPLITS, token_dtype
+from .pack import PAIR_PACKINGS
+from .shards import META, combine_parts, load_record, meta_name, stem
 from .sources import mixture, short_label
 from .tempfiles import write_json_atomic
 from .tokenizer import load_tokenizer, special_ids, tokenizer_dir
-from .tokenizer_training import known_size, train_tokenizer
 from .tokenizer_training import settings as tokenizer_settings
+from .tokenizer_training import train_tokenizer
 
 # How a sentence becomes tokens (see encode.py); part of the hash, so a change can never mix two conventions.
 SENTENCE_ENCODING = "line; '\\n'+line after the first of a document; no specials; special text as text"
-SPLITS = ("train", "valid")
 
 
 def settings(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -74,16 +66,6 @@ def settings(cfg: ExperimentConfig) -> dict[str, Any]:
             **({"short_seq_prob": d.short_seq_prob} if d.short_seq_prob else {}),
             **({"valid_by_source": True} if valid_by_source(cfg) else {})}
 
-
-def valid_by_source(cfg: ExperimentConfig) -> bool:
-    """Whether the valid split is packed source by source, for a validation loss per source (`val/loss/<name>`):
-    when an explicit corpus.valid entry is named, or, with validation held out of the train sources, when a
-    train source is named. Each source's validation documents then fill blocks of their own (one partly filled
-    block per source more), and the split's record says how many blocks each has."""
-    c = cfg.corpus
-    if c.valid:
-        return any(v.name for v in c.valid_entries)
-    return c.valid_fraction > 0 and any(s.name for s in c.sources)
 
 
 def data_dir(cfg: ExperimentConfig, corpus_fingerprint: str, tokenizer_sha256: str) -> Path:
@@ -100,12 +82,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def num_workers(num_proc: int) -> int:
-    if num_proc:
-        return num_proc
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def run_dir_lock(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Iterator[None]:
     """Holds `run_dir/.prepare.lock` while the tokenizer and shards are built or checked. Under torchrun every
@@ -114,7 +90,7 @@ def run_dir_lock(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> I
 
     Refused in a worker process that is importing the main script (a script without `if __name__ ==
     "__main__":`): it would wait here for its own parent forever; failing, it ends the parent's run with
-    `pack.WorkerError` instead."""
+    `workers.WorkerError` instead."""
     if getattr(mp.current_process(), "_inheriting", False):
         raise RuntimeError("data preparation was started while a worker process imported the main script: call it "
                            "under `if __name__ == \"__main__\":`")
@@ -268,130 +244,6 @@ def _finish_slices(out: Path, part_path: Path, num_shards: int, log: Callable[[s
         write_json_atomic(out / META, meta)
     log(f"data: all {num_shards} slices are done: {out / META}")
     return out / META
-
-
-def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_json: Path, out: Path,
-                name: str, dtype: Any, ids: dict[str, int], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Tokenize, pack and write one split of this slice; returns its record (also written as `{name}.json`)."""
-    from tqdm import tqdm
-
-    d = cfg.data
-    stats = CorpusStats()
-    counts = {"documents": 0, "sentences": 0}
-    explicit_valid = split == "valid" and bool(corpus.valid_sources)
-    tally = SourceTally(len(corpus.valid_files) if explicit_valid else len(corpus.sources))
-    docs = _slice(corpus.records(split, stats), d.shard_index, d.num_shards, counts, tally)  # type: ignore[arg-type]
-    by_source = split == "valid" and valid_by_source(cfg)
-    # one group, or one per source (documents arrive source by source): a packer per group
-    groups = itertools.groupby(docs, key=lambda doc: doc.source) if by_source else [(None, docs)]
-    source_blocks = [0] * len(tally.counts)  # one per corpus.valid entry, or per train source
-    packers: list[Packer] = []
-    worker_peaks: list[int] = []  # bytes, one per pool of tokenizer workers
-    start = time.perf_counter()
-    # a failed write of a shard file names no file (ENOSPC, EFBIG): name the split's files
-    with naming(out / f"{name}.*"), ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(
-        total=_read_size(corpus, split), unit="B", unit_scale=True, desc=f"data: {split}", mininterval=1.0,
-        disable=None,
-    ) as bar:
-        for k, group in groups:
-            seed = hash_seed(cfg.prep_seed, d.shard_index, SPLITS.index(split), *([] if k is None else [k]))
-            packer = Packer(d.seq_len, d.packing, ids["bos"], ids["eos"], dtype, seed=seed,
-                            short_seq_prob=d.short_seq_prob)
-            packers.append(packer)
-            before = writer.num_blocks
-            for enc in encode_stream(tokenizer_json, (doc.lines for doc in group), dtype, num_workers(d.num_proc),
-                                     worker_peaks=worker_peaks):
-                tally.tokens_of(enc.lengths)
-                blocks = packer.add(enc)
-                writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
-                bar.update(stats.bytes - bar.n)
-            blocks = packer.finish()
-            writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
-            bar.update(stats.bytes - bar.n)
-            if k is not None:
-                assert not source_blocks[k], f"{split}: the documents of source {k} did not arrive together"
-                source_blocks[k] = writer.num_blocks - before
-        s = PackStats(**{f.name: sum(getattr(p.stats, f.name) for p in packers) for f in dataclasses.fields(PackStats)})
-        if d.packing not in PAIR_PACKINGS:
-            assert s.dropped_tokens == 0 and not s.copied_tokens, f"{split}: packing lost or copied tokens ({s})"
-        assert s.dropped_tokens >= 0, f"{split}: more tokens placed than the stream has ({s})"
-        assert sum(c["tokens"] for c in tally.counts) == s.stream_tokens, f"{split}: sources' tokens do not add up"
-        seconds = time.perf_counter() - start
-        return writer.commit({
-            **counts,
-            "replaced_bytes": stats.replaced_bytes,
-            "nul_bytes": stats.nul_bytes,
-            "bytes_read": stats.bytes,
-            "stream_tokens": s.stream_tokens,
-            "packed_tokens": s.packed_tokens,
-            "copied_tokens": s.copied_tokens,
-            "padding_fraction": round(s.padding_fraction(d.seq_len), 6),
-            "seconds": round(seconds, 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "worker_peak_rss_mb": round(max(worker_peaks, default=0) / 2**20, 1),  # 0: encoded in this process
-            "sources": tally.counts,
-            **({"source_blocks": source_blocks} if by_source else {}),
-        })
-
-
-class SourceTally:
-    """Documents, bytes and stream tokens per source of one split. Documents are noted as they go to the
-    encoder and their tokens as the encoded batches come back, in the same order, so a queue of (source,
-    sentences left) of the documents in flight says whose tokens a batch holds (a document may span batches)."""
-
-    def __init__(self, num_sources: int):
-        self.counts = [{"documents": 0, "bytes": 0, "tokens": 0} for _ in range(num_sources)]
-        self._in_flight: deque[list[int]] = deque()
-
-    def document(self, doc: Doc) -> None:
-        c = self.counts[doc.source]
-        c["documents"] += 1
-        c["bytes"] += doc.bytes
-        self._in_flight.append([doc.source, len(doc.lines)])
-
-    def tokens_of(self, lengths: np.ndarray) -> None:
-        ends = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-        pos = 0
-        while pos < len(lengths):
-            entry = self._in_flight[0]
-            take = min(entry[1], len(lengths) - pos)
-            self.counts[entry[0]]["tokens"] += ends[pos + take] - ends[pos]
-            pos += take
-            entry[1] -= take
-            if not entry[1]:
-                self._in_flight.popleft()
-
-
-def _slice(docs: Iterable[Doc], index: int, n: int, counts: dict[str, int], tally: SourceTally) -> Iterator[Doc]:
-    for i, doc in enumerate(docs):
-        if i % n == index:
-            counts["documents"] += 1
-            counts["sentences"] += len(doc.lines)
-            tally.document(doc)
-            yield doc
-
-
-def _read_size(corpus: Corpus, split: str) -> int | None:
-    """Bytes a split's pass over the corpus reads (train: a weighted source is read once per pass), for the
-    progress bar; None when a source's size is not known up front."""
-    if split == "valid" and corpus.valid_sources:
-        return known_size(corpus.valid_sources)
-    sizes = [known_size(files) for files in corpus.source_files]
-    if None in sizes:
-        return None
-    if split == "valid":
-        return sum(sizes)  # type: ignore[arg-type]
-    return sum(size * max(1, math.ceil(s.weight)) for size, s in zip(sizes, corpus.sources, strict=True))  # type: ignore[operator]
-
-
-def hash_seed(*values: int) -> int:
-    return int.from_bytes(hashlib.sha256(json.dumps(values).encode()).digest()[:8], "little")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (its tokenizer workers report their own: workers.peak_rss_bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
 
 
 def format_report(meta: dict[str, Any], out: Path) -> str:

@@ -325,7 +325,7 @@ class ShardSplit:
 
     def source_blocks(self) -> list[np.ndarray] | None:
         """Per train source, the indices of its blocks, when the split was packed source by source
-        (`prepare.valid_by_source`: each slice's record counts its blocks per source, in source order); else None."""
+        (`build.valid_by_source`: each slice's record counts its blocks per source, in source order); else None."""
         if not all("source_blocks" in p for p in self.parts):
             return None
         per_source: list[list[np.ndarray]] = [[] for _ in self.parts[0]["source_blocks"]]

@@ -3,6 +3,9 @@ checkpoints, logging and the model card. `config.py` holds the data sections (co
 `ExperimentConfig` that joins them, and the checks across sections; it re-exports these classes, so callers
 import every section from `data_prep.config`. No torch here either (see `config.py`).
 
+It lives in `data_prep` although only `pretrain` acts on it: `ExperimentConfig` joins every section, `make data`
+reads the whole experiment file with it, and `data_prep` must never import `pretrain` (pretrain imports this).
+
 Every number has a range (`option(..., ge=, le=)`, checked by `typed_config.from_mapping` before any work, or a
 check in `__post_init__`): sizes and counts at least 1, upper bounds where a larger value would allocate absurdly
 or means a typo, and Lightning's strings (precision, accelerator, strategy) checked here, not after the tokenizer

@@ -5,6 +5,8 @@ ones), every value against its annotation (ints accepted for floats, a single va
 "6e-4" read as a float, NaN and infinity refused in every float) and against the range its `option` declares
 (`ge`, `le`), so a bad config is one `ConfigError` line naming the key, before any work starts. `apply_overrides`
 applies `--section.key=value` arguments, values read as YAML. It knows nothing of this project's sections.
+It lives in `data_prep`, beside `config.py`, because both halves of the pipeline read their config through it
+and `data_prep` must never import `pretrain`.
 
 YAML is read by `Loader`, PyYAML's safe loader with three of YAML 1.1's silent surprises closed:
 - base-60 numbers: 1.1 reads an unquoted `1:00:00:00` as the int 216000 and `30:00` as 1800, which cannot be told
