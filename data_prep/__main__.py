@@ -1,6 +1,6 @@
 """`python -m data_prep {tokenizer,data} --config FILE [--section.key=value ...]`;
 `python -m data_prep upload --config FILE [URL]`: the config's shards (prepared first when missing) to URL
-(default: data.shards_url), from where `make pretrain` with data.shards_url=URL fetches them (remote.py);
+(default: data.shards_url), from where `make pretrain` with data.shards_url=URL fetches them (fetch.py);
 `python -m data_prep fetch --config FILE`: that download alone, into this node's cache (before a launch)."""
 
 from __future__ import annotations

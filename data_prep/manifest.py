@@ -8,9 +8,9 @@ field the reader uses is checked: dtype (the one `token_dtype` gives the vocabul
 ids below the vocabulary, non-negative counts, and `max_token_id` (the largest id the writer wrote, in each split
 record) below vocab_size. `inside` is the last check before a name from outside becomes a path.
 
-Apart from shards.py (the format itself, its writer and reader) so that the rules for hostile input read on their
-own; shards.py and fetch.py import them, this module imports neither. `ShardError` lives here, at the bottom of
-the shard modules, and is raised by all of them.
+Apart from shards.py (the format itself, its writer and reader) so that the rules for hostile input read on
+their own; shards.py, remote.py and fetch.py import them, this module imports none of them. `ShardError` lives
+here, at the bottom of the shard modules, and is raised by all of them.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ This module is the only way `pretrain` reads shards:
     split.b_start(i)        # pair packings: where B starts in block i (for token types), else None
     short_phase(meta_path)  # BERT's length schedule: (seq_len, meta.json) of the short shards, or None
 
-Shards at a URL (`data.shards_url`) are first fetched into a local cache by `remote.py`, then read from there.
+Shards at a URL (`data.shards_url`) are first fetched into a local cache by `fetch.py`, then read from there.
 
 Layout of a data directory, per split (`train`, `valid`) and per slice (one when `data.num_shards` is 1):
 

@@ -8,7 +8,7 @@ plain-torch model (model/encoder.py, whose `HF_NAME_MAP` is the name map both di
 - `to_hf`: this project's model as a `transformers.RobertaForMaskedLM` (export).
 - `max_seq_len`: the longest input a Hugging Face RoBERTa config.json covers (fine-tuning).
 - Continued pretraining (`model.init_from: DIR`): `check_init_from` validates the directory against the config
-  (one error naming every differing key), the tokenizer step copies DIR's tokenizer (data_prep/tokenizer.py), and
+  (one error naming every differing key), the tokenizer step copies DIR's tokenizer (data_prep/tokenizer_hf.py), and
   `init_from_hf` loads DIR's weights into the freshly built model: the rows of the position table this run's
   `seq_len` needs (so an export describes exactly the table it trained), and with `tokenizer.extend_from` the
   appended tokens' rows initialised to the mean of their pieces under the old tokenizer.

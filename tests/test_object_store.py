@@ -1,6 +1,6 @@
-"""Shards from object storage (data_prep/remote.py, data_prep/fetch.py) against a real S3 server: moto's standalone server, started
-here on 127.0.0.1 and spoken to by s3fs over HTTP, as a cluster node speaks to S3. Training from the bucket
-equals training from the local shards, bit for bit, also across a resume; the cache downloads once and
+"""Shards from object storage (data_prep/remote.py, fetch.py) against a real S3 server: moto's standalone server,
+started here on 127.0.0.1 and spoken to by s3fs over HTTP, as a cluster node speaks to S3. Training from the
+bucket equals training from the local shards, bit for bit, also across a resume; the cache downloads once and
 replaces a damaged file; a missing bucket or object is one line naming the URL."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from data_prep.remote import cache_path, upload_shards
 from data_prep.shards import ShardError
 from data_prep.tokenizer import FILES
 from pretrain.__main__ import main as pretrain_main
-from pretrain.train import fit, training_data
+from pretrain.training.train import fit, training_data
 
 from .conftest import make_documents, write_txt
 
