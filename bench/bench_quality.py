@@ -6,7 +6,7 @@
 Both sides train the same model size on the same packed blocks (this project's shards, in the order of its
 sampler: the HF side reads them sequentially in that order) for `--budget` seconds of training time each, one
 after the other, each in its own process:
-- ours: the config's recipe through `pretrain.train.fit`, with `trainer.max_time` set to the budget (it times
+- ours: the config's recipe through `pretrain.training.train.fit`, with `trainer.max_time` set to the budget (it times
   its first steps, then fixes max_steps so that its schedule ends at the budget);
 - HF: `run_mlm.py`'s recipe, `transformers.Trainer` + `DataCollatorForLanguageModeling` (15%, 80/10/10) on a
   `RobertaForMaskedLM` (SDPA) of the same size, with RoBERTa's hyperparameters: AdamW betas (0.9, 0.98), eps 1e-6,
@@ -88,7 +88,7 @@ def with_run_dir(cfg, run_dir: Path):
 
 
 def budgeted(cfg, budget_s: float):
-    """Ours for a wall-clock budget: `trainer.max_time` calibrates and fixes max_steps itself (pretrain/budget.py).
+    """Ours for a wall-clock budget: `trainer.max_time` calibrates and fixes max_steps itself (pretrain/training/budget.py).
     No validation: neither side evaluates while it trains (the scoring is done afterwards). A masking anneal that
     the config sized for its own max_time (masking.anneal_steps is in steps) is scaled to the budget, so the rate
     falls over the same share of the run."""
@@ -179,9 +179,9 @@ class Clock:
 
 def tokens_through(meta_path: Path, seed: int, global_size: int, steps: int) -> int:
     """Real tokens of the first `steps` optimizer steps: positions [0, steps x global_size) of the sampler's
-    stream (pretrain/data.py), the same on both sides since HF reads the blocks in that order."""
+    stream (pretrain/training/data.py), the same on both sides since HF reads the blocks in that order."""
     from data_prep.shards import open_split
-    from pretrain.data import epoch_permutation
+    from pretrain.training.samplers import epoch_permutation
 
     lengths = open_split(meta_path, "train").block_lengths()
     n, left, total, epoch = len(lengths), steps * global_size, 0, 0
@@ -198,7 +198,7 @@ def held_out_loss(hf_model, batches: list[dict], device: str) -> dict[str, float
     import torch
     import torch.nn.functional as F
 
-    from pretrain.masking import IGNORE
+    from pretrain.training.masking import IGNORE
 
     hf_model.to(device).eval()
     total, correct, count = 0.0, 0, 0
@@ -242,7 +242,7 @@ def side_ours(args: argparse.Namespace, parity: bool) -> dict[str, Any]:
     from data_prep.shards import read_meta
     from pretrain.hf import model_config, to_hf
     from pretrain.model.encoder import RobertaForMLM
-    from pretrain.train import TrainingIncomplete, fit
+    from pretrain.training.train import TrainingIncomplete, fit
 
     cfg = experiment(args)
     meta_path = prepare_data(cfg, log=lambda _: None)
@@ -292,7 +292,7 @@ def side_hf(args: argparse.Namespace, parity: bool) -> dict[str, Any]:
     from data_prep.prepare import prepare_data
     from data_prep.shards import open_split, read_meta
     from data_prep.tokenizer import tokenizer_dir
-    from pretrain.data import epoch_permutation
+    from pretrain.training.samplers import epoch_permutation
 
     cfg = experiment(args)
     meta_path = prepare_data(cfg, log=lambda _: None)
@@ -303,7 +303,7 @@ def side_hf(args: argparse.Namespace, parity: bool) -> dict[str, Any]:
     split, G = open_split(meta_path, "train"), cfg.batch.global_size
 
     class StepOrder(torch.utils.data.Dataset):
-        """Item k: the block at position k of our sampler's stream (pretrain/data.py), read sequentially, so
+        """Item k: the block at position k of our sampler's stream (pretrain/training/data.py), read sequentially, so
         HF's optimizer step s trains on the blocks of our step s."""
 
         def __init__(self, steps: int):

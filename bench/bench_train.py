@@ -8,7 +8,7 @@ hits both; the figures are medians of per-step times after warm-up, and the head
 
 Rows:
   ours vs HF      the same model, data and batch at fp32, and at bf16-mixed on both sides; ours as it ships
-                  (`trainer.retain_host_memory` on: pretrain/host_memory.py), HF as run_mlm.py runs (glibc's default);
+                  (`trainer.retain_host_memory` on: pretrain/training/host_memory.py), HF as run_mlm.py runs (glibc's default);
   fp32-retained   the same, with HF given our host-memory setting too: what the rest of ours is worth;
   compiled        ours with `trainer.compile: true` vs eager (the first step's time, mostly compilation, reported);
   unpadded        ours on DOC-SENTENCES (rows end at document ends, so batches are padded) with
@@ -72,7 +72,7 @@ ROW_LABEL = {"fp32": "ours vs HF, fp32", "fp32-retained": "ours vs HF with our h
 def model_flops_per_token(layers: int, hidden: int, ffn: int, seq: int, vocab: int, mask_p: float = 0.15,
                           last_layer_subset: bool = False) -> float:
     from pretrain.model.config import RobertaConfig
-    from pretrain.throughput import flops_per_token
+    from pretrain.training.throughput import flops_per_token
 
     cfg = RobertaConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=1, intermediate_size=ffn,
                         max_position_embeddings=seq + 2)
@@ -102,7 +102,7 @@ class StepTimer:
 def run_ours(cfg, meta: Path, steps: int, cuda: bool) -> tuple[StepTimer, int]:
     import pytorch_lightning as pl
 
-    from pretrain.train import fit
+    from pretrain.training.train import fit
 
     timer, tokens = StepTimer(cuda), []
 
@@ -194,8 +194,8 @@ def main() -> int:
     sizes = (args.sizes or ",".join(sizes_table)).split(",")
     rows = (args.rows or ("bf16,compiled-bf16" if cuda else ",".join(ROWS))).split(",")
     corpus = args.corpus if Path(args.corpus).exists() else "builtin:python-docs"
-    from pretrain import host_memory
-    from pretrain.throughput import measure_matmul_flops, peak_flops, precision_dtype
+    from pretrain.training import host_memory
+    from pretrain.training.throughput import measure_matmul_flops, peak_flops, precision_dtype
 
     device = torch.device("cuda" if cuda else "cpu")
     results = {"machine": {"device": torch.cuda.get_device_name() if cuda else "cpu",

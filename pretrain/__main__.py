@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return _ablation(args, overrides)
 
     from .export import ExportError
-    from .train import NothingToResume, TrainingIncomplete
+    from .training.train import NothingToResume, TrainingIncomplete
 
     return run_command(lambda: _fit_or_export(args, overrides),
                        {NothingToResume: 2, FloatingPointError: 2, ExportError: 2, TrainingIncomplete: 3})
@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from data_prep.prepare import run_dir_lock
-    from data_prep.tokenizer import train_tokenizer
+    from data_prep.tokenizer_training import train_tokenizer
 
     from .export import export
     from .hf import check_init_from
-    from .throughput import Throughput
-    from .train import NothingToResume, fit, plot_losses, training_data
+    from .training.throughput import Throughput
+    from .training.train import NothingToResume, fit, plot_losses, training_data
 
     cfg = load_config(args.config, overrides)
     if args.command == "export":
@@ -105,7 +105,7 @@ def _ablation(args: argparse.Namespace, overrides: list[str]) -> int:
     from .evaluate import YardstickError
     from .export import ExportError
     from .finetune import FinetuneError
-    from .train import NothingToResume
+    from .training.train import NothingToResume
 
     def run() -> None:
         if args.config is None:

@@ -148,7 +148,7 @@ def tokens_per_step(cfg: ExperimentConfig, meta_path: Path) -> float:
     BERT's two-phase length schedule when data.short_seq_len is set; with batch.by_tokens, micro-batches per step
     x the mean tokens of epoch 0's micro-batches."""
     if cfg.batch.by_tokens:
-        from .data import epoch_permutation, token_bins
+        from .training.samplers import epoch_permutation, token_bins
 
         lengths = ShardSplit(meta_path, "train").block_lengths()
         lengths = lengths[epoch_permutation(cfg.seed, 0, len(lengths))]
@@ -173,7 +173,7 @@ def equal_tokens_batch(cfg: ExperimentConfig, meta_path: Path, ref_per_step: flo
     then changes the blocks, not the number of optimizer steps."""
     if "batch.global_size" in v.changes:
         return cfg.batch.global_size
-    from .train import world_size
+    from .training.train import world_size
 
     unit = cfg.batch.micro_size * world_size(cfg)
     per_sequence = tokens_per_step(cfg, meta_path) / cfg.batch.global_size
@@ -221,7 +221,7 @@ def run_ablation(path: str | Path, overrides: list[str] | None = None, log=print
                  **trainer_overrides: Any) -> dict[str, Any]:
     """Run every variant-seed that is not finished, then write and print the report."""
     from data_prep.prepare import prepare_data
-    from data_prep.tokenizer import train_tokenizer
+    from data_prep.tokenizer_training import train_tokenizer
 
     af, cli = load_ablation(path, overrides)
     st = af.ablation
@@ -274,7 +274,7 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
                  trainer_overrides: dict[str, Any]) -> dict[str, Any]:
     from data_prep.prepare import prepare_data
 
-    from .train import fit
+    from .training.train import fit
 
     st = af.ablation
     vdir = variant_dir(root, v.name, seed)

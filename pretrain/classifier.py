@@ -23,9 +23,9 @@ from .metrics import compute
 from .model.config import RobertaConfig
 from .model.encoder import RobertaForMLM, hf_name_map
 from .model.unpadded import Unpadded
-from .module import adamw
-from .schedules import LRSchedule
 from .task import FinetuneConfig, FinetuneError, TaskConfig
+from .training.module import adamw
+from .training.schedules import LRSchedule
 
 
 def check_model_dir(path: str | Path, need_weights: bool = True) -> dict[str, Any]:

@@ -21,9 +21,9 @@ from data_prep.config import config_from_dict
 from data_prep.shards import open_split, read_meta
 
 from .hf import model_config
-from .masking import MaskingCollator
 from .model.encoder import RobertaForMLM
-from .objective import batch_inputs, mlm_objective
+from .training.batching import MaskingCollator
+from .training.objective import batch_inputs, mlm_objective
 
 
 class YardstickError(ValueError):

@@ -40,10 +40,10 @@ from data_prep.tokenizer import FILES, load_tokenizer, special_ids, tokenizer_di
 
 from .card import model_card, validation_metrics
 from .card import tokens_seen as tokens_seen  # re-exported: it used to live here
-from .checkpoint import load_full, resumable_checkpoint
 from .hf import model_config, to_hf
 from .model.encoder import RobertaForMLM
 from .outputs import OutputDirError, Writer, check_replaceable, mark, remove, replace
+from .training.checkpoint import load_full, resumable_checkpoint
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed in fp32 between this project's model and `transformers`
 

@@ -113,7 +113,7 @@ def test_a_rerun_skips_finished_variants(finished, monkeypatch: pytest.MonkeyPat
     def no_training(*args, **kwargs):
         raise AssertionError("a finished variant was trained again")
 
-    monkeypatch.setattr("pretrain.train.fit", no_training)
+    monkeypatch.setattr("pretrain.training.train.fit", no_training)
     lines: list[str] = []
     again = run_ablation(d / "ablation.yaml", log=lines.append)
     assert again["rows"] == report["rows"]

@@ -1,4 +1,4 @@
-"""The time budget (`trainer.max_time`, pretrain/budget.py) as laws: a run stopped at any step, during calibration
+"""The time budget (`trainer.max_time`, pretrain/training/budget.py) as laws: a run stopped at any step, during calibration
 or after, and resumed from its checkpoint decides the max_steps of a run that never stopped and spends no more
 than the budget; validation is priced once, not once per rank. The laws drive the callback's hooks with a fake
 clock and light stand-ins for Lightning's trainer and module; one real run is stopped by SIGTERM during
@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_prep.config import ExperimentConfig, load_config
-from pretrain import budget as budget_module
-from pretrain.budget import OPEN_ENDED, TimeBudget
-from pretrain.schedules import BatchSchedule
-from pretrain.train import fit
+from pretrain.training import budget as budget_module
+from pretrain.training.budget import OPEN_ENDED, TimeBudget
+from pretrain.training.schedules import BatchSchedule
+from pretrain.training.train import fit
 
 from .test_train import QUIET, config, corpus_file, final_weights, shards  # noqa: F401 - fixtures
 

@@ -311,6 +311,6 @@ def test_a_time_budget_never_decides_more_steps_than_a_saved_config_may_say() ->
     """budget.py writes the max_steps it decides into the config that checkpoints keep and config_from_dict reads
     back: the longest budget at a 0.32 ms step still fits the range."""
     from data_prep.training_config import MAX_DURATION, MAX_STEPS
-    from pretrain.budget import OPEN_ENDED
+    from pretrain.training.budget import OPEN_ENDED
 
     assert OPEN_ENDED <= MAX_STEPS and MAX_DURATION / 3.2e-4 <= MAX_STEPS

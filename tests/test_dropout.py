@@ -1,5 +1,5 @@
 """Dropout's cheaper CPU mask (pretrain/model/dropout.py): its rate and scale, exact expectation, seeding, gradients, and
-attention with it equal to SDPA's math written out with the same mask. Dropout's seeds (pretrain/steps.py): the
+attention with it equal to SDPA's math written out with the same mask. Dropout's seeds (pretrain/training/steps.py): the
 whole CPU generator state from (seed, step, micro-batch), distinct for distinct keys, and cheap."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_the_model_uses_it_for_every_dropout() -> None:
     assert len(drops) == 3 and all(isinstance(m, Dropout) for m in drops)  # embeddings, and one per layer
 
 
-# --- dropout's seeds: every (seed, step, micro-batch) its own generator state (pretrain/steps.py) ----------------
+# --- dropout's seeds: every (seed, step, micro-batch) its own generator state (pretrain/training/steps.py) ----------------
 
 
 def old_step_seed(seed: int, step: int, micro: int) -> int:
@@ -129,7 +129,7 @@ def test_torchs_cpu_generator_keeps_only_the_low_32_bits_of_a_seed() -> None:
 def test_micro_batches_whose_old_seeds_shared_32_bits_now_draw_different_masks() -> None:
     """Seed 0, micro-batch 1 of steps 8,522 and 9,358: the old 63-bit seeds differ only above bit 32, so on a CPU
     both steps drew one dropout mask; reseed gives them different ones."""
-    from pretrain.steps import reseed
+    from pretrain.training.steps import reseed
 
     a, b = (0, 8522, 1), (0, 9358, 1)
     old_a, old_b = old_step_seed(*a), old_step_seed(*b)
@@ -152,7 +152,7 @@ def test_reseed_sets_numpys_mt19937_state_from_the_key_on_a_cpu() -> None:
     int64 draw takes two 32-bit words, the first as the high half.)"""
     import numpy as np
 
-    from pretrain.steps import cpu_state_words, key_sequence, reseed
+    from pretrain.training.steps import cpu_state_words, key_sequence, reseed
 
     for key in ((0, 1, 2), (2**64 - 1, 10**9, 2**40)):
         mt = np.random.MT19937(key_sequence(*key))
@@ -166,7 +166,7 @@ def test_reseed_sets_numpys_mt19937_state_from_the_key_on_a_cpu() -> None:
 def test_reseed_is_a_function_of_the_key_alone() -> None:
     """Exact resume without stored RNG state: whatever was drawn before (a cached normal sample included), the
     same key gives the same masks; the accelerators' seed takes 64 bits."""
-    from pretrain.steps import reseed, step_seed
+    from pretrain.training.steps import reseed, step_seed
 
     reseed(3, 7, 2)
     first, normals = dropout_mask(), torch.randn(3)
@@ -181,7 +181,7 @@ def test_reseed_is_a_function_of_the_key_alone() -> None:
 def test_distinct_keys_give_distinct_cpu_states_and_seeds_over_a_hundred_thousand() -> None:
     """The law over 10^5 (step, micro-batch) pairs of one seed (12,500 steps x 8): distinct CPU states (words 1-8
     of the mt19937 state, a prefix of `cpu_state_words`' hash output) and distinct 64-bit accelerator seeds."""
-    from pretrain.steps import _SEED_STREAM, cpu_state_words, key_sequence, step_seed
+    from pretrain.training.steps import _SEED_STREAM, cpu_state_words, key_sequence, step_seed
 
     keys = [(5, s, m) for s in range(12_500) for m in range(8)]
     assert cpu_state_words(*keys[-1])[1:9].tolist() == key_sequence(*keys[-1]).generate_state(9)[1:].tolist()
@@ -196,7 +196,7 @@ def test_distinct_keys_give_distinct_cpu_states_and_seeds_over_a_hundred_thousan
 def test_distinct_keys_draw_distinct_dropout(a: tuple[int, int, int], b: tuple[int, int, int]) -> None:
     """Any two (seed, step, micro-batch) keys in [0, 2**64): equal keys draw equal masks, distinct keys distinct
     ones (the state's first draws)."""
-    from pretrain.steps import reseed
+    from pretrain.training.steps import reseed
 
     draws = []
     for key in (a, b):
@@ -208,7 +208,7 @@ def test_distinct_keys_draw_distinct_dropout(a: tuple[int, int, int], b: tuple[i
 def test_a_torch_of_another_generator_layout_still_trains_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     """A torch whose CPU generator state is laid out otherwise (not seen up to 2.13) must not stop training: the CPU
     is then seeded with the 64-bit seed, reproducibly, and one warning says its masks may collide."""
-    import pretrain.steps as steps
+    import pretrain.training.steps as steps
 
     monkeypatch.setattr(steps, "_CPU_STATE", None)
     steps._warn_layout.cache_clear()

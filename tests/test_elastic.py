@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.steps import reseed, step_seed
-from pretrain.train import fit
+from pretrain.training.steps import reseed, step_seed
+from pretrain.training.train import fit
 
 from .test_train import FAST, QUIET, config, corpus_file, shards  # noqa: F401 - fixtures
 
@@ -120,7 +120,7 @@ def test_two_rank_sigkill_and_resume_with_dropout_is_bitwise_equal(corpus_file: 
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks, at once
     proc.wait(timeout=60)
-    from pretrain.checkpoint import resumable_checkpoint
+    from pretrain.training.checkpoint import resumable_checkpoint
 
     found = resumable_checkpoint(run / "checkpoints")  # last.ckpt, or step-4 if the kill came before last.ckpt
     assert found is not None and 4 <= found[1] < STEPS
@@ -132,8 +132,8 @@ def test_two_rank_sigkill_and_resume_with_dropout_is_bitwise_equal(corpus_file: 
 POISONED = '''
 import sys
 from pretrain.__main__ import main
-from pretrain.module import MLMModule
-from pretrain.steps import data_step
+from pretrain.training.module import MLMModule
+from pretrain.training.steps import data_step
 
 original = MLMModule._losses
 
@@ -152,8 +152,8 @@ if __name__ == "__main__":
 def test_two_ranks_roll_back_a_nan_on_one_rank_together(shards, corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
     """A NaN on rank 1 alone: both ranks see it in the step's summed loss, restore step 4 and skip step 6's data,
     in the same process (Lightning's launcher does not start the ranks again), and finish."""
-    from pretrain import train
-    from pretrain.rollback import RollbackState
+    from pretrain.training import train
+    from pretrain.training.rollback import RollbackState
 
     _, meta = shards
     script = tmp_path / "poisoned.py"

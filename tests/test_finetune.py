@@ -27,7 +27,7 @@ from pretrain.finetune import (
     read_examples,
     resolve_model,
 )
-from pretrain.train import fit
+from pretrain.training.train import fit
 
 from .conftest import WORDS, make_documents, write_txt
 

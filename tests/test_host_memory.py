@@ -8,8 +8,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from pretrain import host_memory
-from pretrain.train import fit
+from pretrain.training import host_memory
+from pretrain.training.train import fit
 
 from .test_train import QUIET, config, corpus_file, shards  # noqa: F401 - fixtures
 

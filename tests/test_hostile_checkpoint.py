@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pretrain.__main__ import main as pretrain_main
-from pretrain.checkpoint import probe, resumable_checkpoint
+from pretrain.training.checkpoint import probe, resumable_checkpoint
 
 
 class _Payload:

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pretrain.masking import MaskingCollator
+from pretrain.training.batching import MaskingCollator
 
 VOCAB, PAD, MASK = 120, 1, 119
 
@@ -35,7 +35,7 @@ def one_thread():
 @functools.cache
 def module():
     from data_prep.config import load_config
-    from pretrain.module import MLMModule
+    from pretrain.training.module import MLMModule
 
     cfg = load_config(None, ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2",
                              "--model.intermediate_size=64", "--model.dropout=0", "--model.attention_dropout=0"])

@@ -10,9 +10,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.masking import IGNORE, MaskingCollator
-from pretrain.objective import batch_inputs, mlm_objective
-from pretrain.throughput import flops_per_token
+from pretrain.training.batching import MaskingCollator
+from pretrain.training.masking import IGNORE
+from pretrain.training.objective import batch_inputs, mlm_objective
+from pretrain.training.throughput import flops_per_token
 
 from .test_speed import MASK, PAD, VOCAB, rows, tiny_model
 

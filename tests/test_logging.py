@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.config import load_config
 from data_prep.prepare import prepare_data
-from pretrain.train import fit
+from pretrain.training.train import fit
 
 from .conftest import make_documents, write_txt
 

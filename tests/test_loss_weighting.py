@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.prepare import prepare_data
-from pretrain.masking import IGNORE
 from pretrain.model.unpadded import Unpadded
-from pretrain.train import fit
+from pretrain.training.masking import IGNORE
+from pretrain.training.train import fit
 
 from .test_train import QUIET, config, corpus_file, shards  # noqa: F401 - fixtures
 
@@ -126,7 +126,7 @@ def test_grad_norm_is_logged_unscaled_under_fp16_loss_scaling(shards, corpus_fil
     16-mixed to bf16 on a CPU, so the test hands it the fp16 plugin with a real GradScaler itself.)"""
     from pytorch_lightning.plugins.precision import MixedPrecision
 
-    from pretrain.checkpoint import AtomicCheckpointIO
+    from pretrain.training.checkpoint import AtomicCheckpointIO
 
     _, meta = shards
     norms = {}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.masking import MaskingCollator
+from pretrain.training.batching import MaskingCollator
 
 VOCAB = 1000
 BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, VOCAB - 1

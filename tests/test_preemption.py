@@ -35,7 +35,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(shards, corpus_file: Path, tmp_path_factory) -> dict[str, torch.Tensor]:  # noqa: F811
     """Final weights of a run that never stopped."""
-    from pretrain.train import fit
+    from pretrain.training.train import fit
 
     _, meta = shards
     run = tmp_path_factory.mktemp("reference")
@@ -103,7 +103,7 @@ def test_two_cpu_ranks_train_like_one_device(shards, corpus_file: Path, tmp_path
     Dropout is off, since each rank draws its own dropout masks."""
     import csv
 
-    from pretrain.train import fit
+    from pretrain.training.train import fit
 
     _, meta = shards
     no_dropout = ("--model.dropout=0", "--model.attention_dropout=0", "--trainer.max_steps=10")
@@ -142,7 +142,7 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(corpus_f
     last = out.strip().splitlines()[-1]
     assert last.startswith("interrupted: `make resume` continues from ") and last.endswith(")"), out
     # the newest complete checkpoint: a Ctrl-C between a step checkpoint's write and last.ckpt's leaves the former
-    from pretrain.checkpoint import resumable_checkpoint
+    from pretrain.training.checkpoint import resumable_checkpoint
 
     path, step = resumable_checkpoint(run / "checkpoints")
     assert last.endswith(f"continues from {path} (step {step})") and "Traceback" not in out
@@ -150,7 +150,7 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(corpus_f
 
 def _signalled_as_it_starts(worker_id: int) -> None:
     """A worker's init that first receives SIGTERM, as one starting at the moment of a job's SIGTERM does."""
-    from pretrain.data import leave_stop_signals_to_the_trainer
+    from pretrain.training.data import leave_stop_signals_to_the_trainer
 
     os.kill(os.getpid(), signal.SIGTERM)
     leave_stop_signals_to_the_trainer(worker_id)
@@ -163,7 +163,7 @@ def test_a_loader_worker_signalled_as_it_starts_survives_only_in_the_signal_safe
     signals blocked; the plain DataLoader shows what happened before."""
     from torch.utils.data import DataLoader
 
-    from pretrain.data import SignalSafeLoader
+    from pretrain.training.data import SignalSafeLoader
 
     kind = SignalSafeLoader if safe else DataLoader
     loader = kind(list(range(8)), batch_size=2, num_workers=1, worker_init_fn=_signalled_as_it_starts)
@@ -186,7 +186,7 @@ def test_a_sharded_swap_cut_short_between_its_renames_is_resumed_and_never_delet
     and the next save must not delete it (it did, first thing), even when that save fails too."""
     import pytorch_lightning.strategies.fsdp as lightning_fsdp
 
-    from pretrain.checkpoint import ShardedFSDPStrategy, probe, resumable_checkpoint
+    from pretrain.training.checkpoint import ShardedFSDPStrategy, probe, resumable_checkpoint
 
     strategy, path = ShardedFSDPStrategy(), tmp_path / "last.ckpt"
 
@@ -239,7 +239,7 @@ def test_a_preemption_before_the_first_step_checkpoint_keeps_last_ckpt_the_newes
     `last.ckpt` it did not write: a preemption before the first step checkpoint left `last-v1.ckpt` (an
     end-of-epoch copy) beside the exact `last.ckpt`, and the resumed run wrote `last-v2.ckpt`, so `last.ckpt` stayed
     at the preempted step for good."""
-    from pretrain.train import fit
+    from pretrain.training.train import fit
 
     _, meta = shards
     cfg = config(tmp_path / "run", corpus_file, "--trainer.max_steps=8", "--checkpoint.every_n_steps=100",

@@ -24,9 +24,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pretrain.checkpoint import AtomicCheckpointIO, checkpoint_versions, resumable_checkpoint
-from pretrain.rollback import Diverged, RollbackState
-from pretrain.steps import data_step
+from pretrain.training.checkpoint import AtomicCheckpointIO, checkpoint_versions, resumable_checkpoint
+from pretrain.training.rollback import Diverged, RollbackState
+from pretrain.training.steps import data_step
 
 # --- the step -> data mapping ------------------------------------------------------------------------------
 

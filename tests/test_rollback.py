@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.module import MLMModule
-from pretrain.rollback import DivergenceMonitor, RollbackState, TrainingDiverged
-from pretrain.steps import data_step
-from pretrain.train import fit
+from pretrain.training.module import MLMModule
+from pretrain.training.rollback import DivergenceMonitor, RollbackState, TrainingDiverged
+from pretrain.training.steps import data_step
+from pretrain.training.train import fit
 
 from .test_train import QUIET, config, corpus_file, final_weights, shards  # noqa: F401 - fixtures
 
@@ -50,7 +50,7 @@ def test_a_nan_from_bad_data_is_rolled_back_past_that_data_and_the_run_finishes(
     assert all(torch.isfinite(v).all() for v in final_weights(trainer).values())
     # exact: a run that is told from the start to skip step 7's data ends with the same weights
     monkeypatch.undo()
-    from pretrain import train
+    from pretrain.training import train
 
     reference = train._fit_once(config(tmp_path / "told", corpus_file), meta, None,
                                 RollbackState([[7, 1]], []), None, dict(QUIET))
@@ -82,7 +82,7 @@ def test_a_spike_is_rolled_back_and_the_rate_lowered(
     event = json.loads((run / "logs" / "rollbacks.jsonl").read_text())
     assert event["step"] == 12 and event["resumed_from"] == 10 and event["loss"] > 2 * 3
     # the schedule after the rollback is the normal one x 0.5
-    from pretrain.schedules import LRSchedule
+    from pretrain.training.schedules import LRSchedule
 
     lr = trainer.optimizers[0].param_groups[0]["lr"]
     assert lr == pytest.approx(3e-3 * LRSchedule("linear", 4, 20)(20) * 0.5, abs=1e-12)
@@ -140,7 +140,7 @@ def test_an_old_checkpoints_skips_keep_their_meaning() -> None:
 
 
 def _diverged(first: int, seen: int):
-    from pretrain.rollback import Diverged
+    from pretrain.training.rollback import Diverged
 
     return Diverged(first, seen, float("nan"))
 
@@ -160,7 +160,7 @@ def test_a_replay_that_diverges_earlier_reads_none_of_the_data_skipped_before(
         (12, 10, [[12, 12]]), (11, 10, [[11, 11]])]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["rollbacks"]["skipped_data"] == [[11, 2]]
     monkeypatch.undo()
-    from pretrain import train
+    from pretrain.training import train
 
     reference = train._fit_once(config(tmp_path / "told", corpus_file, "--trainer.max_steps=14"), meta, None,
                                 RollbackState([[11, 2]], []), None, dict(QUIET))
@@ -196,7 +196,7 @@ def test_a_run_started_from_a_checkpoint_rolls_back_to_it_never_to_an_older_runs
     event = json.loads((run / "logs" / "rollbacks.jsonl").read_text())
     assert (event["step"], event["resumed_from"], event["skipped_data_steps"]) == (12, 10, [[12, 12]])
     monkeypatch.undo()
-    from pretrain import train
+    from pretrain.training import train
 
     told = train._fit_once(config(tmp_path / "told", corpus_file, "--trainer.max_steps=14"), meta,
                            (stable / "checkpoints" / "step-0000010.ckpt", 10), RollbackState([[12, 1]], []), None,

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from data_prep.config import ConfigError
-from pretrain.data import (
+from pretrain.model.config import RobertaConfig
+from pretrain.model.encoder import RobertaForMLM
+from pretrain.training.data import batch_geometry
+from pretrain.training.module import param_groups
+from pretrain.training.samplers import (
     StepSampler,
     TokenBudgetSampler,
     ValidSampler,
-    batch_geometry,
     epoch_permutation,
     token_bins,
 )
-from pretrain.model.config import RobertaConfig
-from pretrain.model.encoder import RobertaForMLM
-from pretrain.module import param_groups
-from pretrain.schedules import LRSchedule
+from pretrain.training.schedules import LRSchedule
 
 
 @pytest.mark.parametrize(("warmup", "total"), [(10, 110), (4, 12), (0, 10), (7, 8)])
@@ -28,7 +28,7 @@ def test_the_schedule_equals_get_linear_schedule_with_warmup_step_for_step(warmu
     from transformers import get_linear_schedule_with_warmup
 
     from data_prep.config import load_config
-    from pretrain.module import MLMModule
+    from pretrain.training.module import MLMModule
 
     cfg = load_config(None, ["--model.hidden_size=16", "--model.num_layers=1", "--model.num_heads=2",
                              "--model.intermediate_size=32", "--optim.peak_lr=1e-3",
@@ -129,9 +129,9 @@ def test_sparse_loss_equals_the_dense_loss_of_transformers_and_its_gradients() -
     import transformers
 
     from data_prep.config import load_config
-    from pretrain.masking import MaskingCollator
     from pretrain.model.encoder import to_hf_state_dict
-    from pretrain.module import MLMModule
+    from pretrain.training.batching import MaskingCollator
+    from pretrain.training.module import MLMModule
 
     cfg = load_config(None, ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2",
                              "--model.intermediate_size=64", "--model.dropout=0", "--model.attention_dropout=0"])

@@ -15,11 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_prep.config import ConfigError, load_config
-from pretrain import budget as budget_module
-from pretrain.budget import decide_max_steps
-from pretrain.masking import IGNORE, MaskingCollator
-from pretrain.schedules import BatchSchedule, LRSchedule, MaskSchedule
-from pretrain.train import TrainingIncomplete, fit
+from pretrain.training import budget as budget_module
+from pretrain.training.batching import MaskingCollator
+from pretrain.training.budget import decide_max_steps
+from pretrain.training.masking import IGNORE
+from pretrain.training.schedules import BatchSchedule, LRSchedule, MaskSchedule
+from pretrain.training.train import TrainingIncomplete, fit
 
 from .test_train import QUIET, config, corpus_file, final_weights, shards  # noqa: F401 - fixtures
 
@@ -281,7 +282,7 @@ def test_max_time_decides_max_steps_once_and_a_resumed_run_keeps_it(
 
 def _stream(world: int, growth: BatchSchedule, steps: int, start: int = 0) -> list[list[list[int]]]:
     """Per step, the positions each micro-batch of each rank reads, in global micro-batch order (a x W + r)."""
-    from pretrain.data import StepBatches, StepSampler
+    from pretrain.training.samplers import StepBatches, StepSampler
 
     per_rank = []
     for rank in range(world):

@@ -119,7 +119,7 @@ def test_wandb_gets_the_redacted_config_and_arguments(tmp_path: Path, monkeypatc
     """wandb keeps the config it is given and `sys.argv` (its run's metadata) in its files, online too."""
     import wandb
 
-    from pretrain.train import make_loggers
+    from pretrain.training.train import make_loggers
 
     seen = {}
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.checkpoint import load_full, probe, resumable_checkpoint
 from pretrain.export import export
-from pretrain.train import fit
+from pretrain.training.checkpoint import load_full, probe, resumable_checkpoint
+from pretrain.training.train import fit
 
 from .test_train import QUIET, config, corpus_file  # noqa: F401 - fixtures
 
@@ -70,7 +70,7 @@ def test_sharded_saves_are_swapped_in_whole_and_a_failed_one_keeps_the_previous(
     """ShardedFSDPStrategy.save_checkpoint on one process (no process group: its collectives are no-ops)."""
     import pytorch_lightning.strategies.fsdp as lightning_fsdp
 
-    from pretrain.checkpoint import ShardedFSDPStrategy
+    from pretrain.training.checkpoint import ShardedFSDPStrategy
 
     strategy = ShardedFSDPStrategy()
     path = tmp_path / "last.ckpt"

@@ -14,13 +14,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.masking import IGNORE, MaskingCollator
 from pretrain.model.config import RobertaConfig
 from pretrain.model.encoder import RobertaForMLM
 from pretrain.model.unpadded import Unpadded
-from pretrain.objective import batch_inputs, mlm_objective
-from pretrain.throughput import flops_per_token
-from pretrain.train import fit
+from pretrain.training.batching import MaskingCollator
+from pretrain.training.masking import IGNORE
+from pretrain.training.objective import batch_inputs, mlm_objective
+from pretrain.training.throughput import flops_per_token
+from pretrain.training.train import fit
 
 from .test_train import QUIET, config, corpus_file, shards  # noqa: F401 - fixtures
 

@@ -13,8 +13,8 @@ import torch
 
 from data_prep.config import ConfigError, ExperimentConfig, load_config
 from data_prep.prepare import prepare_data
-from pretrain.checkpoint import AtomicCheckpointIO
-from pretrain.train import NothingToResume, fit
+from pretrain.training.checkpoint import AtomicCheckpointIO
+from pretrain.training.train import NothingToResume, fit
 
 from .conftest import make_documents, write_txt
 
@@ -206,7 +206,7 @@ def test_logged_training_metrics_cover_every_micro_batch_of_a_step(shards, corpu
 def test_doc_sentences_by_tokens_trains_and_resumes_bitwise(corpus_file: Path, tmp_path: Path) -> None:
     """batch.by_tokens: micro-batches of varying size (short DOC-SENTENCES blocks come more per batch), each within
     micro_size x seq_len tokens, and a resume is exact."""
-    from pretrain.data import ShardDataModule
+    from pretrain.training.data import ShardDataModule
 
     extra = ["--data.packing=doc_sentences", "--batch.by_tokens=true", "--trainer.max_steps=12",
              "--checkpoint.every_n_steps=3"]
@@ -240,7 +240,7 @@ def test_a_run_that_stops_early_without_a_signal_is_an_error_not_done(shards, co
                                                                       tmp_path: Path) -> None:
     import pytorch_lightning as pl
 
-    from pretrain.train import TrainingIncomplete
+    from pretrain.training.train import TrainingIncomplete
 
     class StopAtFive(pl.Callback):
         def on_train_batch_end(self, trainer, *args) -> None:

@@ -14,8 +14,9 @@ import torch
 from data_prep.config import ConfigError, ExperimentConfig, load_config
 from data_prep.prepare import prepare_data
 from data_prep.shards import ShardError, open_split, read_meta, short_phase
-from pretrain.data import PhasedSampler, StepSampler, seq_len_at
-from pretrain.train import fit
+from pretrain.training.data import seq_len_at
+from pretrain.training.samplers import PhasedSampler, StepSampler
+from pretrain.training.train import fit
 
 from .conftest import make_documents, write_txt
 from .test_train import FAST, QUIET, final_weights, losses

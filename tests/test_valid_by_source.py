@@ -16,10 +16,10 @@ import torch
 from data_prep import shards
 from data_prep.config import load_config
 from data_prep.prepare import prepare_data
-from data_prep.tokenizer import train_tokenizer
-from pretrain.data import ShardDataModule
-from pretrain.module import MLMModule
-from pretrain.train import fit
+from data_prep.tokenizer_training import train_tokenizer
+from pretrain.training.data import ShardDataModule
+from pretrain.training.module import MLMModule
+from pretrain.training.train import fit
 from tests.conftest import make_documents, write_txt
 
 SIZES = {"wiki": 60, "books": 40, "news": 50}

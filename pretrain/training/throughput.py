@@ -26,7 +26,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from .model.config import RobertaConfig
+from ..model.config import RobertaConfig
 
 
 def flops_per_token(cfg: RobertaConfig, seq_len: int, mask_probability: float, last_layer_subset: bool = False

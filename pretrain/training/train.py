@@ -21,6 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from data_prep.config import ExperimentConfig, config_from_dict, parse_duration
 from data_prep.redact import redact_argv, redact_config, redact_text
 
+from ..export import HFExportCallback
 from .budget import OPEN_ENDED, TimeBudget
 from .checkpoint import (
     AtomicCheckpointIO,
@@ -32,7 +33,6 @@ from .checkpoint import (
     resumable_checkpoint,
 )
 from .data import ShardDataModule, batch_geometry
-from .export import HFExportCallback
 from .host_memory import RetainHostMemory
 from .module import MLMModule
 from .rollback import Diverged, RollbackGuard, RollbackState, TrainingDiverged, describe_skipped

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..model.encoder import RobertaForMLM
+from ..model.unpadded import Unpadded
 from .masking import IGNORE
-from .model.encoder import RobertaForMLM
-from .model.unpadded import Unpadded
 
 
 def mlm_objective(model: RobertaForMLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

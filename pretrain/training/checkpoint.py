@@ -69,7 +69,7 @@ class ShardedFSDPStrategy(FSDPStrategy):
     def __init__(self, **kwargs: Any):
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        from .model.encoder import Layer
+        from ..model.encoder import Layer
 
         kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy({Layer}))  # one FSDP unit per encoder layer
         super().__init__(state_dict_type="sharded", **kwargs)

@@ -89,7 +89,7 @@ _CPU_STATE = _cpu_state_template()
 
 @functools.cache
 def _warn_layout() -> None:
-    warnings.warn(f"torch {torch.__version__}'s CPU generator state is not the layout pretrain/steps.py writes: "
+    warnings.warn(f"torch {torch.__version__}'s CPU generator state is not the layout pretrain/training/steps.py writes: "
                   "CPU dropout is seeded with 64 bits, of which torch keeps 32 (masks of distant micro-batches may "
                   "repeat)", stacklevel=3)
 
