@@ -20,7 +20,7 @@ Each side is also stopped at the budget by a callback, whatever its max_steps (o
 Training time runs from the start of the first step (model build, data prep, tokenizer and data-loader start-up
 excluded) and stops while the weights are copied to host memory at `--points` evenly spaced times; the copies are
 scored after training, so scoring takes no training time. Every copy (and the initial weights) is scored by a
-stock `transformers.RobertaForMaskedLM` (ours converted with `pretrain.hf.to_hf`) on the same held-out blocks with
+stock `transformers.RobertaForMaskedLM` (ours converted with `pretrain.hf.convert.to_hf`) on the same held-out blocks with
 the same masks (`pretrain.evaluate.Yardstick`: the first `--eval-blocks` validation blocks, fixed masks):
 cross-entropy summed over the masked tokens / their number, in nats. Headline: the time each side takes to reach
 HF's final loss (linear between points), and the ratio HF / ours (target >= 3).
@@ -240,7 +240,7 @@ def side_ours(args: argparse.Namespace, parity: bool) -> dict[str, Any]:
 
     from data_prep.prepare import prepare_data
     from data_prep.shards import read_meta
-    from pretrain.hf import model_config, to_hf
+    from pretrain.hf.convert import model_config, to_hf
     from pretrain.model.encoder import RobertaForMLM
     from pretrain.training.train import TrainingIncomplete, fit
 

@@ -113,11 +113,11 @@ def time_to_reach(points: list[tuple[float, float]], target: float) -> float | N
 
 def hf_mlm_model(cfg, meta: dict, **config_kwargs):
     """Hugging Face's model for `run_mlm.py`'s recipe: a fresh `transformers.RobertaForMaskedLM` (SDPA attention)
-    of the experiment's architecture (`pretrain.hf.model_config`), initialised from the experiment's seed."""
+    of the experiment's architecture (`pretrain.hf.convert.model_config`), initialised from the experiment's seed."""
     import torch
     import transformers
 
-    from pretrain.hf import model_config
+    from pretrain.hf.convert import model_config
 
     torch.manual_seed(cfg.seed)
     hf_config = transformers.RobertaConfig(**model_config(cfg, meta).hf_config_kwargs(), attn_implementation="sdpa",

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ablation":
         return _ablation(args, overrides)
 
-    from .export import ExportError
+    from .hf.export import ExportError
     from .training.train import NothingToResume, TrainingIncomplete
 
     return run_command(lambda: _fit_or_export(args, overrides),
@@ -48,8 +48,8 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from data_prep.prepare import run_dir_lock
     from data_prep.tokenizer_training import train_tokenizer
 
-    from .export import export
-    from .hf import check_init_from
+    from .hf.convert import check_init_from
+    from .hf.export import export
     from .training.throughput import Throughput
     from .training.train import NothingToResume, fit, plot_losses, training_data
 
@@ -86,8 +86,8 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .export import ExportError
     from .finetune import FinetuneError, finetune, load_task
+    from .hf.export import ExportError
 
     task_overrides = [o for o in overrides if o.startswith(("--finetune.", "--task."))]
 
@@ -103,8 +103,8 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
 def _ablation(args: argparse.Namespace, overrides: list[str]) -> int:
     from .ablation import run_ablation
     from .evaluate import YardstickError
-    from .export import ExportError
     from .finetune import FinetuneError
+    from .hf.export import ExportError
     from .training.train import NothingToResume
 
     def run() -> None:

@@ -354,8 +354,8 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
 
 
 def _downstream(cfg: ExperimentConfig, st: AblationSettings, seed: int, log) -> dict[str, Any]:
-    from .export import export
     from .finetune import finetune, load_task
+    from .hf.export import export
 
     export(cfg, log=lambda *_: None)
     tf = load_task(st.task, [*st.task_overrides, "--finetune.seeds=1", f"--finetune.seed={seed}",

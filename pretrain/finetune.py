@@ -41,8 +41,8 @@ from data_prep.config import ExperimentConfig
 
 from .classifier import ClassifierModule, build_model, check_model_dir, resolve_model
 from .finetune_report import markdown, summarise, update_report
-from .hf import max_seq_len
-from .outputs import OutputDirError, Writer, check_name, check_replaceable, mark, remove, replace
+from .hf.convert import max_seq_len
+from .hf.outputs import OutputDirError, Writer, check_name, check_replaceable, mark, remove, replace
 from .task import (
     Encoded,
     Examples,

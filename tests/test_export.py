@@ -15,11 +15,11 @@ from data_prep.config import ConfigError, ExperimentConfig, load_config
 from data_prep.prepare import prepare_data
 from data_prep.tokenizer import FILES, load_tokenizer
 from data_prep.tokenizer_training import train_tokenizer
-from pretrain import hf as hf_mod
-from pretrain.card import hub_datasets
-from pretrain.export import ParityError, export, parity_batch
-from pretrain.model.encoder import to_hf_state_dict
-from pretrain.outputs import MARKER
+from pretrain.hf import convert as hf_mod
+from pretrain.hf.card import hub_datasets
+from pretrain.hf.convert import to_hf_state_dict
+from pretrain.hf.export import ParityError, export, parity_batch
+from pretrain.hf.outputs import MARKER
 from pretrain.training.module import MLMModule
 from pretrain.training.train import fit
 

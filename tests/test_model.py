@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pretrain.hf.convert import HF_NAME_MAP, from_hf_state_dict, hf_name_map, to_hf_state_dict
 from pretrain.model.config import RobertaConfig
-from pretrain.model.encoder import (
-    HF_NAME_MAP,
-    RobertaForMLM,
-    from_hf_state_dict,
-    hf_name_map,
-    position_ids,
-    to_hf_state_dict,
-)
+from pretrain.model.encoder import RobertaForMLM, position_ids
 
 PAD = 1
 SEQ_LEN = 16

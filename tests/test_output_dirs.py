@@ -1,4 +1,4 @@
-"""The project deletes or replaces only what it wrote (pretrain/outputs.py): export's target and fine-tuning's
+"""The project deletes or replaces only what it wrote (pretrain/hf/outputs.py): export's target and fine-tuning's
 seed directories are replaced only when they carry the marker (or hold exactly what an older version wrote, or
 are empty or missing); anything else, a symbolic link included, is one line and exit 2 before any work. A task's
 name is a name, never a path."""
@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from data_prep.config import ConfigError, load_config
 from data_prep.tokenizer import FILES
 from pretrain.__main__ import main
-from pretrain.export import EXPORT
 from pretrain.finetune import PARTIAL, SEED, check_outputs, load_task
-from pretrain.outputs import MARKER, OutputDirError, check_name, is_ours, mark, replace
+from pretrain.hf.export import EXPORT
+from pretrain.hf.outputs import MARKER, OutputDirError, check_name, is_ours, mark, replace
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -188,7 +188,7 @@ def test_finetune_refuses_a_seed_directory_it_did_not_write_before_any_work(tmp_
 
 
 def test_training_with_export_hf_refuses_a_foreign_run_dir_hf(tmp_path: Path) -> None:
-    from pretrain.export import ExportError, HFExportCallback
+    from pretrain.hf.export import ExportError, HFExportCallback
 
     cfg = load_config(None, [f"--run_dir={tmp_path}", "--checkpoint.export_hf=true"])
     (tmp_path / "hf").mkdir()

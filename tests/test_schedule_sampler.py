@@ -129,7 +129,7 @@ def test_sparse_loss_equals_the_dense_loss_of_transformers_and_its_gradients() -
     import transformers
 
     from data_prep.config import load_config
-    from pretrain.model.encoder import to_hf_state_dict
+    from pretrain.hf.convert import to_hf_state_dict
     from pretrain.training.batching import MaskingCollator
     from pretrain.training.module import MLMModule
 

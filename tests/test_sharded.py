@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.export import export
+from pretrain.hf.export import export
 from pretrain.training.checkpoint import load_full, probe, resumable_checkpoint
 from pretrain.training.train import fit
 

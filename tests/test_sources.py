@@ -17,7 +17,7 @@ from data_prep.corpus import Corpus, held_out, kept
 from data_prep.prepare import format_report, prepare_data
 from data_prep.tokenizer_training import format_report as tokenizer_report
 from data_prep.tokenizer_training import train_tokenizer
-from pretrain.card import source_lines
+from pretrain.hf.card import source_lines
 from tests.conftest import make_documents, write_txt
 
 SIZES = {"wiki": 60, "books": 40, "news": 50}

@@ -219,7 +219,7 @@ def test_doc_sentences_by_tokens_trains_and_resumes_bitwise(corpus_file: Path, t
         sizes.append(batch["input_ids"].shape[0])
         tokens.append(int(batch["attention_mask"].sum()))
     assert max(tokens) <= 4 * 32 and len(set(sizes)) > 1 and max(sizes) > 4, (sizes, tokens)
-    from pretrain.export import tokens_seen
+    from pretrain.hf.export import tokens_seen
 
     sequences, seen, most = tokens_seen(full_cfg, json.loads(meta.read_text()), meta, 12)  # 12 steps x 2 micro
     assert most == 24 * 4 * 32 and abs(seen - sum(tokens)) < 0.15 * sum(tokens), (seen, sum(tokens))

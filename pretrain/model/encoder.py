@@ -4,7 +4,7 @@ The architecture is `RobertaForMaskedLM` (Liu et al. 2019, arXiv 1907.11692; BER
 arXiv 1810.04805): post-LayerNorm encoder layers, learned absolute positions that start at `pad_token_id + 1`
 (fairseq's `make_positions`), one token type, exact (erf) GELU, LayerNorm eps 1e-5, and an LM head
 (dense, GELU, LayerNorm, decoder tied to the word embeddings plus its own bias). Because every tensor has the
-same shape and meaning as in `transformers`, export is the name map `HF_NAME_MAP` at the bottom of this file.
+same shape and meaning as in `transformers`, export is one name map (`HF_NAME_MAP`, hf/convert.py).
 
 What differs from `transformers` is speed, not maths:
 - attention is `torch.nn.functional.scaled_dot_product_attention` (fused kernels), and on a CPU in training
@@ -23,7 +23,7 @@ What differs from `transformers` is speed, not maths:
   so at 15% targets it costs under a third of a layer (the keys and values are 1/6 of its matmuls).
 
 Reading order (the config is config.py, packed attention unpadded.py): embeddings, attention, layer, encoder,
-LM head, NSP head, the model, the HF name map.
+LM head, NSP head, the model.
 Shapes: B batch, T sequence length, C hidden size, H heads, D head size, N masked tokens, V vocabulary.
 """
 
@@ -332,74 +332,3 @@ class RobertaForMLM(nn.Module):
         """MLM logits: (B, T, V) like `transformers`, or (N, V) at `masked_positions` only."""
         hidden = self.encode(input_ids, attention_mask, attention_segments)
         return self.mlm_logits(hidden, masked_positions)
-
-
-# Project parameter name -> `transformers` RobertaForMaskedLM state-dict name; `{}` is the layer index.
-# Every HF key appears exactly once. Two rows name tied tensors: the decoder weight is the word embedding, and
-# HF keeps its head bias under two names (`lm_head.bias` is `lm_head.decoder.bias`). The NSP head has no
-# HF name.
-HF_NAME_MAP: list[tuple[str, str]] = [
-    ("embeddings.word.weight", "roberta.embeddings.word_embeddings.weight"),
-    ("embeddings.position.weight", "roberta.embeddings.position_embeddings.weight"),
-    ("embeddings.token_type.weight", "roberta.embeddings.token_type_embeddings.weight"),
-    ("embeddings.norm.weight", "roberta.embeddings.LayerNorm.weight"),
-    ("embeddings.norm.bias", "roberta.embeddings.LayerNorm.bias"),
-    ("encoder.layers.{}.attn.query.weight", "roberta.encoder.layer.{}.attention.self.query.weight"),
-    ("encoder.layers.{}.attn.query.bias", "roberta.encoder.layer.{}.attention.self.query.bias"),
-    ("encoder.layers.{}.attn.key.weight", "roberta.encoder.layer.{}.attention.self.key.weight"),
-    ("encoder.layers.{}.attn.key.bias", "roberta.encoder.layer.{}.attention.self.key.bias"),
-    ("encoder.layers.{}.attn.value.weight", "roberta.encoder.layer.{}.attention.self.value.weight"),
-    ("encoder.layers.{}.attn.value.bias", "roberta.encoder.layer.{}.attention.self.value.bias"),
-    ("encoder.layers.{}.attn.out.weight", "roberta.encoder.layer.{}.attention.output.dense.weight"),
-    ("encoder.layers.{}.attn.out.bias", "roberta.encoder.layer.{}.attention.output.dense.bias"),
-    ("encoder.layers.{}.attn_norm.weight", "roberta.encoder.layer.{}.attention.output.LayerNorm.weight"),
-    ("encoder.layers.{}.attn_norm.bias", "roberta.encoder.layer.{}.attention.output.LayerNorm.bias"),
-    ("encoder.layers.{}.ffn_in.weight", "roberta.encoder.layer.{}.intermediate.dense.weight"),
-    ("encoder.layers.{}.ffn_in.bias", "roberta.encoder.layer.{}.intermediate.dense.bias"),
-    ("encoder.layers.{}.ffn_out.weight", "roberta.encoder.layer.{}.output.dense.weight"),
-    ("encoder.layers.{}.ffn_out.bias", "roberta.encoder.layer.{}.output.dense.bias"),
-    ("encoder.layers.{}.ffn_norm.weight", "roberta.encoder.layer.{}.output.LayerNorm.weight"),
-    ("encoder.layers.{}.ffn_norm.bias", "roberta.encoder.layer.{}.output.LayerNorm.bias"),
-    ("lm_head.dense.weight", "lm_head.dense.weight"),
-    ("lm_head.dense.bias", "lm_head.dense.bias"),
-    ("lm_head.norm.weight", "lm_head.layer_norm.weight"),
-    ("lm_head.norm.bias", "lm_head.layer_norm.bias"),
-    ("lm_head.decoder.weight", "lm_head.decoder.weight"),  # tied: embeddings.word.weight
-    ("lm_head.decoder.bias", "lm_head.decoder.bias"),
-    ("lm_head.decoder.bias", "lm_head.bias"),  # tied in HF
-]
-
-
-def hf_name_map(num_layers: int) -> list[tuple[str, str]]:
-    """`HF_NAME_MAP` with the `{}` templates expanded for layers 0 .. num_layers - 1."""
-    rows = []
-    for ours, theirs in HF_NAME_MAP:
-        if "{}" in ours:
-            rows += [(ours.format(i), theirs.format(i)) for i in range(num_layers)]
-        else:
-            rows.append((ours, theirs))
-    return rows
-
-
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """This model's state dict -> `RobertaForMaskedLM`'s (loads with strict=True), without the NSP head."""
-    return {theirs: state_dict[ours] for ours, theirs in hf_name_map(num_layers)}
-
-
-def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """`RobertaForMaskedLM`'s state dict -> this model's. A tied name that a saved file left out is filled
-    from its twin; a name missing from both raises, naming it."""
-    ours_to_theirs: dict[str, list[str]] = {}
-    for ours, theirs in hf_name_map(num_layers):
-        ours_to_theirs.setdefault(ours, []).append(theirs)
-    ours_to_theirs["lm_head.decoder.weight"].append("roberta.embeddings.word_embeddings.weight")
-    out, missing = {}, []
-    for ours, candidates in ours_to_theirs.items():
-        found = [name for name in candidates if name in hf_state_dict]
-        if found:
-            out[ours] = hf_state_dict[found[0]]
-        else:
-            missing.append(f"{ours} (HF: {' or '.join(candidates)})")
-    if missing:
-        raise KeyError(f"the Hugging Face state dict lacks {len(missing)} tensors: {', '.join(missing)}")
-    return out

@@ -18,7 +18,7 @@ import torch
 from data_prep.config import config_from_dict
 from data_prep.redact import redact_config
 
-from ..hf import init_from_hf, model_config  # model_config: also imported from here (bench/, tests)
+from ..hf.convert import init_from_hf, model_config  # model_config: also imported from here (bench/, tests)
 from ..model.encoder import RobertaForMLM
 from .module_checkpoint import CheckpointHooks
 from .module_step import TrainingStep

@@ -21,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from data_prep.config import ExperimentConfig, config_from_dict, parse_duration
 from data_prep.redact import redact_argv, redact_config, redact_text
 
-from ..export import HFExportCallback
+from ..hf.export import HFExportCallback
 from .budget import OPEN_ENDED, TimeBudget
 from .checkpoint import (
     AtomicCheckpointIO,

@@ -38,12 +38,12 @@ from data_prep.prepare import sha256_file
 from data_prep.shards import ShardError, open_split
 from data_prep.tokenizer import FILES, load_tokenizer, special_ids, tokenizer_dir
 
+from ..model.encoder import RobertaForMLM
+from ..training.checkpoint import load_full, resumable_checkpoint
 from .card import model_card, validation_metrics
 from .card import tokens_seen as tokens_seen  # re-exported: it used to live here
-from .hf import model_config, to_hf
-from .model.encoder import RobertaForMLM
+from .convert import model_config, to_hf
 from .outputs import OutputDirError, Writer, check_replaceable, mark, remove, replace
-from .training.checkpoint import load_full, resumable_checkpoint
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed in fp32 between this project's model and `transformers`
 

@@ -17,11 +17,11 @@ from data_prep.config import ExperimentConfig
 from data_prep.redact import redact_text
 from data_prep.shards import ShardError, open_split, read_meta, short_phase
 
-from .model.config import RobertaConfig
-from .model.encoder import RobertaForMLM
-from .training.data import length_schedule
-from .training.rollback import describe_skipped
-from .training.schedules import BatchSchedule
+from ..model.config import RobertaConfig
+from ..model.encoder import RobertaForMLM
+from ..training.data import length_schedule
+from ..training.rollback import describe_skipped
+from ..training.schedules import BatchSchedule
 
 
 def validation_metrics(metrics_csv: Path, step: int) -> dict[str, float]:
@@ -48,7 +48,7 @@ def tokens_seen(c: ExperimentConfig, meta: dict[str, Any], meta_path: Path | Non
     phase's sequences times the mean block length of its shards (its block length when they cannot be read).
     With batch.by_tokens a step has global_size / micro_size micro-batches of the size epoch 0's have on average."""
     if c.batch.by_tokens and meta_path is not None:
-        from .training.samplers import epoch_permutation, token_bins
+        from ..training.samplers import epoch_permutation, token_bins
 
         try:
             lengths = open_split(meta_path, "train").block_lengths()

@@ -1,8 +1,10 @@
 """Hugging Face RoBERTa <-> this project, in both directions: the one module that knows both formats.
 
-Below the LightningModule (module.py), the export command (export.py) and fine-tuning (finetune.py), above the
-plain-torch model (model/encoder.py, whose `HF_NAME_MAP` is the name map both directions use):
+Below the LightningModule (training/module.py), the export command (export.py) and fine-tuning
+(evaluation/finetune.py), above the plain-torch model (model/encoder.py):
 
+- `HF_NAME_MAP`: every parameter's name here and in `RobertaForMaskedLM`, the one name map both directions use
+  (`to_hf_state_dict`, `from_hf_state_dict`), since every tensor has the same shape and meaning in both.
 - `model_config`: the architecture of a run, sizes from the experiment and vocabulary and ids from the shards'
   metadata; `RobertaConfig.hf_config_kwargs` is the same network as `transformers.RobertaConfig`.
 - `to_hf`: this project's model as a `transformers.RobertaForMaskedLM` (export).
@@ -30,8 +32,8 @@ from data_prep.pack import PAIR_PACKINGS
 from data_prep.tokenizer import RESAVE, load_tokenizer, tokenizer_dir
 from data_prep.tokenizer_hf import HF_WEIGHTS, read_hf_dir
 
-from .model.config import RobertaConfig
-from .model.encoder import RobertaForMLM, from_hf_state_dict, to_hf_state_dict
+from ..model.config import RobertaConfig
+from ..model.encoder import RobertaForMLM
 
 
 def model_config(cfg: ExperimentConfig, meta: dict[str, Any]) -> RobertaConfig:
@@ -156,3 +158,74 @@ def init_from_hf(model: RobertaForMLM, cfg: ExperimentConfig) -> None:
 
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.startswith("nsp_head.") for k in missing), f"{missing=} {unexpected=}"
+
+
+# Project parameter name -> `transformers` RobertaForMaskedLM state-dict name; `{}` is the layer index.
+# Every HF key appears exactly once. Two rows name tied tensors: the decoder weight is the word embedding, and
+# HF keeps its head bias under two names (`lm_head.bias` is `lm_head.decoder.bias`). The NSP head has no
+# HF name.
+HF_NAME_MAP: list[tuple[str, str]] = [
+    ("embeddings.word.weight", "roberta.embeddings.word_embeddings.weight"),
+    ("embeddings.position.weight", "roberta.embeddings.position_embeddings.weight"),
+    ("embeddings.token_type.weight", "roberta.embeddings.token_type_embeddings.weight"),
+    ("embeddings.norm.weight", "roberta.embeddings.LayerNorm.weight"),
+    ("embeddings.norm.bias", "roberta.embeddings.LayerNorm.bias"),
+    ("encoder.layers.{}.attn.query.weight", "roberta.encoder.layer.{}.attention.self.query.weight"),
+    ("encoder.layers.{}.attn.query.bias", "roberta.encoder.layer.{}.attention.self.query.bias"),
+    ("encoder.layers.{}.attn.key.weight", "roberta.encoder.layer.{}.attention.self.key.weight"),
+    ("encoder.layers.{}.attn.key.bias", "roberta.encoder.layer.{}.attention.self.key.bias"),
+    ("encoder.layers.{}.attn.value.weight", "roberta.encoder.layer.{}.attention.self.value.weight"),
+    ("encoder.layers.{}.attn.value.bias", "roberta.encoder.layer.{}.attention.self.value.bias"),
+    ("encoder.layers.{}.attn.out.weight", "roberta.encoder.layer.{}.attention.output.dense.weight"),
+    ("encoder.layers.{}.attn.out.bias", "roberta.encoder.layer.{}.attention.output.dense.bias"),
+    ("encoder.layers.{}.attn_norm.weight", "roberta.encoder.layer.{}.attention.output.LayerNorm.weight"),
+    ("encoder.layers.{}.attn_norm.bias", "roberta.encoder.layer.{}.attention.output.LayerNorm.bias"),
+    ("encoder.layers.{}.ffn_in.weight", "roberta.encoder.layer.{}.intermediate.dense.weight"),
+    ("encoder.layers.{}.ffn_in.bias", "roberta.encoder.layer.{}.intermediate.dense.bias"),
+    ("encoder.layers.{}.ffn_out.weight", "roberta.encoder.layer.{}.output.dense.weight"),
+    ("encoder.layers.{}.ffn_out.bias", "roberta.encoder.layer.{}.output.dense.bias"),
+    ("encoder.layers.{}.ffn_norm.weight", "roberta.encoder.layer.{}.output.LayerNorm.weight"),
+    ("encoder.layers.{}.ffn_norm.bias", "roberta.encoder.layer.{}.output.LayerNorm.bias"),
+    ("lm_head.dense.weight", "lm_head.dense.weight"),
+    ("lm_head.dense.bias", "lm_head.dense.bias"),
+    ("lm_head.norm.weight", "lm_head.layer_norm.weight"),
+    ("lm_head.norm.bias", "lm_head.layer_norm.bias"),
+    ("lm_head.decoder.weight", "lm_head.decoder.weight"),  # tied: embeddings.word.weight
+    ("lm_head.decoder.bias", "lm_head.decoder.bias"),
+    ("lm_head.decoder.bias", "lm_head.bias"),  # tied in HF
+]
+
+
+def hf_name_map(num_layers: int) -> list[tuple[str, str]]:
+    """`HF_NAME_MAP` with the `{}` templates expanded for layers 0 .. num_layers - 1."""
+    rows = []
+    for ours, theirs in HF_NAME_MAP:
+        if "{}" in ours:
+            rows += [(ours.format(i), theirs.format(i)) for i in range(num_layers)]
+        else:
+            rows.append((ours, theirs))
+    return rows
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """This model's state dict -> `RobertaForMaskedLM`'s (loads with strict=True), without the NSP head."""
+    return {theirs: state_dict[ours] for ours, theirs in hf_name_map(num_layers)}
+
+
+def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """`RobertaForMaskedLM`'s state dict -> this model's. A tied name that a saved file left out is filled
+    from its twin; a name missing from both raises, naming it."""
+    ours_to_theirs: dict[str, list[str]] = {}
+    for ours, theirs in hf_name_map(num_layers):
+        ours_to_theirs.setdefault(ours, []).append(theirs)
+    ours_to_theirs["lm_head.decoder.weight"].append("roberta.embeddings.word_embeddings.weight")
+    out, missing = {}, []
+    for ours, candidates in ours_to_theirs.items():
+        found = [name for name in candidates if name in hf_state_dict]
+        if found:
+            out[ours] = hf_state_dict[found[0]]
+        else:
+            missing.append(f"{ours} (HF: {' or '.join(candidates)})")
+    if missing:
+        raise KeyError(f"the Hugging Face state dict lacks {len(missing)} tensors: {', '.join(missing)}")
+    return out
