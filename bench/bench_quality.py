@@ -21,7 +21,7 @@ Training time runs from the start of the first step (model build, data prep, tok
 excluded) and stops while the weights are copied to host memory at `--points` evenly spaced times; the copies are
 scored after training, so scoring takes no training time. Every copy (and the initial weights) is scored by a
 stock `transformers.RobertaForMaskedLM` (ours converted with `pretrain.hf.convert.to_hf`) on the same held-out blocks with
-the same masks (`pretrain.evaluate.Yardstick`: the first `--eval-blocks` validation blocks, fixed masks):
+the same masks (`pretrain.evaluation.yardstick.Yardstick`: the first `--eval-blocks` validation blocks, fixed masks):
 cross-entropy summed over the masked tokens / their number, in nats. Headline: the time each side takes to reach
 HF's final loss (linear between points), and the ratio HF / ours (target >= 3).
 
@@ -218,7 +218,7 @@ def held_out_loss(hf_model, batches: list[dict], device: str) -> dict[str, float
 def score(clock: Clock, build_hf, meta_path: Path, cfg, eval_blocks: int, cuda: bool) -> dict[str, Any]:
     """{points: every snapshot's held-out loss, eval_blocks}; `build_hf(state)` makes the stock HF model of a
     snapshot."""
-    from pretrain.evaluate import Yardstick
+    from pretrain.evaluation.yardstick import Yardstick
 
     batches = Yardstick(meta_path, blocks=eval_blocks).batches()
     points = []

@@ -4,7 +4,7 @@
 checkpoint when there is one; `resume [--ckpt PATH]` insists on a checkpoint (the newest, or PATH); `export [--ckpt PATH] [--out DIR]` writes a
 checkpoint (default: the newest) as a Hugging Face directory (default: run_dir/hf) and proves its parity;
 `finetune --task configs/tasks/NAME.yaml [--finetune.key=value --task.key=value]` fine-tunes the export on a
-labelled task and reports its validation metrics (pretrain/finetune.py); `ablation --config
+labelled task and reports its validation metrics (pretrain/evaluation/finetune.py); `ablation --config
 configs/ablation-NAME.yaml [--ablation.seeds=3]` runs the recipe ablation and writes its report (pretrain/ablation.py).
 """
 
@@ -86,7 +86,7 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .finetune import FinetuneError, finetune, load_task
+    from .evaluation.finetune import FinetuneError, finetune, load_task
     from .hf.export import ExportError
 
     task_overrides = [o for o in overrides if o.startswith(("--finetune.", "--task."))]
@@ -102,8 +102,8 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _ablation(args: argparse.Namespace, overrides: list[str]) -> int:
     from .ablation import run_ablation
-    from .evaluate import YardstickError
-    from .finetune import FinetuneError
+    from .evaluation.finetune import FinetuneError
+    from .evaluation.yardstick import YardstickError
     from .hf.export import ExportError
     from .training.train import NothingToResume
 

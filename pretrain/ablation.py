@@ -13,7 +13,7 @@ run_dir/ablation/NAME/seed-K/, and all of them
   step; any other gets the global batch whose tokens per step match the base's (SENTENCE-PAIR's short blocks
   get a larger batch, as in the paper's section 4.2), so the input format does not change the number of
   optimizer steps. Warmup keeps the same share of the steps unless the variant sets optim.warmup_steps itself,
-- are scored on one yardstick (pretrain/evaluate.py): the same held-out FULL-SENTENCES blocks with the same
+- are scored on one yardstick (pretrain/evaluation/yardstick.py): the same held-out FULL-SENTENCES blocks with the same
   fixed masks, at every checkpoint (curves) and at the end (the table).
 
 Finished variant-seeds (result.json present, same settings) are skipped on a rerun; an interrupted one resumes
@@ -40,7 +40,7 @@ from data_prep.typed_config import read_yaml_mapping
 
 from .ablation_report import build_report, markdown, plot_curves
 from .ablation_report import verdict as verdict  # re-exported: it used to live here
-from .evaluate import Yardstick, check_compatible, load_model
+from .evaluation.yardstick import Yardstick, check_compatible, load_model
 
 Direction = Literal["baseline", "better", "worse", "similar"]
 
@@ -354,7 +354,7 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
 
 
 def _downstream(cfg: ExperimentConfig, st: AblationSettings, seed: int, log) -> dict[str, Any]:
-    from .finetune import finetune, load_task
+    from .evaluation.finetune import finetune, load_task
     from .hf.export import export
 
     export(cfg, log=lambda *_: None)

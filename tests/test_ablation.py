@@ -13,7 +13,7 @@ import yaml
 from data_prep.config import ConfigError
 from pretrain import ablation
 from pretrain.ablation import build_report, load_ablation, markdown, run_ablation, selected_variants, verdict
-from pretrain.evaluate import Yardstick, load_model
+from pretrain.evaluation.yardstick import Yardstick, load_model
 
 from .conftest import make_documents, write_txt
 

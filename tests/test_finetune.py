@@ -16,8 +16,8 @@ import yaml
 
 from data_prep.config import ConfigError, load_config
 from data_prep.prepare import prepare_data
-from pretrain import metrics
-from pretrain.finetune import (
+from pretrain.evaluation import metrics
+from pretrain.evaluation.finetune import (
     FinetuneConfig,
     FinetuneError,
     build_model,

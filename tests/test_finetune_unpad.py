@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from pretrain.classifier import ClassifierModule, shared_encoder
-from pretrain.task import Encoded, FinetuneConfig, TaskConfig
+from pretrain.evaluation.classifier import ClassifierModule, shared_encoder
+from pretrain.evaluation.task import Encoded, FinetuneConfig, TaskConfig
 
 PAD = 1
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from data_prep.config import ConfigError, load_config
 from data_prep.tokenizer import FILES
 from pretrain.__main__ import main
-from pretrain.finetune import PARTIAL, SEED, check_outputs, load_task
+from pretrain.evaluation.finetune import PARTIAL, SEED, check_outputs, load_task
 from pretrain.hf.export import EXPORT
 from pretrain.hf.outputs import MARKER, OutputDirError, check_name, is_ours, mark, replace
 

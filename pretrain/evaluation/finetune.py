@@ -39,10 +39,11 @@ import torch
 
 from data_prep.config import ExperimentConfig
 
+from ..hf.convert import max_seq_len
+from ..hf.outputs import OutputDirError, Writer, check_name, check_replaceable, mark, remove, replace
+from ..training.host_memory import RetainHostMemory
 from .classifier import ClassifierModule, build_model, check_model_dir, resolve_model
 from .finetune_report import markdown, summarise, update_report
-from .hf.convert import max_seq_len
-from .hf.outputs import OutputDirError, Writer, check_name, check_replaceable, mark, remove, replace
 from .task import (
     Encoded,
     Examples,
@@ -57,7 +58,6 @@ from .task import (
     targets,
     task_dir,
 )
-from .training.host_memory import RetainHostMemory
 
 # The fine-tuning API, importable from here as before the task, classifier and report moved to their modules
 __all__ = ["ClassifierModule", "Encoded", "Examples", "FinetuneConfig", "FinetuneError", "TaskConfig", "TaskFile",

@@ -19,14 +19,14 @@ import torch
 
 from data_prep.config import ExperimentConfig
 
-from .hf.convert import hf_name_map
+from ..hf.convert import hf_name_map
+from ..model.config import RobertaConfig
+from ..model.encoder import RobertaForMLM
+from ..model.unpadded import Unpadded
+from ..training.module import adamw
+from ..training.schedules import LRSchedule
 from .metrics import compute
-from .model.config import RobertaConfig
-from .model.encoder import RobertaForMLM
-from .model.unpadded import Unpadded
 from .task import FinetuneConfig, FinetuneError, TaskConfig
-from .training.module import adamw
-from .training.schedules import LRSchedule
 
 
 def check_model_dir(path: str | Path, need_weights: bool = True) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def resolve_model(cfg: ExperimentConfig, ft: FinetuneConfig, log=print) -> Path:
             if not any((cfg.run_path / "checkpoints").glob("*.ckpt")):
                 raise FinetuneError(f"{path} does not exist and {cfg.run_path / 'checkpoints'} has no checkpoint: "
                                     "pretrain first (`make pretrain CONFIG=...`) or pass --finetune.model=DIR")
-            from .hf.export import export
+            from ..hf.export import export
 
             log(f"finetune: {path} is missing; exporting the newest checkpoint first")
             export(cfg, log=log)

@@ -17,9 +17,9 @@ import torch
 from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, option
 from data_prep.typed_config import read_yaml_mapping
 
-from .hf.outputs import check_name
+from ..hf.outputs import check_name
+from ..model.unpadded import Unpadded
 from .metrics import CLASSIFICATION, REGRESSION
-from .model.unpadded import Unpadded
 
 
 class FinetuneError(ValueError):

@@ -20,10 +20,10 @@ import torch
 from data_prep.config import config_from_dict
 from data_prep.shards import open_split, read_meta
 
-from .hf.convert import model_config
-from .model.encoder import RobertaForMLM
-from .training.batching import MaskingCollator
-from .training.objective import batch_inputs, mlm_objective
+from ..hf.convert import model_config
+from ..model.encoder import RobertaForMLM
+from ..training.batching import MaskingCollator
+from ..training.objective import batch_inputs, mlm_objective
 
 
 class YardstickError(ValueError):
