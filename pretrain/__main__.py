@@ -5,7 +5,7 @@ checkpoint when there is one; `resume [--ckpt PATH]` insists on a checkpoint (th
 checkpoint (default: the newest) as a Hugging Face directory (default: run_dir/hf) and proves its parity;
 `finetune --task configs/tasks/NAME.yaml [--finetune.key=value --task.key=value]` fine-tunes the export on a
 labelled task and reports its validation metrics (pretrain/evaluation/finetune.py); `ablation --config
-configs/ablation-NAME.yaml [--ablation.seeds=3]` runs the recipe ablation and writes its report (pretrain/ablation.py).
+configs/ablation-NAME.yaml [--ablation.seeds=3]` runs the recipe ablation and writes its report (pretrain/ablation/run.py).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _ablation(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .ablation import run_ablation
+    from .ablation.run import run_ablation
     from .evaluation.finetune import FinetuneError
     from .evaluation.yardstick import YardstickError
     from .hf.export import ExportError

@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from data_prep.config import ConfigError
-from pretrain import ablation
-from pretrain.ablation import build_report, load_ablation, markdown, run_ablation, selected_variants, verdict
+from pretrain.ablation import run as ablation
+from pretrain.ablation.report import build_report, markdown, verdict
+from pretrain.ablation.run import run_ablation, selected_variants
+from pretrain.ablation.spec import load_ablation
 from pretrain.evaluation.yardstick import Yardstick, load_model
 
 from .conftest import make_documents, write_txt

@@ -271,7 +271,7 @@ def test_a_duplicated_key_inside_a_section_or_an_override_is_refused(tmp_path: P
 
 
 def test_task_and_ablation_files_are_read_the_same_way(tmp_path: Path) -> None:
-    from pretrain.ablation import load_ablation
+    from pretrain.ablation.spec import load_ablation
     from pretrain.evaluation.task import load_task
 
     task = _write(tmp_path, "task:\n  train: a.jsonl\ntask:\n  valid: b.jsonl\n", "task.yaml")

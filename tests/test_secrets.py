@@ -150,7 +150,8 @@ def test_wandb_gets_the_redacted_config_and_arguments(tmp_path: Path, monkeypatc
 
 
 def test_the_ablation_records_its_overrides_without_secrets() -> None:
-    from pretrain.ablation import AblationSettings, VariantSpec, _settings_key
+    from pretrain.ablation.run import _settings_key
+    from pretrain.ablation.spec import AblationSettings, VariantSpec
 
     common = [f"--data.storage_options={flow(SECRETS)}", "--trainer.max_steps=3", "--data_seed=0"]
     key = _settings_key(VariantSpec(name="roberta"), 0, common, 1e6, AblationSettings())

@@ -8,12 +8,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # annotations only: ablation.py imports this module
-    from .ablation import AblationFile, Direction
+from .spec import AblationFile, Direction
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float | None]:

@@ -20,7 +20,7 @@ Finished variant-seeds (result.json present, same settings) are skipped on a rer
 from its last checkpoint. The report, run_dir/ablation/report.md (+ report.json, report.png), gives per variant
 the mean held-out loss over seeds and its spread, the difference from the baseline, whether it exceeds the
 spread (not significant when it does not), the paper's direction for that change and whether this run agrees
-(ablation_report.py).
+(report.py).
 """
 
 from __future__ import annotations
@@ -28,110 +28,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from data_prep.config import ConfigError, ExperimentConfig, apply_overrides, from_mapping, load_config, option
+from data_prep.config import ConfigError, ExperimentConfig, load_config
 from data_prep.redact import redact_argv
 from data_prep.shards import ShardSplit, read_meta, short_phase
 from data_prep.tempfiles import write_json_atomic
-from data_prep.typed_config import read_yaml_mapping
 
-from .ablation_report import build_report, markdown, plot_curves
-from .ablation_report import verdict as verdict  # re-exported: it used to live here
-from .evaluation.yardstick import Yardstick, check_compatible, load_model
-
-Direction = Literal["baseline", "better", "worse", "similar"]
-
-
-@dataclass
-class VariantSpec:
-    name: str = option("", "Names the run directory, run_dir/ablation/NAME/seed-K (letters, digits, - and _).")
-    what: str = option("", "What this variant changes, in words, for the report.")
-    changes: dict[str, Any] = option({}, "Dotted keys of the experiment config and their values for this variant "
-                                     "({masking.dynamic: false}); empty: the base itself.")
-    paper: Direction = option("similar", "The paper's result for this change, as the held-out loss compared with the "
-                                     "baseline: better (lower), worse (higher), similar; baseline for the baseline.")
-    paper_note: str = option("", "The paper's numbers behind `paper` (table and values).")
-
-    def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
-            raise ConfigError(f"variant name {self.name!r} must be non-empty letters, digits, - or _")
-
-
-@dataclass
-class AblationSettings:
-    seeds: int = option(1, "Seeds per variant (seed, seed+1, ...); with 2 or more the report gives mean and spread "
-                       "and marks differences smaller than the spread as not significant.")
-    baseline: str = option("roberta", "The variant every other is compared with.")
-    eval_blocks: int = option(512, "Held-out FULL-SENTENCES blocks of the yardstick (the first of the valid split).")
-    eval_seed: int = option(12345, "Seed of the yardstick's fixed masks.")
-    evals: int = option(4, "Checkpoints (and yardstick points on the curves) per run, evenly spaced.")
-    similar_nats: float = option(0.02, "With one seed (no spread): a difference below this many nats counts as "
-                                   "similar to the baseline.")
-    task: str | None = option(None, "A task YAML (configs/tasks/NAME.yaml): each variant-seed is exported and "
-                                "fine-tuned on it (one seed), adding a downstream column; null: none.")
-    task_overrides: list[str] = option([], "Overrides for the task file, e.g. ['--finetune.epochs=1'].")
-    only: list[str] = option([], "Run and report these variants only (names; the baseline is always included), e.g. "
-                             "to add seeds to a screen's leaders; empty: every variant.")
-
-    def __post_init__(self) -> None:
-        if self.seeds < 1 or self.eval_blocks < 1 or self.evals < 1:
-            raise ConfigError("ablation.seeds, ablation.eval_blocks and ablation.evals must be at least 1")
-
-
-@dataclass
-class AblationFile:
-    base: str = option("", "The experiment YAML every variant starts from (relative to the working directory).")
-    overrides: dict[str, Any] = option({}, "Dotted keys applied to the base for every variant: corpus, run_dir, "
-                                       "budget (trainer.max_steps with batch.global_size sets the token budget).")
-    ablation: AblationSettings = option(None, "How the variants are run, scored and compared.")
-    variants: list[VariantSpec] = option([], "The variants, one change (or one recipe) each.")
-
-
-def _as_override(key: str, value: Any) -> str:
-    return f"--{key}={json.dumps(value)}"  # JSON is YAML: strings, numbers, lists and null round-trip
-
-
-def load_ablation(path: str | Path, overrides: list[str] | None = None) -> tuple[AblationFile, list[str]]:
-    """The ablation file with `--ablation.key=value` applied, and the other overrides (for the base)."""
-    path = Path(path)
-    data = read_yaml_mapping(path, "ablation", "a mapping with base:, overrides:, ablation:, variants:")
-    mine = [o for o in overrides or [] if o.startswith("--ablation.")]
-    base_overrides = [o for o in overrides or [] if o not in mine]
-    data = apply_overrides(data, mine)
-    variants = data.pop("variants", None)
-    try:
-        af = from_mapping(AblationFile, data, "")
-        if not isinstance(variants, list) or not variants:
-            raise ConfigError("variants: expected a non-empty list of {name, what, changes, paper, paper_note}")
-        af.variants = [from_mapping(VariantSpec, v, f"variants[{i}].") for i, v in enumerate(variants)]
-        names = [v.name for v in af.variants]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"variants: names must be unique, got {names}")
-        if af.ablation.baseline not in names:
-            raise ConfigError(f"ablation.baseline={af.ablation.baseline!r} is not a variant ({', '.join(names)})")
-        if not af.base:
-            raise ConfigError("base: the experiment YAML the variants start from is required")
-        # every variant's config must be valid before anything runs
-        for v in af.variants:
-            try:
-                load_config(af.base, base_overrides_of(af, base_overrides) + _changes(v))
-            except ConfigError as e:
-                raise ConfigError(f"variant {v.name}: {str(e).removeprefix(f'{af.base}: ')}") from None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    return af, base_overrides
-
-
-def base_overrides_of(af: AblationFile, cli: list[str]) -> list[str]:
-    return [_as_override(k, v) for k, v in af.overrides.items()] + cli
-
-
-def _changes(v: VariantSpec) -> list[str]:
-    return [_as_override(k, value) for k, value in v.changes.items()]
-
+from ..evaluation.yardstick import Yardstick, check_compatible, load_model
+from .report import build_report, markdown, plot_curves
+from .spec import AblationFile, AblationSettings, VariantSpec, base_overrides_of, changes_of, load_ablation
 
 # ---------------------------------------------------------------------------------------------------------------
 # Budget: equal tokens
@@ -148,7 +55,7 @@ def tokens_per_step(cfg: ExperimentConfig, meta_path: Path) -> float:
     BERT's two-phase length schedule when data.short_seq_len is set; with batch.by_tokens, micro-batches per step
     x the mean tokens of epoch 0's micro-batches."""
     if cfg.batch.by_tokens:
-        from .training.samplers import epoch_permutation, token_bins
+        from ..training.samplers import epoch_permutation, token_bins
 
         lengths = ShardSplit(meta_path, "train").block_lengths()
         lengths = lengths[epoch_permutation(cfg.seed, 0, len(lengths))]
@@ -173,7 +80,7 @@ def equal_tokens_batch(cfg: ExperimentConfig, meta_path: Path, ref_per_step: flo
     then changes the blocks, not the number of optimizer steps."""
     if "batch.global_size" in v.changes:
         return cfg.batch.global_size
-    from .training.train import world_size
+    from ..training.train import world_size
 
     unit = cfg.batch.micro_size * world_size(cfg)
     per_sequence = tokens_per_step(cfg, meta_path) / cfg.batch.global_size
@@ -274,7 +181,7 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
                  trainer_overrides: dict[str, Any]) -> dict[str, Any]:
     from data_prep.prepare import prepare_data
 
-    from .training.train import fit
+    from ..training.train import fit
 
     st = af.ablation
     vdir = variant_dir(root, v.name, seed)
@@ -282,7 +189,7 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
     done = vdir / "result.json"
 
     # 2) the variant's config, its shards (shared), its batch and its steps for the budget
-    own = common + _changes(v) + [f"--run_dir={vdir}", f"--seed={seed}"]
+    own = common + changes_of(v) + [f"--run_dir={vdir}", f"--seed={seed}"]
     cfg0 = load_config(af.base, own)
     _link(root / "tokenizer", vdir / "tokenizer")
     _link(root / "data", vdir / "data")
@@ -354,8 +261,8 @@ def _run_variant(af: AblationFile, v: VariantSpec, seed: int, common: list[str],
 
 
 def _downstream(cfg: ExperimentConfig, st: AblationSettings, seed: int, log) -> dict[str, Any]:
-    from .evaluation.finetune import finetune, load_task
-    from .hf.export import export
+    from ..evaluation.finetune import finetune, load_task
+    from ..hf.export import export
 
     export(cfg, log=lambda *_: None)
     tf = load_task(st.task, [*st.task_overrides, "--finetune.seeds=1", f"--finetune.seed={seed}",
