@@ -110,7 +110,7 @@ def run_command(body: Callable[[], int | None], errors: dict[type[BaseException]
     (exit 2, `os_error_line`) is printed as one line; Ctrl-C is `interrupted`, 130, as a shell reports SIGINT.
     With `stop_on_sigterm` (data preparation: nothing to save), SIGTERM (a job's time limit, `scancel`, `kill`)
     ends the command as Ctrl-C does, its temporary files removed on the way out: `terminated`, 143.
-    Training leaves SIGTERM to its preemption save (pretrain/checkpoint.py)."""
+    Training leaves SIGTERM to its preemption save (pretrain/training/checkpoint.py)."""
     codes: dict[type[BaseException], int] = {kind: 2 for kind in USER_ERRORS} | (errors or {})
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if stop_on_sigterm else None
     try:

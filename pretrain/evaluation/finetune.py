@@ -18,7 +18,7 @@ Layout under run_dir/finetune/NAME/:
     scratch-seed-K/    the same from random initialisation (finetune.from_scratch)
     report.json        both variants, per seed and summarised (median, min, max); report.md, the printed table
 NAME (`task.name`, or the task file's name) is a name, never a path. A seed directory carries the marker
-`.roberta-pretrain` (outputs.py) and is replaced by a rerun only when it has it (or holds exactly what an older
+`.roberta-pretrain` (hf/outputs.py) and is replaced by a rerun only when it has it (or holds exactly what an older
 version wrote there); anything else is refused with one line before any work.
 """
 
@@ -214,7 +214,7 @@ def _one_seed(cfg: ExperimentConfig, tf: TaskFile, seed: int, model_dir: Path, t
     valid_loader = torch.utils.data.DataLoader(order, batch_size=max(ft.batch_size, 64), collate_fn=valid.collate)
     steps_per_epoch = len(train_loader)
     module = ClassifierModule(model, ft, task, total_steps=steps_per_epoch * ft.epochs, log=log)
-    # the experiment's host-memory setting (host_memory.py): fine-tuning allocates the same tensors every step too
+    # the experiment's host-memory setting (training/host_memory.py): fine-tuning allocates the same tensors every step too
     memory = [RetainHostMemory()] if cfg.trainer.retain_host_memory else []
     stop = [EarlyStopping(monitor=f"val/{task.metrics[0]}", mode="max", patience=ft.patience,
                           check_on_train_epoch_end=False)] if ft.patience else []

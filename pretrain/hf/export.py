@@ -14,7 +14,7 @@ An export directory carries the marker `.roberta-pretrain` (outputs.py): the tar
 export (marked, or holding exactly an older export's files), empty or missing; anything else, or a symbolic link,
 is refused with one line before the checkpoint is read (`make export OUT=~` deletes nothing).
 
-The conversion itself, in both directions, is `hf.py`; the model card is `card.py`.
+The conversion itself, in both directions, is `convert.py`; the model card is `card.py`.
 
 `transformers` is imported only inside the functions that use it.
 """
@@ -116,7 +116,7 @@ def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, 
                    metrics: dict[str, float] | None = None, meta_path: Path | None = None, log=print,
                    rollbacks: list[dict[str, Any]] | None = None) -> Path:
     """Write, verify and swap in the export of `weights` (this project's names) trained with `run_cfg`;
-    `rollbacks`: the run's rollback events (rollback.py), for the model card."""
+    `rollbacks`: the run's rollback events (training/rollback.py), for the model card."""
     import transformers
 
     out = check_target(out)

@@ -69,7 +69,7 @@ class MaskingCollator(SequenceMasker):
         slots that hold a target (the others are padding too).
         Also `nsp_labels` (B,) when the items carry `nsp_label`, and `step_counts` (2,), the targets and
         sequences of the whole optimizer step on this rank, when the first item carries `step_blocks` (the
-        first micro-batch of a step, data.py)."""
+        first micro-batch of a step, samplers.py)."""
         assert items, "MaskingCollator got an empty batch"
         step = items[0].get("step")  # the optimizer step these items train at (data.py); None: validation
         masked = [self.mask_sequence(it["input_ids"], it["index"], it["epoch"], step) for it in items]

@@ -66,7 +66,7 @@ class TimeBudget(pl.Callback):
     takes it up (`load_state_dict`), so it decides at the same step, from the same time spent and the same
     measured rate, as a run that never stopped (but for one corner: a stop at step 1 with calibration_steps 2
     leaves no step timed, and the resumed run decides a step later, as honestly). From the decision on, checkpoints carry the decision
-    (`checkpoint["budget"]`, module.py). It runs before the checkpoint callbacks (train.make_trainer), so a
+    (`checkpoint["budget"]`, module_checkpoint.py). It runs before the checkpoint callbacks (train.make_trainer), so a
     checkpoint of the decision step, a preemption's included, carries the decision.
 
     Timed are the steps of each process after its first (whose warm-up, compilation and loader start count in the

@@ -48,7 +48,7 @@ class CheckpointHooks:
             return
         # The whole run is one Lightning epoch whose stream ends at max_steps, so the checkpoint of a finished
         # run says "last batch seen". Resumed with a larger max_steps, the epoch goes on: the sampler starts
-        # at the saved step (data.py), and Lightning must not think the epoch is over.
+        # at the saved step (samplers.py), and Lightning must not think the epoch is over.
         step = int(checkpoint.get("global_step", 0))
         if step < self.cfg.trainer.max_steps:
             progress["is_last_batch"] = False

@@ -27,7 +27,7 @@ class TrainingStep:
             assert a == 0, f"step counts on micro-batch {a} of {A}: the sampler is out of step"
             counts = batch["step_counts"].to(self.device, torch.float64)
             self._step_counts = self.trainer.strategy.reduce(counts, reduce_op="sum") if W > 1 else counts
-        assert self._step_counts is not None, "a training batch without step counts (data.py's StepBatches)"
+        assert self._step_counts is not None, "a training batch without step counts (samplers.py's StepBatches)"
         # dropout as a function of (seed, step, micro-batch over all ranks): steps.py
         reseed(self.cfg.seed, self.global_step, a * W + self.global_rank)
         out = self._losses(batch)

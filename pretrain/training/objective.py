@@ -3,10 +3,10 @@
 MLM cross-entropy over the target slots only (sparse prediction: the LM head never sees the other positions),
 plus BERT's next-sentence prediction when the model has its head and the batch its labels. Everything returned
 is a sum or a count on the device, so nothing here reads a value on the host: the step normalises the sums by
-the whole optimizer step's counts (module.py) and the metrics are read at logging steps only.
+the whole optimizer step's counts (module_step.py) and the metrics are read at logging steps only.
 
 Shapes are those of the batch. Under `trainer.compile` the collator pads every batch to a multiple of 64 tokens
-and its target slots to the bound of that shape (masking.py), and the padded batch runs padded attention, so a
+and its target slots to the bound of that shape (batching.py), and the padded batch runs padded attention, so a
 phase's batches share one shape and the graph is traced once. Otherwise a padded batch runs unpadded
 (`model.Unpadded`), with shapes that vary from batch to batch: its pad tokens, and its target slots that hold no
 target (`real_slots`), are left out of the encoder and the head.
@@ -58,7 +58,7 @@ def mlm_objective(model: RobertaForMLM, input_ids: torch.Tensor, attention_mask:
 
 
 def batch_inputs(batch: dict, unpad: bool = True) -> dict:
-    """`mlm_objective`'s keyword arguments from a collated batch (masking.py): the attention mask only when the
+    """`mlm_objective`'s keyword arguments from a collated batch (batching.py): the attention mask only when the
     batch is padded, and where its real tokens are unless `unpad` is off."""
     padded = batch.get("padded", "unpad_index" in batch)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"] if padded else None,

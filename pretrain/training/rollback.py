@@ -1,7 +1,7 @@
 """Divergence: detect a non-finite or spiking loss on the device, and roll the run back past its data.
 
 Detection costs no host sync inside a step: `DivergenceMonitor.update` compares each step's token-weighted loss
-(the same on every rank, module.py) with the mean of the last `optim.spike_window` good steps on the device and
+(the same on every rank, module_step.py) with the mean of the last `optim.spike_window` good steps on the device and
 remembers the first bad step. `RollbackGuard` reads that flag (one host sync) every `trainer.log_every_n_steps`
 and always before a checkpoint is written, so no checkpoint ever holds weights from after a bad step; every rank
 reads the same flag at the same step, so all of them raise `Diverged` together.

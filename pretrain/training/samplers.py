@@ -29,7 +29,7 @@ class MicroBatch(list):
     """The keys of one micro-batch and the optimizer step it belongs to (`step`: its masking rate). The first
     micro-batch of each optimizer step also carries `step_keys`, the keys of every micro-batch of the step on
     this rank, so that the collator can count the step's targets before the step's first forward pass (the
-    loss is normalised by the step's count, module.py)."""
+    loss is normalised by the step's count, module_step.py)."""
 
     step_keys: list | None = None
     step: int | None = None

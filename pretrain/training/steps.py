@@ -5,7 +5,7 @@
   data as (first data step, count) runs, recorded in the checkpoint. Defined by what was removed rather than by
   per-step offsets, the mapping composes over any sequence of rollbacks, also one that diverges earlier than
   the last: a step never reads skipped data, and no data is dropped that was not skipped. The samplers
-  (data.py) turn a data step into block positions.
+  (samplers.py) turn a data step into block positions.
 - Dropout: before each micro-batch's forward pass the global generators (CPU and every CUDA device) are reseeded
   from (seed, step, micro-batch), as fairseq reseeds from seed + update count before every update
   (`fairseq/trainer.py`, `_set_seed`). The micro-batch is its index in the step over all ranks, a x W + r for

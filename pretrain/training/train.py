@@ -228,13 +228,13 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = No
     budget = [c for c in callbacks if isinstance(c, TimeBudget)]
     callbacks = [c for c in callbacks if not isinstance(c, TimeBudget)]
     kwargs: dict[str, Any] = dict(
-        # One Lightning epoch is the whole run: the sampler's stream already spans the data epochs (data.py).
+        # One Lightning epoch is the whole run: the sampler's stream already spans the data epochs (samplers.py).
         max_steps=t.max_steps, max_epochs=1, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=make_strategy(cfg), accumulate_grad_batches=accumulation,
         # Lightning counts validation intervals in micro-batches; the config counts optimizer steps.
         val_check_interval=t.val_check_interval * accumulation, check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=cfg.optim.grad_clip or None,
-        use_distributed_sampler=False,  # our samplers split the data by rank themselves (see data.py)
+        use_distributed_sampler=False,  # our samplers split the data by rank themselves (see samplers.py)
         num_sanity_val_steps=0, default_root_dir=str(cfg.run_path), logger=make_loggers(cfg, resume_step),
         callbacks=[*memory, *guard, *budget, *throughput, *saving, *exporting, *bar, *callbacks],
         plugins=[AtomicCheckpointIO()], enable_model_summary=False,  # Throughput prints the model's line
@@ -305,11 +305,11 @@ def _fit_once(cfg: ExperimentConfig, meta_path: Path, found: tuple[Path, int] | 
         # expected when resuming into the same run_dir; the checkpoint callback keeps what it should
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning vs torch 2.13
-        # Lightning cannot see it, but our sampler resumes mid-epoch exactly, by arithmetic (data.py)
+        # Lightning cannot see it, but our sampler resumes mid-epoch exactly, by arithmetic (samplers.py)
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         # `resume --ckpt` from another run_dir: its best-k bookkeeping is of no use here, as Lightning says
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
-        # validation sums are reduced over ranks by hand before they are logged (module.py): nothing to sync
+        # validation sums are reduced over ranks by hand before they are logged (module_validation.py): nothing to sync
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
