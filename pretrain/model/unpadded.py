@@ -87,7 +87,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unpadded
                           capability=capability_of(q), head_size=D, varlen=kernel is not None, runs_pay=pays)
     if path == "runs":
         return _attention_by_runs(q, k, v, runs, dropout_p)
-    if path == "flash_varlen":  # not run on a GPU yet: see README
+    if path == "flash_varlen":  # not run on a GPU yet: see docs/speed.md
         cu, m = unpadded.cu_seqlens, unpadded.max_seqlen
         return kernel(q, k, v, cu, cu, m, m)
     # "repadded"
