@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_prep.config import ExperimentConfig, config_from_dict, parse_duration
-from data_prep.redact import redact_argv, redact_config, redact_text
+from data_prep.redact import redact_argv, redact_config
 
 from ..hf.export import HFExportCallback
 from .budget import OPEN_ENDED, TimeBudget
@@ -66,7 +66,7 @@ def training_data(cfg: ExperimentConfig, log=print) -> Path:
     if cfg.data.shards_url:
         from data_prep.fetch import fetch_shards
 
-        return fetch_shards(cfg, lambda line: log(redact_text(line)))  # the URL's credentials stay out of logs
+        return fetch_shards(cfg, log)  # its log lines name the URL without credentials (fetch.py)
     from data_prep.prepare import prepare_data
 
     return prepare_data(cfg, log=log)
