@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .cli import naming
-from .config import ExperimentConfig
+from .config import ExperimentConfig, usable_cpus
 from .corpus import Corpus, Doc
 from .encode import encode_stream
 from .manifest import SPLITS
@@ -48,9 +47,8 @@ def valid_by_source(cfg: ExperimentConfig) -> bool:
 
 
 def num_workers(num_proc: int) -> int:
-    if num_proc:
-        return num_proc
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """`data.num_proc` worker processes; 0: one per CPU this process may use."""
+    return num_proc or usable_cpus()
 
 
 
