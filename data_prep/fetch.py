@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from .config import ExperimentConfig
 from .manifest import MAX_META_BYTES, ShardError, inside, tokenizer_entry
@@ -59,7 +58,7 @@ from .remote import (
     shard_files,
 )
 from .shards import META
-from .tempfiles import stale_temporary, temporary, write_json_atomic
+from .tempfiles import exclusive, stale_temporary, temporary, write_json_atomic
 from .tokenizer import tokenizer_dir
 
 CHUNK = 1 << 20  # bytes per read of a download: how far past its size a file is read before it is refused
@@ -70,17 +69,9 @@ def fetch_shards(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> P
     there (or not whole); one process per cache directory at a time."""
     cache = cache_path(cfg)
     cache.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(cache / ".fetch.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"data: waiting for another process fetching {redact_url(cfg.data.shards_url or '')} into {cache}")
-        lock.acquire()
-    try:
-        with scrubbed(cfg.data.shards_url or ""):
-            return _fetch(cfg, cache, log)
-    finally:
-        lock.release()
+    waiting = f"data: waiting for another process fetching {redact_url(cfg.data.shards_url or '')} into {cache}"
+    with exclusive(cache / ".fetch.lock", waiting, log), scrubbed(cfg.data.shards_url or ""):
+        return _fetch(cfg, cache, log)
 
 
 def _fetch(cfg: ExperimentConfig, cache: Path, log: Callable[[str], None]) -> Path:

@@ -37,8 +37,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from .build import build_split, peak_rss_mb, valid_by_source
 from .cli import naming
 from .config import ExperimentConfig
@@ -47,7 +45,7 @@ from .manifest import FORMAT, SPLITS, token_dtype
 from .pack import PAIR_PACKINGS
 from .shards import META, combine_parts, load_record, meta_name, stem
 from .sources import mixture, short_label
-from .tempfiles import write_json_atomic
+from .tempfiles import exclusive, write_json_atomic
 from .tokenizer import load_tokenizer, special_ids, tokenizer_dir
 from .tokenizer_training import settings as tokenizer_settings
 from .tokenizer_training import train_tokenizer
@@ -97,16 +95,9 @@ def run_dir_lock(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> I
     if cfg.run_path.exists() and not cfg.run_path.is_dir():  # mkdir would say "File exists"
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(cfg.run_path))
     cfg.run_path.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(cfg.run_path / ".prepare.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"data: waiting for another process preparing {cfg.run_path} (holds {lock.lock_file})")
-        lock.acquire()
-    try:
+    lock = cfg.run_path / ".prepare.lock"
+    with exclusive(lock, f"data: waiting for another process preparing {cfg.run_path} (holds {lock})", log):
         yield
-    finally:
-        lock.release()
 
 
 def prepare_data(cfg: ExperimentConfig, force: bool = False, log: Callable[[str], None] = print) -> Path:

@@ -3,7 +3,8 @@
 A temporary is `{name}.tmp-{host}-{pid}-{random}`, created with O_EXCL (never an existing file or a planted
 symlink); cleanup removes only temporaries that provably belong to no running process (this host's name, a pid that
 is gone), so processes on other hosts sharing the directory over NFS never lose each other's files. Used by the
-shard writer, the remote cache and anything else that writes a JSON record (`write_json_atomic`).
+shard writer, the remote cache and anything else that writes a JSON record (`write_json_atomic`). Also the
+file lock under which one process at a time prepares a run_dir or fetches into a cache (`exclusive`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,27 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
+
+
+@contextmanager
+def exclusive(lock_path: Path, waiting: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Holds the file lock `lock_path`; when another process holds it, logs `waiting` once, then waits for it."""
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(waiting)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
