@@ -72,21 +72,14 @@ def redact_text(text: str) -> str:
 def redact_options(options: Any) -> Any:
     """A copy of an fsspec `storage_options` mapping (nested mappings and lists too) with every value whose key
     names a credential replaced by `REDACTED`; URLs inside values are redacted as well."""
-    if isinstance(options, dict):
-        return {k: (REDACTED if isinstance(k, str) and CREDENTIAL_KEY.search(k) and v not in (None, "", {}, [])
-                    else redact_options(v)) for k, v in options.items()}
-    if isinstance(options, list | tuple):
-        return type(options)(redact_options(v) for v in options)
-    if isinstance(options, str):
-        return redact_text(options)
-    return options
+    return _redacted(options, by_key=True)
 
 
 def redact_config(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a config dict (`ExperimentConfig.to_dict()`, or a checkpoint's) safe to persist: the storage
     options redacted, and every URL-valued string (shards_url, corpus entries, wandb's settings) without its
     credentials. The input is not changed."""
-    out = _redact_strings(config)
+    out = _redacted(config, by_key=False)
     data = out.get("data") if isinstance(out, dict) else None
     if isinstance(data, dict) and "storage_options" in data:
         data["storage_options"] = redact_options(config["data"]["storage_options"])
@@ -114,11 +107,14 @@ def redact_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _redact_strings(value: Any) -> Any:
+def _redacted(value: Any, by_key: bool) -> Any:
+    """A copy of `value` (mappings and lists walked) with URLs in its strings redacted, and with `by_key`, every
+    non-empty value under a key that names a credential replaced."""
     if isinstance(value, dict):
-        return {k: _redact_strings(v) for k, v in value.items()}
+        return {k: (REDACTED if by_key and isinstance(k, str) and CREDENTIAL_KEY.search(k)
+                    and v not in (None, "", {}, []) else _redacted(v, by_key)) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_redact_strings(v) for v in value)
+        return type(value)(_redacted(v, by_key) for v in value)
     if isinstance(value, str) and "://" in value:
         return redact_text(value)
     return value
