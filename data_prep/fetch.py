@@ -58,7 +58,7 @@ from .remote import (
     shard_files,
 )
 from .shards import META
-from .tempfiles import exclusive, stale_temporary, temporary, write_json_atomic
+from .tempfiles import exclusive, stale_temporary, temporary, write_bytes_atomic, write_json_atomic
 from .tokenizer import tokenizer_dir
 
 CHUNK = 1 << 20  # bytes per read of a download: how far past its size a file is read before it is refused
@@ -149,7 +149,7 @@ def _fetch(cfg: ExperimentConfig, cache: Path, log: Callable[[str], None]) -> Pa
                                  "upload the shards again")
     store.save()
     if cached_raw != raw or todo:
-        _write_bytes_atomic(cache / META, raw)
+        write_bytes_atomic(cache / META, raw)
     # 5) the shards' tokenizer into run_dir/tokenizer, when the run has none: export pairs it with the model
     tok = tokenizer_dir(cfg)
     names = sorted((n for n in table or {} if tokenizer_entry(n)), key=lambda n: n == "tokenizer/tokenizer.json")
@@ -285,16 +285,4 @@ def _download(fs: Any, remote: str, where: str, path: Path, size: int, sha256: s
     finally:
         if fd >= 0:
             os.close(fd)
-        tmp.unlink(missing_ok=True)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
         tmp.unlink(missing_ok=True)

@@ -38,16 +38,21 @@ def exclusive(lock_path: Path, waiting: str, log: Callable[[str], None]) -> Iter
         lock.release()
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`data` as the file `path`: written to a temporary beside it, flushed to disk, renamed into place."""
     fd, tmp = temporary(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _host() -> str:
