@@ -252,3 +252,41 @@ def test_a_preemption_before_the_first_step_checkpoint_keeps_last_ckpt_the_newes
     fit(cfg, meta, resume=True, **QUIET)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-0000008.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+class _CtrlCAsItStarts(torch.utils.data.Sampler):
+    """A batch sampler that presses Ctrl-C when the loader's iterator asks for it: inside the iterator's
+    construction, before its workers are recorded (torch builds the sampler's iterator first)."""
+
+    def __iter__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return iter([[0, 1], [2, 3]])
+
+    def __len__(self) -> int:
+        return 2
+
+
+def test_ctrl_c_as_loader_workers_start_raises_once_built_and_prints_no_traceback(
+        ctrl_c_reaches_children, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C as validation's workers started (the Ctrl-C test hit it now and then): with any other thread alive
+    the process-directed SIGINT reaches that thread, and Python raised KeyboardInterrupt in the main thread in the
+    middle of the loader iterator's construction; the half-built iterator's __del__ then printed 'Exception
+    ignored ... no attribute _workers'. The signal-safe loader holds a Ctrl-C back until the iterator is built."""
+    import gc
+    import threading
+
+    from pretrain.training.data import SignalSafeLoader
+
+    unraisable = []  # what Python prints as 'Exception ignored in ...' (pytest would turn it into a warning)
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)  # as Lightning's and torch's threads are
+    other.start()
+    try:
+        loader = SignalSafeLoader(list(range(4)), batch_sampler=_CtrlCAsItStarts(), num_workers=1)
+        with pytest.raises(KeyboardInterrupt):
+            iter(loader)
+        gc.collect()
+    finally:
+        stop.set()
+    assert [repr(u.exc_value) for u in unraisable] == []

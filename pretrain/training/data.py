@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +73,29 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 class SignalSafeLoader(DataLoader):
     """A DataLoader whose worker processes start with `STOP_SIGNALS` blocked, until their init function ignores
     them: a worker starting at the moment of a SLURM SIGTERM (validation's, say, whose workers start at the first
-    validation) was killed by it before it could ignore it."""
+    validation) was killed by it before it could ignore it.
+
+    A Ctrl-C meanwhile is held back in this process too, until the iterator is built: the mask blocks it for this
+    thread only, so with any other thread alive (Lightning's, torch's) it reached that one, and Python raised
+    KeyboardInterrupt in the middle of the iterator's construction, whose half-built object then printed
+    'Exception ignored ... has no attribute' from its __del__."""
 
     def _get_iterator(self):  # noqa: ANN202 - torch's private hook, called once per worker start
         if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
             return super()._get_iterator()
+        # only the main thread may set a handler; None: one set outside Python, which could not be put back
+        main = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
+        held: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
         before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             return super()._get_iterator()  # forks (or spawns) the workers, which inherit the mask
         finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
             signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one that arrived meanwhile is delivered now
+            if held:
+                signal.raise_signal(signal.SIGINT)  # the Ctrl-C held back, now that the iterator is whole
 
 
 def _kill_daemonic_children() -> None:
