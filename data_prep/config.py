@@ -27,6 +27,7 @@ from .training_config import (  # noqa: F401 - parse_duration and the sections: 
     BatchConfig,
     CardConfig,
     CheckpointConfig,
+    EvalConfig,
     LoggerConfig,
     MaskingConfig,
     ModelConfig,
@@ -247,6 +248,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = option(None, "Checkpoint frequency and retention.")
     logger: LoggerConfig = option(None, "Metrics logging.")
     card: CardConfig = option(None, "Metadata of the exported model card (README.md of run_dir/hf).")
+    eval: EvalConfig = option(None, "Linear probes on labelled tasks while training (docs/evaluation.md).")
 
     @property
     def prep_seed(self) -> int:
@@ -286,6 +288,8 @@ def check_machine(cfg: ExperimentConfig) -> None:
     if cfg.data is not None and cfg.data.num_proc > cpus:
         raise ConfigError(f"data.num_proc={cfg.data.num_proc} is more than the {cpus} CPUs this process may use: "
                           "each is a tokenizer process with its own memory; lower it, or 0 for one per CPU")
+    if cfg.eval is not None:
+        cfg.eval.check_files()  # the probe tasks' files, before any work
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
