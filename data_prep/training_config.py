@@ -244,7 +244,15 @@ class TrainerConfig:
     devices: int | str = option("auto", "Devices per node: an int, or auto.", ge=1, le=1024,
                                 why="devices per node; auto: all of them")
     num_nodes: int = option(1, "Nodes (multi-node through torchrun or SLURM).", ge=1, le=2**16)
-    strategy: str = option("auto", "Lightning strategy: auto, ddp, fsdp, ... (a name in Lightning's StrategyRegistry).")
+    strategy: str = option("auto", "Lightning strategy: auto, ddp, fsdp, ... (a name in Lightning's StrategyRegistry); "
+                           "fsdp: torch's FSDP2 (fully_shard) through Lightning's ModelParallelStrategy, each encoder "
+                           "layer one unit, sharded checkpoints that resume on another device count (docs/multi-gpu.md).")
+    fsdp_cpu_offload: bool = option(False, "strategy fsdp on GPUs: keep the parameter, gradient and optimizer shards in "
+                                    "host memory (FSDP2's CPUOffloadPolicy; the optimizer step runs on the CPU), for "
+                                    "models whose sharded state does not fit the GPUs.")
+    activation_checkpointing: bool = option(False, "Recompute each encoder layer's activations in backward instead of "
+                                            "keeping them (torch.utils.checkpoint per layer): less activation memory "
+                                            "for about a third more compute; same results. Any strategy.")
     val_check_interval: int = option(2000, "Validate every this many optimizer steps.", ge=1, le=MAX_STEPS,
                                      why=STEPS)
     limit_val_batches: int = option(50, "Validation micro-batches per validation run; 0: all.", ge=0, le=10**9)
@@ -272,11 +280,19 @@ class TrainerConfig:
         if self.max_time is not None:
             parse_duration(self.max_time, "trainer.max_time")
         self.precision = lightning_precision(self.precision, "trainer.precision")
+        if self.fsdp_cpu_offload and self.strategy != "fsdp":
+            raise ConfigError(f"trainer.fsdp_cpu_offload=true needs trainer.strategy=fsdp (it is {self.strategy!r})")
+        if self.strategy == "fsdp" and self.precision not in FSDP_PRECISIONS:
+            raise ConfigError(f"trainer.precision={self.precision!r} does not run with trainer.strategy=fsdp "
+                              f"(Lightning's ModelParallelStrategy): use one of {', '.join(FSDP_PRECISIONS)}")
         for key, allowed in (("accelerator", ACCELERATORS), ("strategy", STRATEGIES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)!r} is not a Lightning {key}: use one of "
                                   f"{', '.join(allowed[:6])}{' or another of its registry' if len(allowed) > 6 else ''}")
 
+
+FSDP_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
+"""What Lightning's ModelParallelStrategy accepts (no fp16 loss scaling)."""
 
 MAX_DURATION = 365 * 86400
 """The longest wall-clock budget: a year; more is a typo."""

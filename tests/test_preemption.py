@@ -181,14 +181,15 @@ class _Crash(BaseException):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_sharded_swap_cut_short_between_its_renames_is_resumed_and_never_deleted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ShardedFSDPStrategy swaps a sharded checkpoint in with two renames (NAME -> .NAME.old, .NAME.tmp -> NAME).
+    """ShardedStrategy (sharding.py) swaps a sharded checkpoint in with two renames (NAME -> .NAME.old, .NAME.tmp -> NAME).
     A crash between them leaves `.last.ckpt.old` the only complete copy: resume must take it (it never looked),
     and the next save must not delete it (it did, first thing), even when that save fails too."""
-    import pytorch_lightning.strategies.fsdp as lightning_fsdp
+    import pytorch_lightning.strategies.model_parallel as lightning_fsdp
 
-    from pretrain.training.checkpoint import ShardedFSDPStrategy, probe, resumable_checkpoint
+    from pretrain.training.checkpoint import probe, resumable_checkpoint
+    from pretrain.training.sharding import ShardedStrategy
 
-    strategy, path = ShardedFSDPStrategy(), tmp_path / "last.ckpt"
+    strategy, path = ShardedStrategy(), tmp_path / "last.ckpt"
 
     def checkpoint(step: int) -> dict:
         return {"state_dict": {"model.w": torch.full((4,), float(step))}, "optimizer_states": [],

@@ -6,9 +6,9 @@
   next optimizer-step boundary, then stop", so a preempted job resumes exactly.
 - `resumable_checkpoint` picks the newest complete checkpoint by its step (last.ckpt, a step checkpoint, or the
   old copy of an interrupted sharded swap), reporting any truncated or corrupt one by path.
-- `ShardedFSDPStrategy` is Lightning's FSDP with sharded checkpoints (a directory of per-rank shards in
-  `torch.distributed.checkpoint` format plus `meta.pt`), written into a temporary directory and swapped in, so
-  that they are as safe as the single-file ones.
+- Sharded checkpoints (`trainer.strategy: fsdp`, sharding.py's `ShardedStrategy`) are directories of per-rank
+  `torch.distributed.checkpoint` shards plus `meta.pt`, written into a temporary directory and swapped in; `probe`,
+  `load_full` and `resumable_checkpoint` take them like files.
 - `check_compatible` refuses a checkpoint whose model differs from the config, naming the differing keys, or
   whose shards came from another tokenizer.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -28,7 +27,6 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.load import _METADATA_FILENAME
-from pytorch_lightning.strategies import FSDPStrategy
 
 from data_prep.config import ConfigError, ExperimentConfig
 
@@ -47,57 +45,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)  # make the rename itself durable
+        fsync_dir(path.parent)  # make the rename itself durable
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class ShardedFSDPStrategy(FSDPStrategy):
-    """FSDP (`trainer.strategy: fsdp`) whose checkpoints stay sharded: every rank writes its own shard, no rank
-    gathers the whole model. Lightning writes a sharded checkpoint straight into its target directory, so a crash
-    mid-write would leave a mixed one; here the ranks write into `.NAME.tmp`, then rank 0 swaps it in (the old
-    directory is renamed aside and removed only once the new one is in place). A crash between the two renames
-    leaves `.NAME.old` alone: resume considers it (`resumable_checkpoint`), and the next save puts it back first
-    rather than delete the only complete copy."""
-
-    def __init__(self, **kwargs: Any):
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        from ..model.encoder import Layer
-
-        kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy({Layer}))  # one FSDP unit per encoder layer
-        super().__init__(state_dict_type="sharded", **kwargs)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        path = Path(self.broadcast(str(filepath)))
-        tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-        if self.is_global_zero:
-            if old.exists() and not path.exists():  # a swap cut short between its renames: restore, then go on
-                os.replace(old, path)
-                _fsync_dir(path.parent)
-            for stale in (tmp, old):
-                if stale.exists():
-                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        self.barrier("sharded-checkpoint-clean")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        self.barrier("sharded-checkpoint-written")
-        if self.is_global_zero:
-            for f in tmp.iterdir():  # the shards and meta.pt are durable before the swap
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-        self.barrier("sharded-checkpoint-swapped")
 
 
 class PreemptionCheckpoint(pl.Callback):
@@ -190,13 +146,19 @@ def read_record(path: Path, key: str) -> Any:
 
 def load_full(path: Path) -> dict[str, Any]:
     """A checkpoint as one dict on the CPU (`state_dict`, `global_step`, `hyper_parameters`, ...), also from a
-    sharded (FSDP) directory, whose shards are gathered here (the whole model must fit in memory)."""
+    sharded (FSDP) directory, whose shards are gathered here, on one process without a process group, whatever
+    the number of ranks that wrote them (the whole model must fit in memory)."""
     if not path.is_dir():
         return torch.load(path, map_location="cpu", weights_only=True)
     from lightning_fabric.utilities.load import _load_distributed_checkpoint
-    from pytorch_lightning.utilities.consolidate_checkpoint import _format_checkpoint
 
-    return _format_checkpoint(_load_distributed_checkpoint(path))
+    ckpt = _load_distributed_checkpoint(path)  # the shards' tensors, whole, with meta.pt's entries
+    if "state_dict" not in ckpt and "model" in ckpt:  # the layout of Lightning's first FSDP (before FSDP2)
+        ckpt["state_dict"] = ckpt.pop("model")
+    # ModelParallelStrategy stores optimizer i as `optimizer_i`; a file checkpoint has them as a list
+    optimizers = sorted((k for k in ckpt if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k.split("_")[1]))
+    ckpt["optimizer_states"] = [ckpt.pop(k) for k in optimizers]
+    return ckpt
 
 
 _STEP_NAME = re.compile(r"step-(\d+)(?:-v(\d+))?\.ckpt")
@@ -234,7 +196,7 @@ def resumable_checkpoint(directory: Path, log=print, exclude: frozenset[tuple[in
     """(path, step) of the newest complete checkpoint in `directory`, or None. The candidates: `last.ckpt` and
     the `step-*.ckpt`, since a kill between the two writes of a save leaves the step checkpoint the newer; and
     for a name that is missing, its `.NAME.old`, the only complete copy left by a sharded swap cut short between
-    its renames (`ShardedFSDPStrategy`). Newest: the highest step; on a tie the one written last, then
+    its renames (sharding.py's `ShardedStrategy`). Newest: the highest step; on a tie the one written last, then
     last.ckpt, then the highest -vK. Within a run the two copies of a step hold the same state and last.ckpt is
     written after the step checkpoint, so last.ckpt, the name the messages give, wins; where two runs share a
     run_dir (a decay started from the stable run's step-0000010.ckpt writes step-0000015-v1.ckpt beside its

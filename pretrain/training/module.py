@@ -109,6 +109,18 @@ class MLMModule(CheckpointHooks, TrainingStep, Validation, pl.LightningModule):
         if found is not None:
             raise Diverged(found[0], self.global_step - 1, found[1], self.rollbacks)
 
+    def configure_model(self) -> None:
+        """Lightning's hook once the devices are known: per-layer activation checkpointing when the config asks
+        for it, and under `trainer.strategy: fsdp` the sharding over the device mesh (sharding.py). Lightning
+        may call it again (validate after fit): it does its work once."""
+        from .sharding import checkpoint_layers, is_sharded, shard_model
+
+        t = self.cfg.trainer
+        if t.activation_checkpointing:
+            checkpoint_layers(self.model)
+        if self.device_mesh is not None and not is_sharded(self.model):
+            shard_model(self.model, self.device_mesh["data_parallel"], t.precision, t.fsdp_cpu_offload)
+
     # --- loss ---------------------------------------------------------------------------------------------
 
     @property

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 import torch
-from pytorch_lightning.strategies import FSDPStrategy
+from torch.distributed.tensor import DTensor
 
 from .data import seq_len_at
 from .masking import IGNORE
@@ -107,8 +107,10 @@ class TrainingStep:
         if (self.global_step + 1) % max(1, self.cfg.trainer.log_every_n_steps):  # Lightning's logging steps
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        sharded = bool(grads) and isinstance(grads[0], DTensor)  # FSDP2: each rank holds a shard of every gradient
+        grads = [g.to_local() for g in grads] if sharded else grads
         squares = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).square().sum()
-        if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard of every gradient
+        if sharded and self.trainer.world_size > 1:
             squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
         norm = squares.sqrt()
         self.log("train/grad_norm", norm)

@@ -26,7 +26,6 @@ from .budget import OPEN_ENDED, TimeBudget
 from .checkpoint import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
-    ShardedFSDPStrategy,
     checkpoint_versions,
     probe,
     read_record,
@@ -202,8 +201,13 @@ class _NoAdverts(logging.Filter):
 
 
 def make_strategy(cfg: ExperimentConfig) -> str | pl.strategies.Strategy:
-    """`trainer.strategy` for Lightning; `fsdp` becomes FSDP with sharded, atomically written checkpoints."""
-    return ShardedFSDPStrategy() if cfg.trainer.strategy == "fsdp" else cfg.trainer.strategy
+    """`trainer.strategy` for Lightning; `fsdp` becomes FSDP2 (Lightning's ModelParallelStrategy, data parallel
+    over all ranks) with sharded, atomically written checkpoints (sharding.py)."""
+    if cfg.trainer.strategy != "fsdp":
+        return cfg.trainer.strategy
+    from .sharding import ShardedStrategy
+
+    return ShardedStrategy()
 
 
 def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = None, resume_step: int | None = None,
