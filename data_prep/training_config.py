@@ -324,6 +324,10 @@ class CheckpointConfig:
                                 le=MAX_STEPS, why=STEPS)
     keep_last: int = option(3, "Keep this many newest step checkpoints (last.ckpt is kept besides).", ge=0, le=10**6)
     export_hf: bool = option(False, "Also export a Hugging Face directory beside each checkpoint.")
+    average_last: int = option(1, "`make export`: export the elementwise mean of the weights of the run's last this "
+                               "many checkpoints of distinct steps (ending at CKPT when given; pretrain/hf/average.py) "
+                               "instead of one; 1: no averaging. Keep as many (keep_last) while training.",
+                               ge=1, le=1000, why="checkpoints averaged")
 
 
 @dataclass

@@ -5,7 +5,10 @@ checkpoint when there is one; `resume [--ckpt PATH]` insists on a checkpoint (th
 checkpoint (default: the newest) as a Hugging Face directory (default: run_dir/hf) and proves its parity;
 `finetune --task configs/tasks/NAME.yaml [--finetune.key=value --task.key=value]` fine-tunes the export on a
 labelled task and reports its validation metrics (pretrain/evaluation/finetune.py); `ablation --config
-configs/ablation-NAME.yaml [--ablation.seeds=3]` runs the recipe ablation and writes its report (pretrain/ablation/run.py).
+configs/ablation-NAME.yaml [--ablation.seeds=3]` runs the recipe ablation and writes its report (pretrain/ablation/run.py);
+`evaluate [--ckpts "a b c" | DIR] [--out DIR]` scores checkpoints and exports on one held-out sample (fixed-mask loss,
+pseudo-perplexity, probes) into a table and a plot (pretrain/evaluation/evaluate.py); `average --ckpts "a b c"
+[--out DIR]` exports the mean of the weights of checkpoints of one run (pretrain/hf/average.py).
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Config keys (override any with --section.key=value):\n" + describe_config(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["fit", "resume", "export", "finetune", "ablation"])
+    parser.add_argument("command", choices=["fit", "resume", "export", "finetune", "ablation", "evaluate", "average"])
     parser.add_argument("--config", default=None, help="experiment YAML (default: built-in defaults)")
     parser.add_argument("--ckpt", default=None, help="export: the checkpoint (default: the run's newest); resume: "
                         "continue from this checkpoint, of this run or another (default: the run's newest)")
-    parser.add_argument("--out", default=None, help="export: the output directory (default: run_dir/hf)")
+    parser.add_argument("--out", default=None, help="export, average: the output directory (default: run_dir/hf); "
+                        "evaluate: the report's directory (default: run_dir/evaluate)")
+    parser.add_argument("--ckpts", default=None, help="evaluate: checkpoints (.ckpt, sharded directories) and "
+                        "exports, space-separated, or a directory of them (default: run_dir/checkpoints); "
+                        "average: the checkpoints to average")
     parser.add_argument("--task", default=None, help="finetune: the task YAML (configs/tasks/NAME.yaml); "
                         "--finetune.key=value and --task.key=value override it")
     args, overrides = parser.parse_known_args(argv)
@@ -36,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         return _finetune(args, overrides)
     if args.command == "ablation":
         return _ablation(args, overrides)
+    if args.command == "evaluate":
+        return _evaluate(args, overrides)
 
+    from .hf.average import AverageError
     from .hf.export import ExportError
     from .training.train import NothingToResume, TrainingIncomplete
 
     return run_command(lambda: _fit_or_export(args, overrides),
-                       {NothingToResume: 2, FloatingPointError: 2, ExportError: 2, TrainingIncomplete: 3})
+                       {NothingToResume: 2, FloatingPointError: 2, ExportError: 2, TrainingIncomplete: 3,
+                        AverageError: 2})
 
 
 def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -49,14 +60,17 @@ def _fit_or_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from data_prep.tokenizer_training import train_tokenizer
 
     from .hf.convert import check_init_from
-    from .hf.export import export
+    from .hf.export import ExportError, export
     from .training.throughput import Throughput
     from .training.train import NothingToResume, fit, plot_losses, training_data
 
     cfg = load_config(args.config, overrides)
-    if args.command == "export":
+    if args.command in ("export", "average"):
+        if args.command == "average" and not args.ckpts:
+            raise ExportError("average needs --ckpts \"a.ckpt b.ckpt ...\" (make average CKPTS=...), or use "
+                              "make export ARGS=--checkpoint.average_last=N")
         with naming(args.out or cfg.run_path / "hf"):  # a write that fails for want of space names no file
-            export(cfg, args.ckpt, args.out)
+            export(cfg, args.ckpt, args.out, average=args.ckpts.split() if args.command == "average" else None)
         return
     if cfg.model.init_from:
         check_init_from(cfg)  # one clear line before any data work
@@ -114,6 +128,18 @@ def _ablation(args: argparse.Namespace, overrides: list[str]) -> int:
 
     return run_command(run, {NothingToResume: 2, FloatingPointError: 2, ExportError: 2, FinetuneError: 2,
                              YardstickError: 2})
+
+
+def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .evaluation.evaluate import EvaluateError, evaluate
+
+    def run() -> None:
+        cfg = load_config(args.config, overrides)
+        paths = args.ckpts.split() if args.ckpts else None
+        with naming(args.out or cfg.run_path / "evaluate"):
+            evaluate(cfg, paths, args.out)
+
+    return run_command(run, {EvaluateError: 2})
 
 
 if __name__ == "__main__":

@@ -145,8 +145,9 @@ def card_data(c: ExperimentConfig, metrics: dict[str, float]) -> Any:
 
 def model_card(run_cfg: ExperimentConfig, meta: dict[str, Any], mcfg: RobertaConfig, step: int,
                metrics: dict[str, float], check: dict[str, Any], meta_path: Path | None, source: str,
-               rollbacks: list[dict[str, Any]] = ()) -> Any:
-    """The `huggingface_hub.ModelCard` of an export: `card_data` and the provenance text; `.save(path)`."""
+               rollbacks: list[dict[str, Any]] = (), averaged: list[tuple[str, int]] | None = None) -> Any:
+    """The `huggingface_hub.ModelCard` of an export: `card_data` and the provenance text; `.save(path)`.
+    `averaged`: (path, step) of the checkpoints whose elementwise mean the weights are (hf/average.py)."""
     import transformers
     from huggingface_hub import ModelCard
 
@@ -161,7 +162,12 @@ def model_card(run_cfg: ExperimentConfig, meta: dict[str, Any], mcfg: RobertaCon
     loss = metrics.get("val/loss")
     val = (f"{loss:.4f} nats ({loss / math.log(2):.4f} bits), perplexity {math.exp(loss):.2f}"
            + (f" (at step {metrics['step']})" if "step" in metrics else "")) if loss is not None else (
-        f"not measured (no validation by step {step}; trainer.val_check_interval={c.trainer.val_check_interval})")
+        f"not measured (no validation by step {step}; trainer.val_check_interval={c.trainer.val_check_interval})"
+        if not averaged else "not measured for the averaged weights (`make evaluate` scores them beside the "
+        "checkpoints averaged)")
+    weights = (f"- weights: the elementwise mean (in float64, rounded once to each tensor's dtype) of {len(averaged)} "
+               f"checkpoints of this run: " + ", ".join(f"`{p}` (step {s:,})" for p, s in averaged) + "; steps and "
+               "tokens seen below are the newest one's\n") if averaged else ""
     params = sum(p.numel() for n, p in RobertaForMLM(mcfg).named_parameters() if not n.startswith("nsp_head."))
     try:
         version = importlib.metadata.version("roberta-pretrain")
@@ -207,7 +213,7 @@ print(pipeline("fill-mask", model=model, tokenizer=tokenizer)({check['fill_mask'
 - schedule: linear warmup over {c.optim.warmup_steps:,} steps to {c.optim.peak_lr:g}, then {schedule_text(c)}
 - batch: {c.batch.global_size:,} sequences per step (micro-batch {c.batch.micro_size}{batch_warmup}), precision {c.trainer.precision}, seed {c.seed}
 - rollbacks: {rolled}
-- steps: {step:,}; sequences seen {sequences:,}; tokens seen about {round(seen):,} ({avg:.1f} tokens per block
+{weights}- steps: {step:,}; sequences seen {sequences:,}; tokens seen about {round(seen):,} ({avg:.1f} tokens per block
   on average; at most {most:,})
 
 ## Evaluation

@@ -40,6 +40,8 @@ from data_prep.tokenizer import FILES, load_tokenizer, special_ids, tokenizer_di
 
 from ..model.encoder import RobertaForMLM
 from ..training.checkpoint import load_full, resumable_checkpoint
+from .average import average as average_checkpoints
+from .average import last_checkpoints
 from .card import model_card, validation_metrics
 from .card import tokens_seen as tokens_seen  # re-exported: it used to live here
 from .convert import model_config, to_hf
@@ -84,9 +86,19 @@ def check_target(out: Path) -> Path:
 
 
 def export(cfg: ExperimentConfig, ckpt: str | Path | None = None, out: str | Path | None = None,
-           log=print) -> Path:
-    """Export a checkpoint of the run (default: its newest readable one) to `out` (default: run_dir/hf)."""
+           log=print, average: list[str | Path] | None = None) -> Path:
+    """Export a checkpoint of the run (default: its newest readable one) to `out` (default: run_dir/hf); with
+    `average` (`make average`), or `checkpoint.average_last` >= 2, the mean of those checkpoints (average.py)."""
     out = check_target(Path(out) if out else export_dir(cfg))  # before any work
+    if average is None and cfg.checkpoint.average_last > 1:  # the last N, ending at ckpt when given
+        average = last_checkpoints(Path(ckpt).parent if ckpt else cfg.run_path / "checkpoints",
+                                   cfg.checkpoint.average_last, Path(ckpt) if ckpt else None, log)
+    if average is not None:
+        mean = average_checkpoints(average, log)
+        run_cfg = dataclasses.replace(config_from_dict(mean.hyper_parameters["config"]), card=cfg.card)
+        return export_weights(mean.weights, run_cfg, mean.hyper_parameters["meta"], out, tokenizer_dir(cfg),
+                              step=mean.step, run_path=cfg.run_path, source=mean.source, log=log, metrics={},
+                              rollbacks=mean.rollbacks, averaged=mean.members)
     if ckpt is None:
         directory = cfg.run_path / "checkpoints"
         found = resumable_checkpoint(directory, log) if directory.is_dir() else None
@@ -114,9 +126,11 @@ def export(cfg: ExperimentConfig, ckpt: str | Path | None = None, out: str | Pat
 def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, meta: dict[str, Any], out: Path,
                    tok_dir: Path, *, step: int, run_path: Path, source: str,
                    metrics: dict[str, float] | None = None, meta_path: Path | None = None, log=print,
-                   rollbacks: list[dict[str, Any]] | None = None) -> Path:
+                   rollbacks: list[dict[str, Any]] | None = None,
+                   averaged: list[tuple[str, int]] | None = None) -> Path:
     """Write, verify and swap in the export of `weights` (this project's names) trained with `run_cfg`;
-    `rollbacks`: the run's rollback events (training/rollback.py), for the model card."""
+    `rollbacks`: the run's rollback events (training/rollback.py), `averaged`: (path, step) of the checkpoints
+    whose mean `weights` is (average.py), for the model card."""
     import transformers
 
     out = check_target(out)
@@ -158,7 +172,8 @@ def export_weights(weights: dict[str, torch.Tensor], run_cfg: ExperimentConfig, 
                 f"{out} was left as it was"
             )
         metrics = metrics if metrics is not None else validation_metrics(run_path / "logs" / "metrics.csv", step)
-        model_card(run_cfg, meta, mcfg, step, metrics, check, meta_path, source, rollbacks or []).save(tmp / "README.md")
+        model_card(run_cfg, meta, mcfg, step, metrics, check, meta_path, source, rollbacks or [],
+                   averaged).save(tmp / "README.md")
 
         # 3) swap it in (the target checked again: it is replaced only if it is still an export)
         try:
