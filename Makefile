@@ -9,10 +9,10 @@ ARGS   ?=
 # on a GPU machine pass e.g. TORCH="torch==2.13.0" with your platform's index, or TORCH=torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup tokenizer data pretrain resume export finetune ablation bench bench-tokenizer bench-data bench-train bench-quality test lint docs clean help
+.PHONY: setup tokenizer data pretrain resume export average evaluate finetune ablation bench bench-tokenizer bench-data bench-train bench-quality test lint docs clean help
 
 help:
-	@echo "make pretrain | test | setup | tokenizer | data | resume | export | finetune | ablation | bench[-tokenizer|-data|-train|-quality] | lint | docs   (CONFIG=... ARGS=...)"
+	@echo "make pretrain | test | setup | tokenizer | data | resume | export | average | evaluate | finetune | ablation | bench[-tokenizer|-data|-train|-quality] | lint | docs   (CONFIG=... ARGS=...)"
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,16 @@ resume: setup
 
 export: setup
 	$(PY) -m pretrain export --config $(CONFIG) $(if $(CKPT),--ckpt $(CKPT)) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+# CKPTS: the checkpoints of one run to average, e.g. CKPTS="runs/x/checkpoints/step-0001000.ckpt runs/x/checkpoints/step-0001500.ckpt";
+# exported like `make export` (OUT, default run_dir/hf); or `make export ARGS=--checkpoint.average_last=3`
+average: setup
+	$(PY) -m pretrain average --config $(CONFIG) --ckpts "$(CKPTS)" $(if $(OUT),--out $(OUT)) $(ARGS)
+
+# CKPTS: checkpoints and exports to compare, or a directory of them (default: run_dir/checkpoints); OUT: the report's
+# directory (default: run_dir/evaluate); ARGS="--eval.tasks=[configs/tasks/kernel_topics.yaml] --eval.pppl_blocks=32"
+evaluate: setup
+	$(PY) -m pretrain evaluate --config $(CONFIG) $(if $(CKPTS),--ckpts "$(CKPTS)") $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # TASK: a task YAML, e.g. configs/tasks/kernel_topics.yaml; ARGS="--finetune.seeds=5 --finetune.from_scratch=true"
 finetune: setup
