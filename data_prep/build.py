@@ -26,7 +26,8 @@ import numpy as np
 from .cli import naming
 from .config import ExperimentConfig, usable_cpus
 from .corpus import Corpus, Doc
-from .encode import encode_stream
+from .encode import encode_stream, load_encoder, tokenizers_texts
+from .encode_tiktoken import SAMPLE_BYTES, choose_encoder, tiktoken_texts
 from .manifest import SPLITS
 from .pack import PAIR_PACKINGS, Packer, PackStats
 from .readers import CorpusStats
@@ -63,6 +64,11 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     explicit_valid = split == "valid" and bool(corpus.valid_sources)
     tally = SourceTally(len(corpus.valid_files) if explicit_valid else len(corpus.sources))
     docs = _slice(corpus.records(split, stats), d.shard_index, d.num_shards, counts, tally)  # type: ignore[arg-type]
+    # the split's first documents, encoded both ways before the run (encode_tiktoken.choose_encoder), then put back
+    sample = list(_first_bytes(docs, SAMPLE_BYTES))
+    encoder = choose_encoder(load_encoder(tokenizer_json), d.encoder, [doc.lines for doc in sample], dtype, log)
+    docs = itertools.chain(sample, docs)
+    texts = tiktoken_texts if encoder == "tiktoken" else tokenizers_texts
     by_source = split == "valid" and valid_by_source(cfg)
     # one group, or one per source (documents arrive source by source): a packer per group
     groups = itertools.groupby(docs, key=lambda doc: doc.source) if by_source else [(None, docs)]
@@ -82,7 +88,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
             packers.append(packer)
             before = writer.num_blocks
             for enc in encode_stream(tokenizer_json, (doc.lines for doc in group), dtype, num_workers(d.num_proc),
-                                     worker_peaks=worker_peaks):
+                                     worker_peaks=worker_peaks, texts=texts):
                 tally.tokens_of(enc.lengths)
                 blocks = packer.add(enc)
                 writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
@@ -101,6 +107,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
         seconds = time.perf_counter() - start
         return writer.commit({
             **counts,
+            "encoder": encoder,
             "replaced_bytes": stats.replaced_bytes,
             "nul_bytes": stats.nul_bytes,
             "bytes_read": stats.bytes,
@@ -151,6 +158,14 @@ def _slice(docs: Iterable[Doc], index: int, n: int, counts: dict[str, int], tall
             counts["sentences"] += len(doc.lines)
             tally.document(doc)
             yield doc
+
+
+def _first_bytes(docs: Iterator[Doc], size: int) -> Iterator[Doc]:
+    """Documents from `docs` until they hold `size` bytes (the rest stay in `docs`)."""
+    total = 0
+    while total < size and (doc := next(docs, None)) is not None:
+        total += doc.bytes
+        yield doc
 
 
 def _read_size(corpus: Corpus, split: str) -> int | None:

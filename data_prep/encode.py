@@ -27,6 +27,9 @@ blank line, "\r"; Python's `\\s` holds every character the tokenizer's regex cal
 or holds a "\n" of its own, is encoded sentence by sentence as before; so is everything with a tokenizer whose
 pipeline is not exactly this one (`splittable`). `tests/test_encode_fast.py` compares both ways on nasty text.
 
+What turns texts into ids is a `TextsEncoder`: `tokenizers`' `encode_batch_fast` by default, or tiktoken's BPE
+core (encode_tiktoken.py), which gives the same ids 2-3x faster; `data.encoder` and a self-check choose.
+
 Apart from pack.py, which cuts this stream into blocks; `Encoded` is what passes between the two.
 """
 
@@ -53,6 +56,15 @@ class Encoded:
     tokens: np.ndarray  # (T,) uint16 or uint32
     lengths: np.ndarray  # (S,) int64
     first: np.ndarray  # (S,) bool
+
+
+TextsEncoder = Callable[[list[str]], list]
+"""Texts -> each text's ids (a list of ints or an array), without special tokens and with their text as text."""
+
+
+def tokenizers_texts(tok: Tokenizer) -> TextsEncoder:
+    """The `TextsEncoder` of `tokenizers` itself: `encode_batch_fast` (its thread pool over the texts)."""
+    return lambda texts: [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def load_encoder(tokenizer_json: str | Path) -> Tokenizer:
@@ -92,10 +104,13 @@ _ENDS_IN_SPACE = re.compile(r"\s\n")  # a sentence that ends in whitespace, befo
 
 class SentenceEncoder:
     """`encode_sentences` with what it needs prepared once: for a `splittable` tokenizer, which ids are tokens
-    that start with a newline byte (the cuts between sentences)."""
+    that start with a newline byte (the cuts between sentences). `texts` makes the function that encodes texts
+    (`tokenizers_texts`, or encode_tiktoken.tiktoken_texts for a tokenizer it gives the same ids)."""
 
-    def __init__(self, tok: Tokenizer, dtype: np.dtype):
+    def __init__(self, tok: Tokenizer, dtype: np.dtype,
+                 texts: Callable[[Tokenizer], TextsEncoder] = tokenizers_texts):
         self.tok, self.dtype = tok, np.dtype(dtype)
+        self.encode_texts = texts(tok)
         self.starts_line: np.ndarray | None = None
         if splittable(tok):
             newline = tok.pre_tokenizer.pre_tokenize_str("\n")[0][0]  # "\n" in the byte-level alphabet
@@ -118,11 +133,11 @@ class SentenceEncoder:
             texts += [text] if whole else [line if first[i] else "\n" + line for i, line in enumerate(lines[a:b], a)]
             runs.append((b - a - head, head, whole))
         # 2) one call for the batch, 3) cut each run's tokens before its sentences' newlines
-        encodings = iter(self.tok.encode_batch_fast(texts, add_special_tokens=False))
+        encodings = iter(self.encode_texts(texts))
         tokens, lengths = [], []
         for newlines, head, whole in runs:
             if whole:
-                ids = np.array(next(encodings).ids, self.dtype)
+                ids = np.asarray(next(encodings), self.dtype)
                 cuts = np.flatnonzero(self.starts_line[ids])
                 assert len(cuts) == newlines, f"{len(cuts)} tokens start a line where {newlines} lines start"
                 cuts = np.concatenate([[0], cuts, [len(ids)]]) if head else np.append(cuts, len(ids))
@@ -130,7 +145,7 @@ class SentenceEncoder:
                 lengths.append(np.diff(cuts))
             else:
                 for _ in range(newlines + head):
-                    tokens.append(np.array(next(encodings).ids, self.dtype))
+                    tokens.append(np.asarray(next(encodings), self.dtype))
                     lengths.append(np.array([len(tokens[-1])]))
         return Encoded(np.concatenate(tokens) if tokens else np.zeros(0, self.dtype),
                        np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64),
@@ -155,30 +170,33 @@ def sentence_batches(docs: Iterable[list[str]], size: int) -> Iterator[tuple[lis
         yield lines, first
 
 
-def _init_worker(tokenizer_json: str, dtype: str) -> Callable[[tuple[list[str], list[bool]]], Encoded]:
+def _init_worker(tokenizer_json: str, dtype: str, texts: Callable[[Tokenizer], TextsEncoder],
+                 ) -> Callable[[tuple[list[str], list[bool]]], Encoded]:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    encode = SentenceEncoder(load_encoder(tokenizer_json), np.dtype(dtype))
+    encode = SentenceEncoder(load_encoder(tokenizer_json), np.dtype(dtype), texts)
     return lambda batch: encode(*batch)
 
 
 def encode_stream(
     tokenizer_json: str | Path, docs: Iterable[list[str]], dtype: np.dtype, num_proc: int = 1,
     batch_sentences: int = 4096, worker_peaks: list[int] | None = None,
+    texts: Callable[[Tokenizer], TextsEncoder] = tokenizers_texts,
 ) -> Iterator[Encoded]:
-    """Encoded batches of `docs`, in order. num_proc > 1 uses that many worker processes with at most two
+    """Encoded batches of `docs`, in order, with the text encoder `texts` makes (a module-level function: the
+    workers are handed it by name). num_proc > 1 uses that many worker processes with at most two
     batches each in flight, so memory stays flat however long the stream (`Pool.imap` would read ahead
     without bound); num_proc = 1 encodes here, with the tokenizer's own threads. With `worker_peaks`, the
     largest worker's peak resident set (bytes) is appended to it once the stream is done."""
     batches = sentence_batches(docs, batch_sentences)
     if num_proc <= 1:
-        encode = SentenceEncoder(load_encoder(tokenizer_json), dtype)
+        encode = SentenceEncoder(load_encoder(tokenizer_json), dtype, texts)
         for lines, first in batches:
             yield encode(lines, first)
         return
     # Our own pool (workers.py), not `multiprocessing.Pool` nor `ProcessPoolExecutor`: a Pool replaces a worker
     # that dies (killed for memory, or failing as it starts) and its task never completes, and an executor can wait
     # for ever on a result that a dying worker had half sent; here a dead worker ends the run at once.
-    with WorkerPool(num_proc, _init_worker, (str(tokenizer_json), np.dtype(dtype).str)) as pool:
+    with WorkerPool(num_proc, _init_worker, (str(tokenizer_json), np.dtype(dtype).str, texts)) as pool:
         in_flight = 0
         try:
             for batch in batches:

@@ -35,6 +35,8 @@ SHARD_FILE = re.compile(r"(train|valid)(-\d{5}-of-\d{5})?\.(tokens|offsets|nsp|b
 SHORT_META = re.compile(r"\.\./[0-9a-f]{16}/meta\.json")
 """The short shards' meta.json, relative to the long shards' directory (a sibling hashed directory)."""
 SHA256 = re.compile(r"[0-9a-f]{64}")
+ENCODERS = ("tiktoken", "tokenizers")
+"""What a split record's `encoder` may say ran (data.encoder's choice; the shards are the same bytes either way)."""
 MAX_META_BYTES = 8 << 20  # a meta.json of 10,000 slices with 20 sources each is about 5 MB
 MAX_DEPTH = 16  # meta.json nests 7 deep (meta, splits, split, parts, part, sources, source)
 MAX_VOCAB = 1 << 24  # 330 times RoBERTa's 50,265: the embedding is vocab_size x hidden, allocated from this
@@ -186,6 +188,8 @@ def _check_part(part: Any, split: str, entry: str, dtype: str, vocab: int, names
         if top >= vocab:
             bad(f"{entry}.max_token_id", f"token id {top} is not below vocab_size {vocab} (shards of another "
                                          "tokenizer, or damaged)")
+    if "encoder" in part and part["encoder"] not in ENCODERS:  # absent from records written before it was kept
+        bad(f"{entry}.encoder", f"{show(part['encoder'])} is not one of {', '.join(ENCODERS)}")
     if "source_blocks" in part:
         counts = part["source_blocks"]
         if not isinstance(counts, list) or len(counts) > 1 << 16:

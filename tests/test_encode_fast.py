@@ -42,6 +42,10 @@ NASTY = [
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
+    return trained_tokenizer()
+
+
+def trained_tokenizer() -> Tokenizer:
     """The project's pipeline (`build_untrained`, `finalize`) trained on raw joined lines, so that it has the merges
     that would differ if a piece ran across a newline (a space then a newline, blank lines, "\r\n")."""
     code = ["def f(x):", "    if x:  ", "        return x", "\treturn 0", "", "  # note ", "\r", "}\r"]

@@ -1,0 +1,135 @@
+"""tiktoken's BPE core as the encoder of `make data`, for a tokenizer that is RoBERTa's byte-level BPE: the same ids as
+`tokenizers`, 2-3x faster per core.
+
+Why the same ids. Both split text with GPT-2's regex (the same pattern, checked on every code point in
+`tests/test_encode_tiktoken.py`: oniguruma in `tokenizers` and fancy-regex in tiktoken agree on which characters
+are letters, numbers and whitespace) and then apply BPE inside each piece, repeatedly merging the adjacent pair of
+highest priority, leftmost first on ties. `tokenizers` ranks a pair by the position of its merge in merges.txt and
+merges only listed pairs; tiktoken ranks a pair by the id of the token the two make together and merges any pair
+whose concatenation is a token. With `tiktoken_refusal`'s conditions the priorities are the same (a merge's result
+has a larger id than its parts and than every earlier merge's result; no two merges make the same token; every
+token but the 256 bytes is some merge's result; added tokens are left out, so a literal "<mask>" in the text is
+text, as `encode_special_tokens` makes it in `tokenizers`). One difference is left that no static check rules out:
+tiktoken also merges two adjacent tokens that make a third along a path merges.txt does not list (merges "b c",
+"a b", "ab c": on "abc" `tokenizers` stops at "a" "bc", tiktoken goes on to "abc"). A trainer never learns such
+a merge list (it merges the pieces it sees, in the order it then encodes them), and 119,924 documents of three
+corpora gave the same ids (issue 33); still, every `make data` encodes a sample of its corpus both ways first
+(`choose_encoder`) and uses `tokenizers` if any id differs. bench/bench_data.py compares whole shards.
+
+Apart from encode.py, which cuts a document's tokens into sentences and runs the workers whatever encodes the
+text; this module only provides the text -> ids function it calls (`tiktoken_texts`) and the choice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .encode import SentenceEncoder, TextsEncoder, sentence_batches, splittable
+from .typed_config import ConfigError
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+"""The ByteLevel pre-tokenizer's regex (tokenizers' `byte_level.rs`), written as tokenizers writes it."""
+
+SAMPLE_BYTES = 1 << 20  # text the start-of-run self-check encodes both ways: about 0.3 s on one core
+
+
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte in vocab.json and merges.txt
+    (printable Latin-1 stands for itself; the other 68 bytes are U+0100 onwards, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _model(tok: Tokenizer) -> dict[str, Any]:
+    return json.loads(tok.to_str())["model"]
+
+
+def tiktoken_refusal(tok: Tokenizer) -> str | None:
+    """None when tiktoken's BPE gives `tok`'s ids (module docstring); else why not, in a few words."""
+    if not splittable(tok):
+        return "the tokenizer is not RoBERTa's byte-level BPE pipeline (normalizer, prefix space, dropout, ...)"
+    model = _model(tok)
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("byte_fallback") \
+            or model.get("ignore_merges"):
+        return "its BPE model has a subword prefix or suffix, byte fallback or ignore_merges"
+    alphabet = byte_decoder()
+    added = {t.content for t in tok.get_added_tokens_decoder().values()}
+    vocab: dict[str, int] = {t: i for t, i in model["vocab"].items() if t not in added}
+    if any(c not in alphabet for t in vocab for c in t):
+        return "a token is not written in the byte-level alphabet"
+    if not set(alphabet) <= set(vocab):
+        return "the vocabulary lacks some of the 256 bytes"
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    last = -1
+    results = set()
+    for a, b in merges:
+        made = vocab.get(a + b)
+        if made is None or vocab.get(a, made) >= made or vocab.get(b, made) >= made:
+            return f"merge {a!r} {b!r} makes no token with a larger id than its parts"
+        if a + b in results:
+            return "two merges make the same token"
+        if made <= last:
+            return f"merge {a!r} {b!r} makes a token with a smaller id than an earlier merge's (ids out of merge order)"
+        last = made
+        results.add(a + b)
+    if len(results) + len(alphabet) != len(vocab):
+        return "a token is neither a byte nor a merge's result"
+    return None
+
+
+def tiktoken_encoding(tok: Tokenizer) -> Any:
+    """`tok` as a `tiktoken.Encoding` (call `tiktoken_refusal` first): each token's bytes ranked by its id, so
+    tiktoken's ids are `tok`'s ids; no special tokens (their text is text)."""
+    import tiktoken
+
+    alphabet = byte_decoder()
+    added = {t.content for t in tok.get_added_tokens_decoder().values()}
+    ranks = {bytes(alphabet[c] for c in t): i for t, i in _model(tok)["vocab"].items() if t not in added}
+    return tiktoken.Encoding(name="roberta-byte-level-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={})
+
+
+def tiktoken_texts(tok: Tokenizer) -> TextsEncoder:
+    """encode.py's text -> ids function with tiktoken: one call per text on this thread (tiktoken's own batch
+    helper starts a thread pool per call, slow on many small texts; parallelism comes from the worker processes),
+    ids straight into numpy (no Python list of ints)."""
+    encoding = tiktoken_encoding(tok)
+    return lambda texts: [encoding.encode_to_numpy(t, disallowed_special=()) for t in texts]
+
+
+def self_check(tok: Tokenizer, sample: Iterable[list[str]], dtype: np.dtype) -> str | None:
+    """None when both encoders give the same sentences' ids for `sample`'s documents; else where they first differ."""
+    ours = SentenceEncoder(tok, dtype, tiktoken_texts)
+    reference = SentenceEncoder(tok, dtype)
+    for lines, first in sentence_batches(sample, 4096):
+        got, want = ours(lines, first), reference(lines, first)
+        if got.tokens.tolist() != want.tokens.tolist() or got.lengths.tolist() != want.lengths.tolist():
+            ends = np.cumsum(want.lengths)
+            at = next((i for i, (x, y) in enumerate(zip(got.tokens.tolist(), want.tokens.tolist(), strict=False))
+                       if x != y), min(len(got.tokens), len(want.tokens)))
+            line = lines[min(int(np.searchsorted(ends, at, side="right")), len(lines) - 1)]
+            return f"tiktoken and tokenizers give different ids for the sample's line {line[:60]!r}"
+    return None
+
+
+def choose_encoder(tok: Tokenizer, setting: str, sample: list[list[str]], dtype: np.dtype,
+                   log: Callable[[str], None] = print) -> str:
+    """Which encoder runs, "tiktoken" or "tokenizers", for `data.encoder` = `setting` (auto | tiktoken |
+    tokenizers): tiktoken when `tok` qualifies and the sample's ids agree; with auto, otherwise `tokenizers` and
+    one line saying why; a forced tiktoken that cannot give the same ids is a ConfigError."""
+    if setting == "tokenizers":
+        return "tokenizers"
+    problem = tiktoken_refusal(tok) or self_check(tok, sample, dtype)
+    if problem is None:
+        return "tiktoken"
+    if setting == "tiktoken":
+        raise ConfigError(f"data.encoder=tiktoken: {problem}, so its shards would differ; set data.encoder to auto "
+                          "or tokenizers")
+    log(f"data: encoding with tokenizers, not tiktoken: {problem}")
+    return "tokenizers"
