@@ -1,6 +1,8 @@
-"""Sharded (FSDP) checkpoints: a directory of `torch.distributed.checkpoint` shards plus Lightning's meta.pt.
-FSDP itself needs a GPU (torch's FSDP refuses a CPU-only machine), so here the directory is written in FSDP's
-layout from a CPU checkpoint; choosing, probing, exporting and reading the rollback record work on it as on a file."""
+"""Sharded (FSDP2) checkpoints on one process: a directory of `torch.distributed.checkpoint` shards plus Lightning's
+meta.pt, written by the strategy's own save (sharding.py's `ShardedStrategy`, Lightning's ModelParallelStrategy
+underneath; without a process group its collectives are no-ops), from a CPU run's checkpoint: choosing, probing,
+exporting and reading the rollback record work on it as on a file, and a save is swapped in whole. The same
+layout written by 2 ranks that trained: tests/test_fsdp.py."""
 
 from __future__ import annotations
 
@@ -14,23 +16,18 @@ from safetensors.torch import load_file
 
 from pretrain.hf.export import export
 from pretrain.training.checkpoint import load_full, probe, resumable_checkpoint
+from pretrain.training.sharding import ShardedStrategy
 from pretrain.training.train import fit
 
 from .test_train import QUIET, config, corpus_file  # noqa: F401 - fixtures
 
 
 def to_sharded(ckpt: Path, directory: Path) -> None:
-    """What Lightning's FSDPStrategy(state_dict_type="sharded") writes: model and optimizer through
-    torch.distributed.checkpoint, everything else in meta.pt."""
-    import torch.distributed.checkpoint as dcp
-
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    tensors = {"model": state.pop("state_dict")}
+    """What `trainer.strategy: fsdp` writes: model and optimizer through torch.distributed.checkpoint (as
+    `state_dict` and `optimizer_0`), everything else in meta.pt."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: saving as one process"
-        dcp.save(tensors, checkpoint_id=directory)
-    state.pop("optimizer_states")
-    torch.save(state, directory / "meta.pt")
+        ShardedStrategy().save_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True), directory)
 
 
 def test_a_sharded_checkpoint_is_found_probed_and_exported_like_a_file(corpus_file: Path,  # noqa: F811
@@ -44,13 +41,18 @@ def test_a_sharded_checkpoint_is_found_probed_and_exported_like_a_file(corpus_fi
     plain = export(cfg, ckpts / "step-0000010.ckpt", tmp_path / "from-file", log=lambda *_: None)
 
     to_sharded(ckpts / "step-0000010.ckpt", tmp_path / "sharded")
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "meta.pt"]
+    shutil.copy(ckpts / "step-0000010.ckpt", tmp_path / "step-0000010.ckpt")
     for p in ckpts.iterdir():
         p.unlink()
     shutil.copytree(tmp_path / "sharded", ckpts / "step-0000010.ckpt")
     assert probe(ckpts / "step-0000010.ckpt") == (10, None)
     assert resumable_checkpoint(ckpts, log=lambda *_: None) == (ckpts / "step-0000010.ckpt", 10)
     full = load_full(ckpts / "step-0000010.ckpt")
-    assert full["global_step"] == 10 and "rollbacks" in full and "model.embeddings.word.weight" in full["state_dict"]
+    written = torch.load(tmp_path / "step-0000010.ckpt", weights_only=True)
+    assert full["global_step"] == 10 and "rollbacks" in full and full.keys() == written.keys()
+    assert all(torch.equal(full["state_dict"][k], v) for k, v in written["state_dict"].items())
+    assert full["optimizer_states"][0]["param_groups"] == written["optimizer_states"][0]["param_groups"]
 
     sharded = export(cfg, None, tmp_path / "from-shards", log=lambda *_: None)  # the newest: the directory
     a, b = load_file(plain / "model.safetensors"), load_file(sharded / "model.safetensors")
@@ -67,12 +69,10 @@ def test_a_sharded_checkpoint_is_found_probed_and_exported_like_a_file(corpus_fi
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_sharded_saves_are_swapped_in_whole_and_a_failed_one_keeps_the_previous(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ShardedFSDPStrategy.save_checkpoint on one process (no process group: its collectives are no-ops)."""
-    import pytorch_lightning.strategies.fsdp as lightning_fsdp
+    """ShardedStrategy.save_checkpoint on one process (no process group: its collectives are no-ops)."""
+    import pytorch_lightning.strategies.model_parallel as lightning_fsdp
 
-    from pretrain.training.checkpoint import ShardedFSDPStrategy
-
-    strategy = ShardedFSDPStrategy()
+    strategy = ShardedStrategy()
     path = tmp_path / "last.ckpt"
 
     def checkpoint(step: int) -> dict:
