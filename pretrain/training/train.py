@@ -35,6 +35,7 @@ from .data import ShardDataModule, batch_geometry
 from .host_memory import RetainHostMemory
 from .module import MLMModule
 from .rollback import Diverged, RollbackGuard, RollbackState, TrainingDiverged, describe_skipped
+from .sharding import ShardedStrategy
 from .throughput import Throughput
 
 
@@ -201,13 +202,8 @@ class _NoAdverts(logging.Filter):
 
 
 def make_strategy(cfg: ExperimentConfig) -> str | pl.strategies.Strategy:
-    """`trainer.strategy` for Lightning; `fsdp` becomes FSDP2 (Lightning's ModelParallelStrategy, data parallel
-    over all ranks) with sharded, atomically written checkpoints (sharding.py)."""
-    if cfg.trainer.strategy != "fsdp":
-        return cfg.trainer.strategy
-    from .sharding import ShardedStrategy
-
-    return ShardedStrategy()
+    """`trainer.strategy` for Lightning; `fsdp` becomes FSDP2 with sharded, atomically written checkpoints (sharding.py)."""
+    return ShardedStrategy() if cfg.trainer.strategy == "fsdp" else cfg.trainer.strategy
 
 
 def make_trainer(cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = None, resume_step: int | None = None,
