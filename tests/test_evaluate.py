@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pretrain.model.config import RobertaConfig
 from pretrain.model.encoder import RobertaForMLM
 from pretrain.training.train import fit
 
-from .conftest import make_documents, write_txt
+from .conftest import WORDS, make_documents, write_txt
 
 SETTINGS = [
     "--corpus.valid_fraction=0.1", "--tokenizer.vocab_size=300", "--data.seq_len=32", "--data.num_proc=1",
@@ -50,6 +51,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig,
     fit(cfg, prepare_data(cfg, log=lambda *_: None), resume=False, enable_progress_bar=False,
         enable_model_summary=False)
     return cfg, args
+
+
+def topic_task(directory: Path) -> Path:
+    """A two-label task file whose label is readable from the words (disjoint halves of the vocabulary)."""
+    rng = random.Random(0)
+    halves = (WORDS[: len(WORDS) // 2], WORDS[len(WORDS) // 2:])
+    for split, n in (("train", 40), ("valid", 20)):
+        rows = [{"text": " ".join(rng.choice(halves[i % 2]) for _ in range(8)), "label": f"t{i % 2}"} for i in range(n)]
+        (directory / f"topics-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = directory / "topics.yaml"
+    path.write_text(f"task:\n  name: topics\n  train: {directory / 'topics-train.jsonl'}\n"
+                    f"  valid: {directory / 'topics-valid.jsonl'}\nfinetune:\n  max_length: 32\n")
+    return path
 
 
 def direct_pll(model: RobertaForMLM, block: torch.Tensor, specials: set[int], mask_id: int) -> tuple[float, int]:
@@ -141,7 +155,9 @@ def test_cli_end_to_end_writes_the_table_and_the_plot(trained, tmp_path: Path, c
     cfg, args = trained
     checkpoints = cfg.run_path / "checkpoints"
     out = tmp_path / "report"
-    assert main(["evaluate", *args, "--ckpts", str(checkpoints), "--out", str(out)]) == 0
+    task = topic_task(tmp_path)
+    probes = [f"--eval.tasks=[{task}]", "--eval.max_train_examples=40", "--eval.max_valid_examples=20"]
+    assert main(["evaluate", *args, *probes, "--ckpts", str(checkpoints), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "evaluate.json").read_text())
     # the directory stands for its checkpoints by step; last.ckpt (step 6, as step-0000006.ckpt) is left out
@@ -151,8 +167,9 @@ def test_cli_end_to_end_writes_the_table_and_the_plot(trained, tmp_path: Path, c
     assert 0 < first["tokens_seen"] < second["tokens_seen"] <= 6 * 8 * 32
     for r in report["rows"]:
         assert np.isfinite([r["mlm_loss"], r["pppl"], r["mlm_accuracy"]]).all() and r["pppl"] > 1
+        assert 0 <= r["probe/topics/accuracy"] <= 1 and 0 <= r["probe/topics/macro_f1"] <= 1
     table = (out / "evaluate.md").read_text()
-    assert "| `step-0000003.ckpt` | 3 |" in table and "pseudo-perplexity" in table
+    assert "| `step-0000003.ckpt` | 3 |" in table and "pseudo-perplexity" in table and "probe/topics/accuracy" in table
     assert table[table.index("| checkpoint"):] in printed
     assert (out / "evaluate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the default output: run_dir/evaluate; the same numbers from the same checkpoint

@@ -39,7 +39,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     best = {}
     for m in names:
         values = [r[m] for r in rows if isinstance(r.get(m), float)]
-        if values:
+        if len(set(values)) > 1:  # a tie everywhere marks nothing
             best[m] = min(values) if m in ("mlm_loss", "pppl") else max(values)
     head = ["checkpoint", "step", "tokens seen", *(METRICS.get(m, m) for m in names)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -48,7 +48,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         for m in names:
             v = r.get(m)
             text = "-" if v is None else (f"{v:.2f}" if m == "pppl" else f"{v:.4f}")
-            cells.append(f"**{text}**" if v is not None and v == best.get(m) and len(rows) > 1 else text)
+            cells.append(f"**{text}**" if v is not None and v == best.get(m) else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
