@@ -33,9 +33,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)  # damaged, truncated, damaged deflate data
-
 
 
 class CorpusError(ValueError):
@@ -174,23 +175,68 @@ def _text_to_document(text: str, max_bytes: int, stats: CorpusStats) -> list[str
     return doc
 
 
-def _read_txt(path: Path, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
-    lines = 0
+def _read_txt(path: Path, max_bytes: int, stats: CorpusStats, block: int = 1 << 20) -> Iterator[list[str]]:
+    """Documents of a .txt file, a block at a time, each decoded whole where it can be (no NUL, valid UTF-8, no
+    line of max_bytes or more), else line by line (`add`): the same lines and counts either way, bytes included."""
+    lines, doc, carry = 0, [], b""
+
+    def add(raw: bytes, complete: bool) -> list[str] | None:  # one line; returns the document it ends
+        nonlocal lines, doc
+        lines += complete
+        stats.bytes += len(raw) + complete
+        line = decode_line(raw, stats)
+        if complete:  # trailing whitespace of a line goes; inside an overlong line nothing is dropped
+            line = line.rstrip()
+        if line.strip():
+            doc.append(line)
+        elif doc:
+            done, doc = doc, []
+            return done
+        return None
+
     with _open_binary(path) as f, _gzip_damage(path, lambda: lines):
-        doc: list[str] = []
-        for raw, complete in _read_lines(f, max_bytes, stats):
-            lines += complete
-            stats.bytes += len(raw) + complete
-            line = decode_line(raw, stats)
-            if complete:  # trailing whitespace of a line goes; inside an overlong line nothing is dropped
-                line = line.rstrip()
-            if line.strip():
-                doc.append(line)
-            elif doc:
-                yield doc
-                doc = []
+        while data := f.read1(block):  # one read of the file at most: a damaged .gz fails after the lines before it
+            data = carry + data
+            body, carry = data[: (cut := data.rfind(b"\n") + 1)], data[cut:]
+            newlines, text = np.flatnonzero(np.frombuffer(body, np.uint8) == 10), None
+            if b"\x00" not in body and np.diff(newlines, prepend=-1).max(initial=0) <= max_bytes:
+                with contextlib.suppress(UnicodeDecodeError):  # invalid UTF-8: line by line (counted)
+                    text = body.decode("utf-8")
+            if text is None:  # an overlong line in the pieces `_read_lines` cuts
+                for raw in body.split(b"\n")[:-1]:
+                    pieces = [(raw.rstrip(b"\r\n"), True)] if len(raw) < max_bytes else \
+                        _read_lines(io.BytesIO(raw + b"\n"), max_bytes, stats)
+                    yield from filter(None, (add(*piece) for piece in pieces))
+            else:  # bytes as `add` counts them: each line without its trailing "\r"s, plus one
+                cr = [len(raw) - len(raw.rstrip(b"\r")) for raw in body.split(b"\n")[:-1]] if b"\r\n" in body else 0
+                base, ends = stats.bytes, (newlines + 1 - np.cumsum(cr)).tolist()
+                for i, line in enumerate(text.split("\n")[:-1]):
+                    if line := line.rstrip():
+                        doc.append(line)
+                    elif doc:
+                        stats.bytes, done, doc = base + ends[i], doc, []
+                        yield done
+                lines, stats.bytes = lines + len(ends), base + (ends[-1] if ends else 0)
+            if len(carry) >= max_bytes:  # an overlong line in the making: read on to its end line by line
+                yield from filter(None, (add(*piece) for piece in _read_lines(_Prefixed(carry, f), max_bytes, stats)))
+                carry = b""
+        if carry and (done := add(carry, True)) is not None:  # the last line, without a newline
+            yield done
         if doc:
             yield doc
+
+
+class _Prefixed:
+    """One line, as `readline` gives it: `prefix` (holding no newline), then the file `f` up to its next newline."""
+
+    def __init__(self, prefix: bytes, f: BinaryIO):
+        self.prefix, self.f, self.ended = prefix, f, False
+
+    def readline(self, n: int) -> bytes:
+        head, self.prefix = self.prefix[:n], self.prefix[n:]
+        line = b"" if self.ended else head + self.f.readline(n - len(head)) if len(head) < n else head
+        self.ended = line.endswith(b"\n")
+        return line
 
 
 def _read_jsonl(path: Path, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:
@@ -319,7 +365,6 @@ def _read_datasets(spec: str, text_field: str, max_bytes: int, stats: CorpusStat
 def _saved_to_disk(directory: Path) -> bool:
     """A directory `Dataset.save_to_disk` / `DatasetDict.save_to_disk` wrote."""
     return (directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file()
-
 
 
 def read_source(source: str, text_field: str, max_bytes: int, stats: CorpusStats) -> Iterator[list[str]]:

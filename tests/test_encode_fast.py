@@ -9,6 +9,8 @@ import unicodedata
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 
 from data_prep.encode import (
@@ -121,3 +123,51 @@ def test_worker_processes_give_the_same_stream(tok, tmp_path) -> None:
     got = list(encode_stream(path, docs, np.uint16, num_proc=2, batch_sentences=7))
     assert [e.tokens.tolist() for e in got] == [e.tokens.tolist() for e in want]
     assert [e.lengths.tolist() for e in got] == [e.lengths.tolist() for e in want]
+
+
+def read_txt_line_by_line(path, max_bytes: int, stats):
+    """The definition of a .txt file's documents (the reader before it read blocks): line by line, each line as
+    `_read_lines` gives it, its bytes counted before it is looked at."""
+    from data_prep.readers import _read_lines, decode_line
+
+    with open(path, "rb") as f:
+        doc: list[str] = []
+        for raw, complete in _read_lines(f, max_bytes, stats):
+            stats.bytes += len(raw) + complete
+            line = decode_line(raw, stats)
+            if complete:
+                line = line.rstrip()
+            if line.strip():
+                doc.append(line)
+            elif doc:
+                yield doc
+                doc = []
+        if doc:
+            yield doc
+
+
+LINE = st.one_of(st.text(st.sampled_from("ab \t\r\x00é中🙂"), max_size=12), st.sampled_from(["", " ", "\r", "x" * 40]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(LINE, max_size=30), end=st.sampled_from(["", "\n", "\r\n"]),
+       junk=st.sampled_from([b"", b"\xff", b"\xe2\x82"]), block=st.sampled_from([7, 64, 1 << 20]))
+def test_the_block_reader_reads_what_the_line_reader_reads(tmp_path_factory, lines, end, junk, block) -> None:
+    """Same documents, same bytes counted per document (weights and the tokenizer's sample use them), same
+    counters, whatever the block size, line ends, NULs, invalid UTF-8 and lines over max_line_bytes (16 here)."""
+    from data_prep import readers
+
+    path = tmp_path_factory.mktemp("blocks") / "c.txt"
+    path.write_bytes(b"\n".join(s.encode() + (junk if i % 3 == 0 else b"") for i, s in enumerate(lines)) +
+                     end.encode())
+    got, want = readers.CorpusStats(), readers.CorpusStats()
+    results = []
+    for docs, stats in ((readers._read_txt(path, 16, got, block=block), got),
+                        (read_txt_line_by_line(path, 16, want), want)):
+        before, per_doc = 0, []
+        for doc in docs:
+            per_doc.append((doc, stats.bytes - before))
+            before = stats.bytes
+        results.append(per_doc)
+    assert results[0] == results[1]
+    assert got == want
