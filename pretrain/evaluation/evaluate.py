@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,13 +244,14 @@ def evaluate(cfg: ExperimentConfig, paths: list[str | Path] | None = None, out: 
     # 2) each candidate in turn: fixed-mask loss, pseudo-perplexity, probes
     rows = []
     for c in found:
+        start = time.perf_counter()
         model = c.model().to(device)
         row = {"name": c.name, "path": str(c.path), "kind": c.kind, "step": c.step, "tokens_seen": c.tokens}
         row |= held.score(model)
         row |= probes(model) if probes else {}
         rows.append(row)
         log(f"evaluate: {c.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)
-                                                  and k != "tokens_seen"))
+                                                  and k != "tokens_seen") + f" ({time.perf_counter() - start:.1f} s)")
         del model
 
     # 3) the report
