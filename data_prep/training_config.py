@@ -280,8 +280,10 @@ class TrainerConfig:
         if self.max_time is not None:
             parse_duration(self.max_time, "trainer.max_time")
         self.precision = lightning_precision(self.precision, "trainer.precision")
-        if self.fsdp_cpu_offload and self.strategy != "fsdp":
-            raise ConfigError(f"trainer.fsdp_cpu_offload=true needs trainer.strategy=fsdp (it is {self.strategy!r})")
+        if self.fsdp_cpu_offload and (self.strategy != "fsdp" or self.accelerator == "cpu"):
+            raise ConfigError(f"trainer.fsdp_cpu_offload=true moves FSDP's shards from GPUs to host memory: it needs "
+                              f"trainer.strategy=fsdp (it is {self.strategy!r}) on GPUs (trainer.accelerator is "
+                              f"{self.accelerator!r})")
         if self.strategy == "fsdp" and self.precision not in FSDP_PRECISIONS:
             raise ConfigError(f"trainer.precision={self.precision!r} does not run with trainer.strategy=fsdp "
                               f"(Lightning's ModelParallelStrategy): use one of {', '.join(FSDP_PRECISIONS)}")

@@ -5,6 +5,8 @@ Every run here trains the same tiny config with dropout on, and with a NaN plant
 all of them: DDP's run of the config (equal within float tolerance: the same data, masks and dropout on each
 rank), a run killed with SIGKILL and resumed (bitwise), and a run resharded 2 -> 1 -> 2 ranks through
 `torch.distributed.checkpoint` (equal within float tolerance; data position, schedule and rollback record kept).
+The FSDP runs recompute each layer's activations in backward (`trainer.activation_checkpointing`), DDP's does
+not: equal results show that the recomputation draws the same dropout and that it composes with the sharding.
 The runs that can start together do (the module's fixture), since each process launch costs seconds.
 """
 
@@ -28,7 +30,7 @@ from pretrain.training.checkpoint import load_full, probe, resumable_checkpoint
 from .test_elastic import EVERY, ROOT, STEPS, assert_close, cli
 from .test_train import QUIET, config, corpus_file, shards  # noqa: F401 - fixtures
 
-FSDP = ("--trainer.devices=2", "--trainer.strategy=fsdp")
+FSDP = ("--trainer.devices=2", "--trainer.strategy=fsdp", "--trainer.activation_checkpointing=true")
 DDP = ("--trainer.devices=2", "--trainer.strategy=ddp")
 
 SCRIPT = '''
@@ -198,8 +200,7 @@ def test_resharded_resume_two_one_two_ranks_equals_the_uninterrupted_run(runs, s
     shutil.copytree(reference, run, ignore=shutil.ignore_patterns("last.ckpt", "step-0000012.ckpt", "rank-*.json"))
     environ, threads = dict(os.environ), torch.get_num_threads()
     try:  # one process, in this one: Lightning sets the launch's environment and joins a process group of 1
-        one = fit(config(run, corpus_file, *EVERY, "--trainer.strategy=fsdp"), meta, resume=True, max_steps=10,
-                  **QUIET)
+        one = fit(config(run, corpus_file, *EVERY, *FSDP[1:]), meta, resume=True, max_steps=10, **QUIET)
         assert one.global_step == 10 and one.world_size == 1
     finally:
         if torch.distributed.is_initialized():
@@ -226,3 +227,13 @@ def test_resharded_resume_two_one_two_ranks_equals_the_uninterrupted_run(runs, s
     # the losses of every step after the resharding, as the uninterrupted run logged them
     later = {s: v for s, v in losses(run).items() if s > 8}
     assert later and later == pytest.approx({s: losses(reference)[s] for s in later}, rel=1e-5, abs=1e-6)
+
+
+def test_cpu_offload_is_refused_without_fsdp_or_on_cpus(corpus_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    from data_prep.config import ConfigError
+
+    for extra in (("--trainer.strategy=ddp",), ("--trainer.strategy=fsdp", "--trainer.accelerator=cpu")):
+        with pytest.raises(ConfigError, match=r"trainer.fsdp_cpu_offload=true .* needs trainer.strategy=fsdp"):
+            config(tmp_path, corpus_file, *extra, "--trainer.fsdp_cpu_offload=true")
+    with pytest.raises(ConfigError, match=r"trainer.precision='16-mixed' does not run with trainer.strategy=fsdp"):
+        config(tmp_path, corpus_file, "--trainer.strategy=fsdp", "--trainer.precision=16-mixed")
