@@ -26,8 +26,8 @@ import numpy as np
 from .cli import naming
 from .config import ExperimentConfig, usable_cpus
 from .corpus import Corpus, Doc
-from .encode import encode_stream, load_encoder, tokenizers_texts
-from .encode_tiktoken import SAMPLE_BYTES, choose_encoder, tiktoken_texts
+from .encode import encode_stream, load_encoder
+from .encode_tiktoken import choose_encoder, sample_bytes
 from .manifest import SPLITS
 from .pack import PAIR_PACKINGS, Packer, PackStats
 from .readers import CorpusStats
@@ -65,10 +65,10 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     tally = SourceTally(len(corpus.valid_files) if explicit_valid else len(corpus.sources))
     docs = _slice(corpus.records(split, stats), d.shard_index, d.num_shards, counts, tally)  # type: ignore[arg-type]
     # the split's first documents, encoded both ways before the run (encode_tiktoken.choose_encoder), then put back
-    sample = list(_first_bytes(docs, SAMPLE_BYTES))
-    encoder = choose_encoder(load_encoder(tokenizer_json), d.encoder, [doc.lines for doc in sample], dtype, log)
+    sample = list(_first_bytes(docs, sample_bytes(_read_size(corpus, split))))
+    encoder, texts = choose_encoder(load_encoder(tokenizer_json), d.encoder, [doc.lines for doc in sample], dtype,
+                                    log)
     docs = itertools.chain(sample, docs)
-    texts = tiktoken_texts if encoder == "tiktoken" else tokenizers_texts
     by_source = split == "valid" and valid_by_source(cfg)
     # one group, or one per source (documents arrive source by source): a packer per group
     groups = itertools.groupby(docs, key=lambda doc: doc.source) if by_source else [(None, docs)]

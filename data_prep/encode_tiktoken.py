@@ -22,6 +22,7 @@ text; this module only provides the text -> ids function it calls (`tiktoken_tex
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,13 +30,12 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from .encode import SentenceEncoder, TextsEncoder, sentence_batches, splittable
+from .encode import SentenceEncoder, TextsEncoder, sentence_batches, splittable, tokenizers_texts
 from .typed_config import ConfigError
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 """The ByteLevel pre-tokenizer's regex (tokenizers' `byte_level.rs`), written as tokenizers writes it."""
 
-SAMPLE_BYTES = 1 << 20  # text the start-of-run self-check encodes both ways: about 0.3 s on one core
 
 
 def byte_decoder() -> dict[str, int]:
@@ -50,11 +50,12 @@ def _model(tok: Tokenizer) -> dict[str, Any]:
     return json.loads(tok.to_str())["model"]
 
 
-def tiktoken_refusal(tok: Tokenizer) -> str | None:
-    """None when tiktoken's BPE gives `tok`'s ids (module docstring); else why not, in a few words."""
+def tiktoken_refusal(tok: Tokenizer, model: dict[str, Any] | None = None) -> str | None:
+    """None when tiktoken's BPE gives `tok`'s ids (module docstring); else why not, in a few words. `model`: the
+    "model" of `tok`'s JSON, when the caller has it."""
     if not splittable(tok):
         return "the tokenizer is not RoBERTa's byte-level BPE pipeline (normalizer, prefix space, dropout, ...)"
-    model = _model(tok)
+    model = model or _model(tok)
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("byte_fallback") \
             or model.get("ignore_merges"):
         return "its BPE model has a subword prefix or suffix, byte fallback or ignore_merges"
@@ -83,29 +84,35 @@ def tiktoken_refusal(tok: Tokenizer) -> str | None:
     return None
 
 
-def tiktoken_encoding(tok: Tokenizer) -> Any:
-    """`tok` as a `tiktoken.Encoding` (call `tiktoken_refusal` first): each token's bytes ranked by its id, so
-    tiktoken's ids are `tok`'s ids; no special tokens (their text is text)."""
-    import tiktoken
-
+def mergeable_ranks(tok: Tokenizer, model: dict[str, Any] | None = None) -> dict[bytes, int]:
+    """tiktoken's table for `tok` (call `tiktoken_refusal` first): each token's bytes ranked by its id, so that
+    tiktoken's ids are `tok`'s ids; added tokens left out (their text is text)."""
     alphabet = byte_decoder()
     added = {t.content for t in tok.get_added_tokens_decoder().values()}
-    ranks = {bytes(alphabet[c] for c in t): i for t, i in _model(tok)["vocab"].items() if t not in added}
-    return tiktoken.Encoding(name="roberta-byte-level-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={})
+    return {bytes(alphabet[c] for c in t): i for t, i in (model or _model(tok))["vocab"].items() if t not in added}
 
 
-def tiktoken_texts(tok: Tokenizer) -> TextsEncoder:
+def tiktoken_encoding(tok: Tokenizer, ranks: dict[bytes, int] | None = None) -> Any:
+    """`tok` as a `tiktoken.Encoding` with `mergeable_ranks` (given, or made here), GPT-2's regex, no specials."""
+    import tiktoken
+
+    return tiktoken.Encoding(name="roberta-byte-level-bpe", pat_str=GPT2_PATTERN,
+                             mergeable_ranks=ranks or mergeable_ranks(tok), special_tokens={})
+
+
+def tiktoken_texts(tok: Tokenizer, ranks: dict[bytes, int] | None = None) -> TextsEncoder:
     """encode.py's text -> ids function with tiktoken: one call per text on this thread (tiktoken's own batch
     helper starts a thread pool per call, slow on many small texts; parallelism comes from the worker processes),
-    ids straight into numpy (no Python list of ints)."""
-    encoding = tiktoken_encoding(tok)
+    ids straight into numpy (no Python list of ints). Workers get `ranks` made once by the parent (no JSON to
+    parse again), as `functools.partial(tiktoken_texts, ranks=...)`."""
+    encoding = tiktoken_encoding(tok, ranks)
     return lambda texts: [encoding.encode_to_numpy(t, disallowed_special=()) for t in texts]
 
 
-def self_check(tok: Tokenizer, sample: Iterable[list[str]], dtype: np.dtype) -> str | None:
+def self_check(tok: Tokenizer, sample: Iterable[list[str]], dtype: np.dtype,
+               texts: Callable[[Tokenizer], TextsEncoder] = tiktoken_texts) -> str | None:
     """None when both encoders give the same sentences' ids for `sample`'s documents; else where they first differ."""
-    ours = SentenceEncoder(tok, dtype, tiktoken_texts)
+    ours = SentenceEncoder(tok, dtype, texts)
     reference = SentenceEncoder(tok, dtype)
     for lines, first in sentence_batches(sample, 4096):
         got, want = ours(lines, first), reference(lines, first)
@@ -119,17 +126,27 @@ def self_check(tok: Tokenizer, sample: Iterable[list[str]], dtype: np.dtype) -> 
 
 
 def choose_encoder(tok: Tokenizer, setting: str, sample: list[list[str]], dtype: np.dtype,
-                   log: Callable[[str], None] = print) -> str:
-    """Which encoder runs, "tiktoken" or "tokenizers", for `data.encoder` = `setting` (auto | tiktoken |
-    tokenizers): tiktoken when `tok` qualifies and the sample's ids agree; with auto, otherwise `tokenizers` and
-    one line saying why; a forced tiktoken that cannot give the same ids is a ConfigError."""
+                   log: Callable[[str], None] = print) -> tuple[str, Callable[[Tokenizer], TextsEncoder]]:
+    """Which encoder runs, "tiktoken" or "tokenizers", and encode.py's `texts` for it, for `data.encoder` =
+    `setting` (auto | tiktoken | tokenizers): tiktoken when `tok` qualifies and the sample's ids agree; with auto,
+    otherwise `tokenizers` and one line saying why; a forced tiktoken that cannot give the same ids is a
+    ConfigError."""
     if setting == "tokenizers":
-        return "tokenizers"
-    problem = tiktoken_refusal(tok) or self_check(tok, sample, dtype)
+        return "tokenizers", tokenizers_texts
+    model = _model(tok) if splittable(tok) else None
+    problem = tiktoken_refusal(tok, model)
+    texts = functools.partial(tiktoken_texts, ranks=mergeable_ranks(tok, model)) if problem is None else None
+    problem = problem or self_check(tok, sample, dtype, texts)  # type: ignore[arg-type]
     if problem is None:
-        return "tiktoken"
+        return "tiktoken", texts  # type: ignore[return-value]
     if setting == "tiktoken":
         raise ConfigError(f"data.encoder=tiktoken: {problem}, so its shards would differ; set data.encoder to auto "
                           "or tokenizers")
     log(f"data: encoding with tokenizers, not tiktoken: {problem}")
-    return "tokenizers"
+    return "tokenizers", tokenizers_texts
+
+
+def sample_bytes(split_bytes: int | None) -> int:
+    """Text the self-check encodes both ways: 1% of the split (its cost, about 1% of encoding it with
+    `tokenizers`), at least 64 KB and at most 1 MB."""
+    return min(1 << 20, max(1 << 16, (split_bytes or 1 << 30) // 100))

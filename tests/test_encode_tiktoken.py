@@ -115,7 +115,7 @@ def test_a_pipeline_that_is_not_robertas_takes_tokenizers(project_tok) -> None:
     other.encode_special_tokens = True
     said: list[str] = []
     assert "not RoBERTa's byte-level BPE" in tiktoken_refusal(other)
-    assert choose_encoder(other, "auto", [["a b"]], np.dtype(np.uint16), said.append) == "tokenizers"
+    assert choose_encoder(other, "auto", [["a b"]], np.dtype(np.uint16), said.append)[0] == "tokenizers"
     assert len(said) == 1 and said[0].startswith("data: encoding with tokenizers, not tiktoken: ")
     with pytest.raises(ConfigError, match=r"^data\.encoder=tiktoken: .*set data\.encoder to auto or tokenizers$"):
         choose_encoder(other, "tiktoken", [["a b"]], np.dtype(np.uint16), said.append)
@@ -140,7 +140,7 @@ def test_merges_out_of_id_order_take_tokenizers() -> None:
                                                                          ["bc", "ab", "abc"]))
     assert "neither a byte nor a merge" in tiktoken_refusal(handmade([("a", "b")], ["ab", "xyz"]))
     said: list[str] = []
-    assert choose_encoder(swapped, "auto", [["abcd"]], np.dtype(np.uint16), said.append) == "tokenizers"
+    assert choose_encoder(swapped, "auto", [["abcd"]], np.dtype(np.uint16), said.append)[0] == "tokenizers"
     assert len(said) == 1
 
 
@@ -154,12 +154,12 @@ def test_a_mismatch_the_static_checks_miss_falls_back_with_one_line() -> None:
     assert self_check(tok, [["no such letters"], ["ab", "bc"]], np.dtype(np.uint16)) is None
     said: list[str] = []
     sample = [["first line", "then abc here"]]
-    assert choose_encoder(tok, "auto", sample, np.dtype(np.uint16), said.append) == "tokenizers"
+    assert choose_encoder(tok, "auto", sample, np.dtype(np.uint16), said.append)[0] == "tokenizers"
     assert said == ["data: encoding with tokenizers, not tiktoken: tiktoken and tokenizers give different ids for "
                     "the sample's line 'then abc here'"]
     with pytest.raises(ConfigError, match="data.encoder=tiktoken: tiktoken and tokenizers give different ids"):
         choose_encoder(tok, "tiktoken", sample, np.dtype(np.uint16), said.append)
-    assert choose_encoder(tok, "tokenizers", sample, np.dtype(np.uint16), said.append) == "tokenizers"
+    assert choose_encoder(tok, "tokenizers", sample, np.dtype(np.uint16), said.append)[0] == "tokenizers"
 
 
 @pytest.mark.timeout(300)
