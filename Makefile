@@ -9,10 +9,10 @@ ARGS   ?=
 # on a GPU machine pass e.g. TORCH="torch==2.13.0" with your platform's index, or TORCH=torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup tokenizer data pretrain resume export average evaluate finetune ablation bench bench-tokenizer bench-data bench-train bench-quality test lint docs clean help
+.PHONY: setup tokenizer data pretrain resume export average evaluate finetune ablation bench bench-tokenizer bench-data bench-train bench-quality bench-memory bench-gpu test lint docs clean help
 
 help:
-	@echo "make pretrain | test | setup | tokenizer | data | resume | export | average | evaluate | finetune | ablation | bench[-tokenizer|-data|-train|-quality] | lint | docs   (CONFIG=... ARGS=...)"
+	@echo "make pretrain | test | setup | tokenizer | data | resume | export | average | evaluate | finetune | ablation | bench[-tokenizer|-data|-train|-quality|-memory|-gpu] | lint | docs   (CONFIG=... ARGS=...)"
 
 setup: $(VENV)/.installed
 
@@ -71,7 +71,17 @@ bench-train: setup
 bench-quality: setup
 	$(PY) bench/bench_quality.py $(ARGS)
 
-bench: bench-tokenizer bench-data bench-train bench-quality
+# peak RSS and held parameter/gradient/AdamW bytes per rank, DDP against FSDP2 on 2 CPU ranks (base and large;
+# about 10 minutes on 2 quiet cores); ARGS="--sizes base" for a quick look
+bench-memory: setup
+	$(PY) bench/bench_memory.py $(ARGS)
+
+# the prepared GPU check (under 8 minutes on one GPU; not part of `make bench`): ARGS="--device cpu --smoke" checks
+# the script itself on a CPU. On a lent device without the venv, see docs/benchmarks.md
+bench-gpu: setup
+	$(PY) bench/bench_gpu.py $(ARGS)
+
+bench: bench-tokenizer bench-data bench-train bench-quality bench-memory
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
