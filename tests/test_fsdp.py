@@ -186,6 +186,23 @@ def test_a_sharded_checkpoint_exports_on_one_process_without_a_process_group(run
     assert probe(run / "checkpoints" / "last.ckpt") == (STEPS, None)
 
 
+def test_a_sharded_checkpoint_resumes_on_one_device_without_fsdp(runs, shards, corpus_file: Path,  # noqa: F811
+                                                                 tmp_path: Path) -> None:
+    """The 2-rank step-8 directory, gathered by the checkpoint IO (AdamW's state by index), resumed on one device
+    under the default strategy: the uninterrupted run's weights within float summation order, and its record."""
+    from pretrain.training.train import fit
+
+    _, meta = shards
+    reference = runs["paths"]["fsdp"]
+    run = tmp_path / "gathered"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("last.ckpt", "step-0000012.ckpt", "rank-*.json"))
+    one = fit(config(run, corpus_file, *EVERY), meta, resume=True, **QUIET)
+    assert one.global_step == STEPS and not torch.distributed.is_initialized()
+    got = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert rollbacks(got) == rollbacks(state_of(reference / "checkpoints" / "last.ckpt"))
+    assert_close(weights(reference / "checkpoints" / "last.ckpt"), weights(run / "checkpoints" / "last.ckpt"))
+
+
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_resharded_resume_two_one_two_ranks_equals_the_uninterrupted_run(runs, shards, corpus_file: Path,  # noqa: F811
                                                                          tmp_path: Path) -> None:
@@ -212,8 +229,9 @@ def test_resharded_resume_two_one_two_ranks_equals_the_uninterrupted_run(runs, s
     assert middle["geometry"]["world_size"] == 1 and middle["rollbacks"]["skipped_data"] == [[6, 1]]
     assert len(list((run / "checkpoints" / "step-0000010.ckpt").glob("*.distcp"))) == 1
 
-    out = finish(launch(runs["script"], "resume", run, corpus_file, *FSDP))
-    assert f"done: {STEPS} of {STEPS} steps" in out and "rollback" not in out
+    # with checkpoint.export_hf: the final save's weights, gathered from the shards onto rank 0, exported too
+    out = finish(launch(runs["script"], "resume", run, corpus_file, *FSDP, "--checkpoint.export_hf=true"))
+    assert f"done: {STEPS} of {STEPS} steps" in out and "rollback" not in out and "failed" not in out
     got, expected = state_of(run / "checkpoints" / "last.ckpt"), state_of(reference / "checkpoints" / "last.ckpt")
     assert got["global_step"] == STEPS and got["geometry"]["world_size"] == 2
     assert rollbacks(got) == rollbacks(expected)
@@ -224,6 +242,12 @@ def test_resharded_resume_two_one_two_ranks_equals_the_uninterrupted_run(runs, s
     assert moments[0].keys() == moments[1].keys()
     for name, state in moments[1].items():
         torch.testing.assert_close(moments[0][name]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+    from safetensors.torch import load_file
+
+    from pretrain.hf.convert import to_hf_state_dict
+
+    exported, final = load_file(run / "hf" / "model.safetensors"), to_hf_state_dict(weights(run / "checkpoints" / "last.ckpt"), 2)
+    assert exported and all(torch.equal(tensor, final[name]) for name, tensor in exported.items())
     # the losses of every step after the resharding, as the uninterrupted run logged them
     later = {s: v for s, v in losses(run).items() if s > 8}
     assert later and later == pytest.approx({s: losses(reference)[s] for s in later}, rel=1e-5, abs=1e-6)

@@ -40,6 +40,7 @@ from data_prep.tokenizer import FILES, load_tokenizer, special_ids, tokenizer_di
 
 from ..model.encoder import RobertaForMLM
 from ..training.checkpoint import load_full, resumable_checkpoint
+from ..training.sharding import full_state_dict
 from .average import average as average_checkpoints
 from .average import last_checkpoints
 from .card import model_card, validation_metrics
@@ -276,7 +277,10 @@ class HFExportCallback(pl.Callback):
             return
         self._exported_step = step
         model = getattr(pl_module.model, "_orig_mod", pl_module.model)  # torch.compile's wrapper
-        weights = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
+        state = full_state_dict(model)  # sharded (FSDP2): gathered by every rank together, onto rank 0
+        if not trainer.is_global_zero:
+            return
+        weights = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val/loss", "val/ppl")}
         dm = trainer.datamodule
         try:

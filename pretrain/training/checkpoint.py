@@ -32,6 +32,17 @@ from data_prep.config import ConfigError, ExperimentConfig
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes whole files only (below). Reads a sharded (FSDP2) directory too, gathered into one process's
+    checkpoint (`load_full`, optimizer state by index), so that a run sharded on W ranks resumes on one device or
+    under DDP (with `trainer.strategy: fsdp`, the strategy reads the shards itself, resharded)."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(path).is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        ckpt = load_full(Path(path))
+        ckpt["optimizer_states"] = [_by_index(state) for state in ckpt["optimizer_states"]]
+        return ckpt
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +170,15 @@ def load_full(path: Path) -> dict[str, Any]:
     optimizers = sorted((k for k in ckpt if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k.split("_")[1]))
     ckpt["optimizer_states"] = [ckpt.pop(k) for k in optimizers]
     return ckpt
+
+
+def _by_index(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's) keyed as `Optimizer.state_dict`
+    keys it: by the parameter's position over the groups, in order."""
+    index: dict[str, int] = {}
+    groups = [{**g, "params": [index.setdefault(name, len(index)) for name in g["params"]]}
+              for g in state["param_groups"]]
+    return {"state": {index[name]: v for name, v in state["state"].items()}, "param_groups": groups}
 
 
 _STEP_NAME = re.compile(r"step-(\d+)(?:-v(\d+))?\.ckpt")

@@ -132,3 +132,13 @@ def local_numel(tensors: Any) -> int:
 
     return sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in tensors)
 
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict. Sharded: a collective (every rank must call it), the tensors gathered on the
+    CPU of rank 0 (the other ranks get an empty dict)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
