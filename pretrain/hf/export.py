@@ -273,7 +273,7 @@ class HFExportCallback(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step == self._exported_step:  # last.ckpt and step-N share a step
+        if step == self._exported_step:  # last.ckpt and step-N share a step
             return
         self._exported_step = step
         model = getattr(pl_module.model, "_orig_mod", pl_module.model)  # torch.compile's wrapper
