@@ -69,6 +69,7 @@ class ProbeTexts:
     train_y: np.ndarray  # (N,) int64
     valid: tuple[list[str], list[str] | None]
     valid_y: np.ndarray  # (M,) int64
+    max_length: int = 512  # the task's finetune.max_length: tokens per text at most (also capped by the model)
 
 
 @dataclass
@@ -115,7 +116,7 @@ def read_probe_task(path: str | Path, key: str, max_train: int, max_valid: int, 
         return [ex.texts[i] for i in keep], [ex.pairs[i] for i in keep] if ex.pairs is not None else None
 
     return ProbeTexts(task.name, str(path), names, pick(train, keep_train), y_train[keep_train],
-                      pick(valid, keep_valid), y_valid[keep_valid])
+                      pick(valid, keep_valid), y_valid[keep_valid], tf.finetune.max_length)
 
 
 def read_probe_tasks(cfg: Any, paths: Sequence[str | Path] | None = None) -> list[ProbeTexts]:
@@ -156,11 +157,7 @@ def load_probe_tasks(cfg: Any, tokenizer_dir: str | Path, max_length: int,
                      paths: Sequence[str | Path] | None = None) -> list[ProbeTask]:
     """`read_probe_tasks` then `tokenize`: each task's capped subsets as token ids. `max_length`: the model's
     positions (data.seq_len), lowered to a task's finetune.max_length when that is smaller."""
-    out = []
-    for texts in read_probe_tasks(cfg, paths):
-        limit = min(max_length, load_task(texts.source).finetune.max_length)
-        out.append(tokenize(texts, tokenizer_dir, limit))
-    return out
+    return [tokenize(t, tokenizer_dir, min(max_length, t.max_length)) for t in read_probe_tasks(cfg, paths)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from .checkpoint import (
 from .data import ShardDataModule, batch_geometry
 from .host_memory import RetainHostMemory
 from .module import MLMModule
+from .probing import probe_panel, probe_points, probing_callbacks
 from .rollback import Diverged, RollbackGuard, RollbackState, TrainingDiverged, describe_skipped
 from .sharding import ShardedStrategy
 from .throughput import Throughput
@@ -256,6 +257,7 @@ def fit(cfg: ExperimentConfig, meta_path: Path, resume: bool | None = None, call
     to `optim.max_rollbacks` times: to the newest checkpoint this run wrote, else the one it started from (`ckpt`
     or the resumed one), else its initial weights; never to a file an older run left in run_dir. A run that
     ends before max_steps without a signal raises `TrainingIncomplete`, never returns as if done."""
+    callbacks = [*(callbacks or []), *probing_callbacks(cfg)]  # eval.tasks' probes, their files read now
     found = last_checkpoint(cfg) if resume is not False else None
     if ckpt is not None:
         step, problem = probe(Path(ckpt))
@@ -364,7 +366,7 @@ def _check_complete(cfg: ExperimentConfig, trainer: pl.Trainer) -> None:
 
 
 def plot_losses(metrics_csv: Path, out_png: Path) -> Path | None:
-    """Training and validation loss against step, from Lightning's CSV log."""
+    """Training and validation loss against step, from Lightning's CSV log; probe accuracy beside it (probing.py)."""
     if not metrics_csv.is_file():
         return None
     import matplotlib
@@ -373,13 +375,14 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     train, valid = [], []
+    probes = probe_points(metrics_csv)  # task -> [(tokens, accuracy)], when the run probed
     with open(metrics_csv) as f:
         for row in csv.DictReader(f):
             if row.get("train/loss"):
                 train.append((int(row["step"]), float(row["train/loss"])))
             if row.get("val/loss"):
                 valid.append((int(row["step"]), float(row["val/loss"])))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ((ax, *right),) = plt.subplots(1, 2 if probes else 1, figsize=(12 if probes else 7, 4), squeeze=False)
     if train:
         ax.plot(*zip(*train, strict=True), label="train MLM loss", alpha=0.7)
     if valid:
@@ -388,6 +391,8 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> Path | None:
     ax.set_ylabel("loss (nats)")
     ax.legend()
     ax.grid(alpha=0.3)
+    if right:
+        probe_panel(right[0], probes)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
