@@ -391,8 +391,9 @@ class EvalConfig:
             raise ConfigError(f"eval.pooling={self.pooling!r} must be one of {', '.join(POOLINGS)}")
 
     def check_files(self) -> None:
-        """One line for a task file that is not there, or whose local data files are not: before any work. (The
-        task's fields are checked by pretrain/evaluation/probe.py, at the start of training.)"""
+        """One line for a task file that is not there or has no task: section, before any work. Its fields and
+        data files are checked by pretrain/evaluation/probe.py when training starts, before the first step (here
+        they would tie every command that reads the config, `make export` included, to the data's machine)."""
         for i, name in enumerate(self.tasks):
             key = f"eval.tasks[{i}]={name}"
             if not Path(name).is_file():
@@ -402,11 +403,5 @@ class EvalConfig:
                 data = read_yaml_mapping(Path(name), "task", "a mapping with a task: section")
             except ConfigError as e:
                 raise ConfigError(f"eval.tasks[{i}]: {e}") from None
-            task = data.get("task")
-            if not isinstance(task, dict):
+            if not isinstance(data.get("task"), dict):
                 raise ConfigError(f"{key}: no task: section (see configs/tasks/kernel_topics.yaml)")
-            for split in ("train", "valid"):
-                source = task.get(split)
-                if isinstance(source, str) and source and not source.startswith("hf:") and not Path(source).is_file():
-                    raise ConfigError(f"{key}: task.{split}={source} does not exist (a path relative to the "
-                                      "working directory); fix the task file or drop it from eval.tasks")

@@ -205,18 +205,23 @@ def test_separable_features_score_one_and_shuffled_labels_score_chance() -> None
 
 def test_bad_eval_tasks_are_one_line_before_any_work(prepared, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    prep, _, task, _ = prepared
-    cases = {
-        f"--eval.tasks=[{tmp_path / 'nope.yaml'}]": r"eval.tasks\[0\]=.*nope.yaml: no such file",
-        f"--eval.tasks=[{write_task(tmp_path / 'm', 'gone', [], [])}]": None,  # exists; its data removed below
-    }
-    (tmp_path / "m" / "gone-train.jsonl").unlink()
-    cases[next(k for k in cases if "gone" in k)] = r"eval.tasks\[0\]=.*gone.yaml: task.train=.*gone-train.jsonl does not exist"
-    for override, message in cases.items():
+    prep, meta, task, _ = prepared
+    notask = tmp_path / "notask.yaml"
+    notask.write_text("finetune:\n  epochs: 1\n")
+    cases = {tmp_path / "nope.yaml": r"eval.tasks\[0\]=.*nope.yaml: no such file; name a task file",
+             notask: r"eval.tasks\[0\]=.*notask.yaml: no task: section"}
+    for path, message in cases.items():  # when the config is read: before any data preparation
         with pytest.raises(ConfigError, match=message) as e:
-            load_config(None, [f"--run_dir={tmp_path / 'run'}", override])
+            load_config(None, [f"--run_dir={tmp_path / 'run'}", f"--eval.tasks=[{path}]"])
         assert "\n" not in str(e.value)
-    assert not (tmp_path / "run").exists()  # nothing was written
+    # the task's data: when training starts, before anything is written
+    gone = write_task(tmp_path / "m", "gone", [], [])
+    (tmp_path / "m" / "gone-train.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"eval.tasks\[0\]=.*gone.yaml: task.train=.*gone-train.jsonl: file does "
+                                          "not exist") as e:
+        fit(run_cfg(prepared, tmp_path / "run", f"--eval.tasks=[{gone}]"), meta, resume=False, **QUIET)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "logs").exists()  # nothing was written
     regression = write_task(tmp_path / "r", "sts", [{"text": "a", "label": 0.5}], [{"text": "b", "label": 1.0}],
                             problem="regression", metrics="[pearson]")
     with pytest.raises(ConfigError, match=r"eval.tasks\[0\]=.*sts.yaml: task.problem is regression: a probe is a "):
