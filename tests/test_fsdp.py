@@ -7,6 +7,7 @@ rank), a run killed with SIGKILL and resumed (bitwise), and a run resharded 2 ->
 `torch.distributed.checkpoint` (equal within float tolerance; data position, schedule and rollback record kept).
 The FSDP runs recompute each layer's activations in backward (`trainer.activation_checkpointing`), DDP's does
 not: equal results show that the recomputation draws the same dropout and that it composes with the sharding.
+Gradients are clipped (`optim.grad_clip`), so the norm over all shards must be the norm DDP sees.
 The runs that can start together do (the module's fixture), since each process launch costs seconds.
 """
 
@@ -30,8 +31,9 @@ from pretrain.training.checkpoint import load_full, probe, resumable_checkpoint
 from .test_elastic import EVERY, ROOT, STEPS, assert_close, cli
 from .test_train import QUIET, config, corpus_file, shards  # noqa: F401 - fixtures
 
-FSDP = ("--trainer.devices=2", "--trainer.strategy=fsdp", "--trainer.activation_checkpointing=true")
-DDP = ("--trainer.devices=2", "--trainer.strategy=ddp")
+CLIP = "--optim.grad_clip=1.0"  # the gradient's norm over all shards decides (the norms here are about 2)
+FSDP = ("--trainer.devices=2", "--trainer.strategy=fsdp", "--trainer.activation_checkpointing=true", CLIP)
+DDP = ("--trainer.devices=2", "--trainer.strategy=ddp", CLIP)
 
 SCRIPT = '''
 import json, sys
@@ -94,9 +96,9 @@ def rollbacks(state: dict) -> tuple:
     return record["skipped_data"], [{k: v for k, v in e.items() if k != "loss"} for e in record["events"]]
 
 
-def losses(run: Path) -> dict[int, float]:
+def losses(run: Path, metric: str = "train/loss") -> dict[int, float]:
     with open(run / "logs" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+        return {int(r["step"]): float(r[metric]) for r in csv.DictReader(f) if r.get(metric)}
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +139,12 @@ def test_fsdp_equals_ddp_shards_one_over_w_and_rolls_back_a_nan_on_one_rank(runs
     last = fsdp / "checkpoints" / "last.ckpt"
     assert last.is_dir() and sorted(p.name for p in last.iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # Lightning's ModelParallelStrategy layout
-    # the same steps: every logged loss and every weight (gathered from the shards), within float tolerance
-    expected, got = losses(ddp), losses(fsdp)
-    assert sorted(got) == sorted(expected) and len(got) >= STEPS
-    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # the same steps: every logged loss and gradient norm (before clipping: the clipped norm's input) and every
+    # weight (gathered from the shards), within float tolerance
+    for metric in ("train/loss", "train/grad_norm"):
+        expected, got = losses(ddp, metric), losses(fsdp, metric)
+        assert sorted(got) == sorted(expected) and len(got) >= STEPS
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), metric
     sharded, plain = state_of(last), state_of(ddp / "checkpoints" / "last.ckpt")
     assert_close(weights(ddp / "checkpoints" / "last.ckpt"), weights(last))
     assert rollbacks(sharded) == rollbacks(plain) and sharded["rollbacks"]["skipped_data"] == [[6, 1]]
@@ -196,7 +200,7 @@ def test_a_sharded_checkpoint_resumes_on_one_device_without_fsdp(runs, shards, c
     reference = runs["paths"]["fsdp"]
     run = tmp_path / "gathered"
     shutil.copytree(reference, run, ignore=shutil.ignore_patterns("last.ckpt", "step-0000012.ckpt", "rank-*.json"))
-    one = fit(config(run, corpus_file, *EVERY), meta, resume=True, **QUIET)
+    one = fit(config(run, corpus_file, *EVERY, CLIP), meta, resume=True, **QUIET)
     assert one.global_step == STEPS and not torch.distributed.is_initialized()
     got = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert rollbacks(got) == rollbacks(state_of(reference / "checkpoints" / "last.ckpt"))
