@@ -51,10 +51,10 @@ SMOKE_MODEL = ("--model.num_layers=2", "--model.hidden_size=32", "--model.num_he
                "--tokenizer.vocab_size=400", "--data.seq_len=64")
 PARTS = ("ours-eager", "ours-compiled", "hf", "kernels", "fsdp", "fp32-validation")
 ESTIMATE_S = {"ours-eager": 25, "ours-compiled": 90, "hf": 30, "kernels": 30, "fsdp": 30, "fp32-validation": 30}
-"""Seconds a part may take on one GPU (the first compile round most): the time guard skips one that would end past
-the budget."""
+"""Seconds a part may take on one GPU (compile's first round most): the guard skips one that would end past the budget."""
 FUSED = ("flash", "fmha", "cudnn", "efficient")
-"""Kernel-name fragments of SDPA's fused backends (flash, memory-efficient/cutlass fmha, cuDNN)."""
+"""Name fragments of SDPA's fused backends (flash, memory-efficient/cutlass fmha, cuDNN), in a call's device kernels
+or the aten ops it dispatched to (`aten::_efficient_attention_forward`, ...); the math fallback matches none."""
 
 
 class Budget(Exception):
@@ -181,15 +181,17 @@ def attention_calls(events) -> dict:
         return ops, kernels
 
     calls = {"varlen": [], "sdpa": []}
-    for evt in events:
-        kind = {"torch_attn::_varlen_attn": "varlen", "aten::scaled_dot_product_attention": "sdpa"}.get(evt.name)
+    for evt in events:  # torch_attn::_varlen_attn (torch.nn.attention.varlen's op), SDPA's public op
+        op = evt.name.split("::")[-1]
+        kind = "varlen" if op.lstrip("_") == "varlen_attn" else "sdpa" if op == "scaled_dot_product_attention" else None
         if kind and not any(p.name == evt.name for p in parents(evt)):
             calls[kind].append(below(evt))
     summary = {}
     for kind, found in calls.items():
         summary[kind] = {
             "calls": len(found),
-            "calls_with_fused_kernel": sum(any(f in k.lower() for k in ks for f in FUSED) for _, ks in found),
+            "calls_with_fused_kernel": sum(bool(ks) and any(f in name.lower() for name in ks + ops for f in FUSED)
+                                           for ops, ks in found),
             "ops": dict(Counter(op for ops, _ in found for op in ops if op.startswith(("aten::_", "torch_attn::")))),
             "kernels": dict(Counter(k for _, ks in found for k in ks).most_common(8)),
         }
