@@ -240,6 +240,7 @@ def main() -> None:
         write_results(args.out, "data-mixture", report, md)
         return
     mb = Path(args.corpus).stat().st_size / 1e6
+    load_before = os.getloadavg()[0]  # other work on the machine: the ratios are only as good as it is quiet
     runs: dict[str, list[dict]] = {"ours": [], "tokenizers": [], "hf": [], "ceiling": [], "tiktoken": []}
     for _ in range(args.rounds):  # alternating, so a slow spell of a shared machine hits every side
         for side, side_runs in runs.items():
@@ -261,7 +262,8 @@ def main() -> None:
               "run_mlm": results["hf"], "ceiling": results["ceiling"], "ceiling_tiktoken": results["tiktoken"],
               "share_of_ceiling": round(share, 3), "rounds": args.rounds, "ratio": round(ratio, 3),
               "ratio_tokenizers_path": round(results["tokenizers"]["mb_per_s"] / results["hf"]["mb_per_s"], 3),
-              "target_ratio": 8.0, "shards_identical": identical, "shards_sha256": shards}
+              "target_ratio": 8.0, "shards_identical": identical, "shards_sha256": shards,
+              "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     if args.scale > 1:
         scaled = run_side(__file__, "ours", [*argv, f"--_copies={args.scale}"])
         scaled["mb_per_s"] = round(mb * args.scale / scaled["seconds"], 3)
@@ -292,7 +294,9 @@ def main() -> None:
     print("\n".join(lines))
     md = [f"Data prep of {Path(args.corpus).name} ({mb:.1f} MB), seq_len {args.seq_len}, {report['workers']} "
           f"worker(s) on {os.cpu_count()} CPUs, same tokenizer (vocab {args.vocab_size}) on both sides.", "",
-          f"Medians of {args.rounds} alternating rounds (seconds of each run in data.json).", "",
+          f"Medians of {args.rounds} alternating rounds (seconds of each run in data.json); the machine's load "
+          f"average (1 min) was {report['load_average'][0]} before the rounds and {report['load_average'][1]} after "
+          f"({os.cpu_count()} CPUs: above that, other processes took part of the time of every side).", "",
           *table, "", f"Throughput ratio ours / run_mlm.py: **{ratio:.2f}x** (target >= 8x; with the `tokenizers` "
           f"encoder {report['ratio_tokenizers_path']:.2f}x); ours runs at {share:.0%} of its encoder alone on the same "
           "documents (no packing, no I/O).",

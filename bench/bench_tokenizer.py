@@ -82,9 +82,9 @@ def side_capped(args: argparse.Namespace) -> dict:
     from data_prep.config import load_config
     from data_prep.tokenizer_training import train_tokenizer
 
-    with tempfile.TemporaryDirectory() as run:
-        pieces = Path(run) / "pieces"
-        pieces.mkdir()
+    # the pieces outside the run_dir: a corpus glob never matches what the run writes (Corpus.of_experiment)
+    with tempfile.TemporaryDirectory() as run, tempfile.TemporaryDirectory() as work:
+        pieces = Path(work)
         valid = Path(run) / "valid.txt"
         valid.write_text("A line of validation text.\n")
         train = json.dumps(mixture_sources(args.corpus, args._copies, pieces))
