@@ -24,6 +24,7 @@ from data_prep.encode_tiktoken import (
     tiktoken_refusal,
     tiktoken_texts,
 )
+from data_prep.manifest import ShardError, validate_meta
 from data_prep.prepare import prepare_data
 from data_prep.tokenizer import SPECIALS, finalize
 from data_prep.tokenizer_training import train_tokenizer
@@ -178,6 +179,9 @@ def test_make_data_writes_the_same_bytes_with_either_encoder(tmp_path) -> None:
         outs[encoder] = prepare_data(cfg, log=lambda _: None).parent
         meta = json.loads((outs[encoder] / "meta.json").read_text())
         assert {r["encoder"] for r in meta["splits"].values()} == {encoder}
+    meta["splits"]["train"]["encoder"] = "../x"  # a manifest says only what the format allows
+    with pytest.raises(ShardError, match=r"splits\.train\.encoder: '\.\./x' is not one of tiktoken, tokenizers"):
+        validate_meta(meta, "meta.json")
     files = sorted(p.name for p in outs["tiktoken"].glob("*.bin"))
     assert files == sorted(p.name for p in outs["tokenizers"].glob("*.bin")) and len(files) == 4
     for name in files:
