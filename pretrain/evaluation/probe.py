@@ -26,10 +26,10 @@ Classifier: softmax regression on features standardised with the train subset's 
 the summed cross-entropy + l2/2 |W|^2 (scikit-learn's LogisticRegression with C = 1/l2, multinomial) by full-batch
 L-BFGS (strong-Wolfe line search) in float64 on the CPU, from zero weights, for at most `max_iter` iterations.
 The objective is strictly convex, so there is one optimum and the solver reaches it the same way every time. Why
-not scikit-learn: it is not a dependency, and the fit is milliseconds against the embedding's seconds (measured
-in docs/evaluation.md), so a faster solver would not show. Why not a closed form (least squares onto one-hot
-targets, one 257 x 257 solve): it is faster still, at a cost that does not show either, and it is not a logistic
-regression (its scores are not probabilities, and it weighs well-classified points as much as the boundary's).
+not scikit-learn: it is not a dependency, and the fit is a few percent of a probe, whose time is the embedding's
+(bench/results/probe.md), so a faster solver would barely show. Why not a closed form (least squares onto one-hot
+targets, one 257 x 257 solve): it saves those few percent, and it is not a logistic regression (its scores are
+not probabilities, and it weighs well-classified points as much as the boundary's).
 
 Determinism: the subsets are numpy `default_rng(seed)` choices, the texts are embedded in a fixed (length) order
 in fixed batches, and nothing draws random numbers; `frozen` also puts back the global RNG states and every
@@ -260,8 +260,16 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float =
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    # one thread: these (N, C) x (C, K) products are too small to split, and on a busy machine the thread pool's
+    # hand-offs made the fit 3-30x slower (0.2 s alone against 0.7-5.9 s on two threads, 600 x 256, 8 classes);
+    # the same arithmetic whatever torch's thread count, too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return W.detach(), b.detach()
 
 
