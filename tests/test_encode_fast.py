@@ -148,7 +148,7 @@ def read_txt_line_by_line(path, max_bytes: int, stats):
 LINE = st.one_of(st.text(st.sampled_from("ab \t\r\x00é中🙂"), max_size=12), st.sampled_from(["", " ", "\r", "x" * 40]))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(lines=st.lists(LINE, max_size=30), end=st.sampled_from(["", "\n", "\r\n"]),
        junk=st.sampled_from([b"", b"\xff", b"\xe2\x82"]), block=st.sampled_from([7, 64, 1 << 20]))
 def test_the_block_reader_reads_what_the_line_reader_reads(tmp_path_factory, lines, end, junk, block) -> None:

@@ -38,7 +38,7 @@ NASTIER = [
      "\r\r\r\n\r", "a" + "\u00a0" * 40 + "b", "  \t \u3000 \u2028 x"],
     [ZWJ_FAMILY + " family", "👍🏽 skin tone", "🏳️‍🌈 flag", "🇫🇷🇩🇪 regional", "e\u0301\u0302\u0303 marks",
      "\u0915\u094d\u0937 devanagari", "\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627 rtl \u200f\u202e"],
-    ["w" * 20_000, "1" * 5_000 + "x", "ab" * 3000, "'" * 200 + "s", "'sme'll've're'd't'm", "it's 'S 'LL"],
+    ["w" * 5_000, "1" * 5_000 + "x", "ab" * 3000, "'" * 200 + "s", "'sme'll've're'd't'm", "it's 'S 'LL"],
     ["<s>x</s>", "<mask><mask>", " <mask>", "<pad>", "<unk>", "<|endoftext|>", "</s></s>"],
     ["½ ² ³ Ⅻ ௰ 〇 numbers", "ǅ ʰ ǂ letters", "¬ ¦ © symbols", "\u00ad\u200b\ufeff format", "\ue000 private"],
 ]
@@ -66,16 +66,16 @@ def test_same_ids_on_nasty_text(project_tok) -> None:
     for text, g, w in zip(texts, got, want, strict=True):
         assert g == w, text[:80]
     # and through the sentence encoder: documents cut at newlines, runs across batches
+    ours, reference = SentenceEncoder(project_tok, np.uint16, tiktoken_texts), SentenceEncoder(project_tok, np.uint16)
     for size in (1, 3, 4096):
         for lines, first in sentence_batches(docs, size):
-            a = SentenceEncoder(project_tok, np.uint16, tiktoken_texts)(lines, first)
-            b = SentenceEncoder(project_tok, np.uint16)(lines, first)
+            a, b = ours(lines, first), reference(lines, first)
             assert a.tokens.tolist() == b.tokens.tolist() and a.lengths.tolist() == b.lengths.tolist()
 
 
 def test_both_regex_engines_class_characters_alike() -> None:
     """Oniguruma (`tokenizers`) and fancy-regex (tiktoken) agree on which characters are letters, numbers,
-    whitespace and other, for code points of every general category in every plane (up to 48 each, spread out).
+    whitespace and other, for code points of every general category in every plane (up to 24 each, spread out).
     Ids only show a piece boundary where a merge would cross it, so the tokenizer merges "a", "1", tab and space with
     every byte after them: "a" + c is one piece (and one merge) only if c is a letter, "1" + c only if a number,
     tab + c only if whitespace, and " " + c unless c is whitespace. (bench/bench_data.py --codepoints checks every
@@ -85,8 +85,8 @@ def test_both_regex_engines_class_characters_alike() -> None:
     for c in range(sys.maxunicode + 1):
         if not 0xD800 <= c <= 0xDFFF:
             by_class.setdefault((c >> 16, unicodedata.category(chr(c))), []).append(chr(c))
-    chars = [c for group in by_class.values() for c in group[:: max(1, len(group) // 48)]]
-    assert len(by_class) > 60 and len(chars) > 2000
+    chars = [c for group in by_class.values() for c in group[:: max(1, len(group) // 24)]]
+    assert len(by_class) > 60 and len(chars) > 1000
     texts = ["".join(f"a{c}1{c}\t{c} {c}" for c in chars[i : i + 100]) for i in range(0, len(chars), 100)]
     got, want = ids_both(tok, texts)
     assert sum(len(ids) for ids in got) <= sum(len(t.encode()) for t in texts) - len(chars)  # a merge per c or more
@@ -103,7 +103,7 @@ def classes_tokenizer() -> Tokenizer:
     return handmade(merges, [a + b for a, b in merges])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(text=st.text(st.characters(exclude_categories=("Cs",)), max_size=200))
 def test_same_ids_on_random_text(project_tok, text) -> None:
     got, want = ids_both(project_tok, [text, "x" + text, text + "\n" + text])
