@@ -163,10 +163,11 @@ def candidates(paths: list[str | Path]) -> list[Candidate]:
 def heldout_sample(meta_path: Path, blocks: int, seed: int) -> tuple[str, np.ndarray]:
     """(split, block indices in the order drawn): `blocks` of the validation split (train if it has none),
     a seeded permutation's first, so a smaller sample is a prefix of a larger one."""
-    meta = read_meta(meta_path)
-    split = "valid" if meta["splits"].get("valid", {}).get("num_blocks") else "train"
-    n = open_split(meta_path, split).num_blocks
-    return split, np.random.default_rng(seed).permutation(n)[: min(blocks, n)]
+    shards = open_split(meta_path, "valid")
+    if shards.num_blocks == 0:
+        shards = open_split(meta_path, "train")
+    n = shards.num_blocks
+    return shards.split, np.random.default_rng(seed).permutation(n)[: min(blocks, n)]
 
 
 @dataclass
