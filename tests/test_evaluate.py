@@ -177,3 +177,24 @@ def test_cli_end_to_end_writes_the_table_and_the_plot(trained, tmp_path: Path, c
     again = json.loads((cfg.run_path / "evaluate" / "evaluate.json").read_text())["rows"]
     assert again[0]["mlm_loss"] == first["mlm_loss"] and again[0]["pppl"] == first["pppl"]
     shutil.rmtree(cfg.run_path / "evaluate")
+
+
+def test_a_sharded_checkpoint_scores_and_averages_as_its_file(trained, tmp_path: Path) -> None:
+    import warnings
+
+    from pretrain.hf.average import average
+    from pretrain.training.sharding import ShardedStrategy
+
+    cfg, _ = trained
+    ckpt = cfg.run_path / "checkpoints" / "step-0000006.ckpt"
+    sharded = tmp_path / "step-0000006.ckpt"  # what trainer.strategy: fsdp writes: a directory
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group: saving as one process"
+        ShardedStrategy().save_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True), sharded)
+    file, directory = candidates([ckpt, sharded])
+    assert directory.kind == "sharded checkpoint" and (directory.step, directory.tokens) == (file.step, file.tokens)
+    held = HeldOut(next((cfg.run_path / "data").glob("*/meta.json")), blocks=8, pppl_blocks=1, seed=3)
+    assert held.score(directory.model()) == held.score(file.model())
+    mean = average([sharded, ckpt], log=lambda *_: None)
+    weights = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(mean.weights[k.removeprefix("model.")], v) for k, v in weights.items())
