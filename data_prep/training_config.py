@@ -361,12 +361,12 @@ class EvalConfig:
 
     tasks: list[str] = option([], "Classification task files to probe (configs/tasks/NAME.yaml, the fine-tuning "
                               "format); empty: no probes. Local data works offline; an hf: task needs the hub.")
-    every_n_steps: int = option(250, "Probe every this many optimizer steps, at step 0 of a fresh run (the random "
+    every_n_steps: int = option(500, "Probe every this many optimizer steps, at step 0 of a fresh run (the random "
                                 "initialisation, the baseline) and at the last step.", ge=1, le=MAX_STEPS, why=STEPS)
-    max_train_examples: int = option(1000, "Train texts per task: a seeded random subset of this many (all when "
+    max_train_examples: int = option(600, "Train texts per task: a seeded random subset of this many (all when "
                                      "fewer); the probe's cost grows with it.", ge=2, le=10**6,
                                      why="each is embedded at every probe")
-    max_valid_examples: int = option(500, "Validation texts per task, a seeded subset as train; the metrics are on "
+    max_valid_examples: int = option(400, "Validation texts per task, a seeded subset as train; the metrics are on "
                                      "these.", ge=1, le=10**6, why="each is embedded at every probe")
     pooling: str = option("mean", "The feature of a text: mean (of the last layer over its real tokens) or cls "
                           "(the last layer at <s>, which MLM never trains on its own).")
