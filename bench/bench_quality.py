@@ -89,7 +89,7 @@ def with_run_dir(cfg, run_dir: Path):
 
 def budgeted(cfg, budget_s: float):
     """Ours for a wall-clock budget: `trainer.max_time` calibrates and fixes max_steps itself (pretrain/training/budget.py).
-    No validation: neither side evaluates while it trains (the scoring is done afterwards). A masking anneal that
+    No validation and no probes: neither side evaluates while it trains (the scoring is done afterwards). A masking anneal that
     the config sized for its own max_time (masking.anneal_steps is in steps) is scaled to the budget, so the rate
     falls over the same share of the run."""
     from data_prep.config import config_from_dict, parse_duration
@@ -99,6 +99,7 @@ def budgeted(cfg, budget_s: float):
         share = budget_s / parse_duration(cfg.trainer.max_time, "trainer.max_time")
         d["masking"]["anneal_steps"] = max(1, round(cfg.masking.anneal_steps * share))
     d["trainer"].update(max_time=budget_s, limit_val_batches=0)
+    d["eval"]["tasks"] = []
     return config_from_dict(d)
 
 
@@ -114,6 +115,7 @@ def roberta_recipe(cfg, max_steps: int | None = None, grad_clip: float = 0.0):
     d["masking"].update(probability=0.15, start_probability=None, anneal_steps=0)
     d["model"].update(dropout=0.1, attention_dropout=0.1)
     d["trainer"].update(max_time=None, limit_val_batches=0)
+    d["eval"]["tasks"] = []
     if max_steps is not None:
         d["trainer"]["max_steps"] = max_steps
         d["optim"]["warmup_steps"] = min(d["optim"]["warmup_steps"], max(1, max_steps // 2))
