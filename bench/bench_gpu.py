@@ -74,8 +74,7 @@ def experiment(args: argparse.Namespace, *extra: str):
 
 
 def peak_memory_reset(args) -> None:
-    if args.cuda:
-        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats() if args.cuda else None
 
 
 def peak_memory_gib(args) -> float | None:
@@ -150,8 +149,7 @@ def traced_only(enabled: bool):
 
 
 def one_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return (text[-1] if text else type(e).__name__)[:300]
+    return (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[-1][:300]
 
 
 def train(cfg, meta: Path, callbacks=()):
@@ -346,6 +344,8 @@ def main() -> int:
     args.micro_batch = args.micro_batch or (4 if smoke else 32)
     args.workers = args.workers if args.workers is not None else (0 if smoke else 4)
     args.parts = args.parts.split(",")
+    if smoke and not args.cuda:  # toy tensors: a second thread only waits (on a loaded machine, spinning)
+        torch.set_num_threads(1)
     args.corpus = str(Path(args.corpus).resolve()) if Path(args.corpus).is_file() else "builtin:python-docs"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     began = time.monotonic()

@@ -23,7 +23,7 @@ def test_smoke_mode_runs_every_part_and_records_it(tmp_path: Path) -> None:
         [sys.executable, "bench/bench_gpu.py", "--device", "cpu", "--smoke", "--steps", "1", f"--corpus={corpus}",
          f"--work={tmp_path / 'work'}", f"--out={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu-smoke-cpu.json").read_text())
     parts = report["parts"]
