@@ -324,14 +324,13 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="toy sizes: every part in seconds (cpu or cuda)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {','.join(PARTS)}")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds: no part starts that would end later")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds of the throughput sides "
-                        "(default 2; --smoke 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds of the sides (default 2; --smoke 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per side (default 30; --smoke 2)")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 32; --smoke 4)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default 4; --smoke 0)")
     parser.add_argument("--corpus", default=str(SHARED_CORPUS), help="a text file; when missing, the embedded corpus")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench" / "gpu"))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=None, help="default bench/results (--smoke: the work directory)")
     args = parser.parse_args()
     args.cuda = args.device == "cuda"
     if args.cuda and not torch.cuda.is_available():
@@ -339,6 +338,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     smoke = args.smoke
+    args.out = args.out or (args.work if smoke else str(ROOT / "bench" / "results"))
     args.rounds = args.rounds or (1 if smoke else 2)
     args.steps = args.steps or (2 if smoke else 30)
     args.micro_batch = args.micro_batch or (4 if smoke else 32)
