@@ -209,6 +209,31 @@ def test_validation_is_priced_once_not_once_per_rank(tmp_path: Path, monkeypatch
     assert budget_module._validation_sequences(trainer, cfg) == 16
 
 
+def test_probes_are_priced_like_validations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe (training/probing.py) of 48 s every 10 steps costs 4.8 s a step, and the one at the last step 48 s
+    more: (1000 - 96 - 48) / (48 + 4.8) = 16.2 -> 2 + 16 steps, where the run without probes decides 2 + 18
+    (the example above, without validation). Before probes were priced, a budgeted run with probes overran its
+    budget by their share."""
+    cfg = load_config(None, ["--trainer.max_time=1000", "--trainer.calibration_steps=2", "--optim.warmup_steps=2",
+                             "--batch.global_size=16", "--batch.micro_size=4", "--trainer.val_check_interval=10",
+                             "--trainer.limit_val_batches=0"])
+    decisions = []
+    for probes in ([], [SimpleNamespace(probe_seconds=48.0, every=10, seconds=48.0)]):
+        clock = Clock()
+        monkeypatch.setattr(budget_module, "clock", clock)
+        callback, module = TimeBudget(1000.0, 2, tmp_path), Module(cfg, None)
+        trainer = Trainer(0, 1, 0)
+        trainer.callbacks = probes
+        callback.on_train_start(trainer, module)
+        for step in (1, 2):
+            clock.now += 48  # 3 s a sequence of the 16 of a step
+            trainer.global_step = step
+            callback.on_train_batch_end(trainer, module, None, None, step - 1)
+        decisions.append(json.loads((tmp_path / "logs" / "budget.json").read_text()))
+    assert [d["max_steps"] for d in decisions] == [20, 18]
+    assert [d["probe_s"] for d in decisions] == [0.0, 48.0]
+
+
 BUDGETED = ["--trainer.max_time=12", "--trainer.calibration_steps=4", "--optim.warmup_steps=4",
             "--trainer.max_steps=5"]  # ignored: the budget decides
 

@@ -15,7 +15,9 @@ blocks, which the ranks validate in parallel) at a third of a training sequence'
 pass without the backward), spread over the steps between them. Rank 0 decides and broadcasts. The decision is
 printed, written to logs/budget.json and logged as `budget/max_steps`, and kept in every checkpoint
 (`checkpoint["budget"]`): a resumed or rolled-back run reads it back (`train.py`) and never measures again, so
-its schedule, data and masks are those of the uninterrupted run. A checkpoint written before the decision (a
+its schedule, data and masks are those of the uninterrupted run. Probes (`eval.tasks`, probing.py) are priced
+like validations: the time of the probe at step 0 (its tokenizing aside) for every `eval.every_n_steps` steps, plus
+one for the probe at the last step. A checkpoint written before the decision (a
 preemption during calibration) carries the budget's progress instead (`TimeBudget.state_dict`): the resumed run
 counts the time already spent and the steps already timed, so it decides what the uninterrupted run would have
 at the same pace, and spends no more than the budget. Time lost to a restart (the restart itself, the steps
@@ -136,11 +138,15 @@ class TimeBudget(pl.Callback):
         t = cfg.trainer
         # a validation sequence costs a forward pass, about a third of a training sequence's forward and backward
         val_per_step = _validation_sequences(trainer, cfg) * sequence_time / 3 / max(1, t.val_check_interval)
+        probe_s, probe_every = _probe_price(trainer)
+        # the probes to come: one every `probe_every` steps, plus the one at the last step
+        eval_per_step = val_per_step + probe_s / probe_every
         min_steps = 0 if cfg.optim.schedule == "inverse_sqrt" else cfg.optim.warmup_steps + 1
-        steps = decide_max_steps(self.budget_s, elapsed, step, sequence_time, val_per_step, min_steps, batches)
+        steps = decide_max_steps(self.budget_s, elapsed + probe_s, step, sequence_time, eval_per_step, min_steps,
+                                 batches)
         return {"max_time_s": self.budget_s, "calibration_steps": step,
                 "step_time_s": round(sequence_time * batches.G, 6), "elapsed_s": round(elapsed, 3),
-                "validation_s_per_step": round(val_per_step, 6), "max_steps": steps,
+                "validation_s_per_step": round(val_per_step, 6), "probe_s": round(probe_s, 3), "max_steps": steps,
                 "world_size": trainer.world_size}
 
     def _report(self, trainer: pl.Trainer, decision: dict[str, Any]) -> None:
@@ -151,6 +157,17 @@ class TimeBudget(pl.Callback):
         (self.run_dir / "logs" / "budget.json").write_text(json.dumps(decision, indent=2) + "\n")
         for logger in trainer.loggers:
             logger.log_metrics({"budget/max_steps": float(decision["max_steps"])}, step=trainer.global_step)
+
+
+def _probe_price(trainer: pl.Trainer) -> tuple[float, int]:
+    """(seconds of one probe, steps between probes) of the run's probes (training/probing.py), as this process
+    measured its last probe (step 0 of a fresh run; tokenizing aside); (0, 1) without probes or before one ran (a
+    run resumed during calibration at a step that was no probe step: its probes go unpriced)."""
+    for callback in trainer.callbacks:
+        seconds = getattr(callback, "probe_seconds", None)
+        if seconds is not None:
+            return float(seconds), max(1, int(callback.every))
+    return 0.0, 1
 
 
 def _validation_sequences(trainer: pl.Trainer, cfg: Any) -> int:

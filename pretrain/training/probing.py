@@ -57,7 +57,8 @@ class Probing(pl.Callback):
         self.tasks: list[ProbeTask] | None = None  # tokenized at the first probe, kept for the run
         self.batches = BatchSchedule.from_config(cfg.batch, cfg.data.seq_len)
         self.history: list[dict[str, float]] = []  # this process's probes, rank 0: the metrics and the step
-        self.seconds = 0.0  # time spent probing in this process, all probes
+        self.seconds = 0.0  # time spent probing in this process, all probes (every rank: Throughput leaves it out)
+        self.probe_seconds: float | None = None  # the last probe's time, tokenizing aside (TimeBudget prices probes)
 
     def _tokenized(self, max_length: int, meta: dict[str, Any]) -> list[ProbeTask]:
         if self.tasks is None:
@@ -92,6 +93,7 @@ class Probing(pl.Callback):
         model = pl_module.model
         t0 = time.perf_counter()
         tasks = self._tokenized(model.cfg.max_seq_len, getattr(pl_module, "meta", {}))
+        t1 = time.perf_counter()  # tokenizing happens once per run: not part of a probe's price
         e = self.cfg.eval
         rank, world = trainer.global_rank, trainer.world_size
         # every rank embeds its share (equal forward passes everywhere); rank 0 alone fits: no collective after
@@ -103,6 +105,7 @@ class Probing(pl.Callback):
                               world_size=world, all_gather=trainer.strategy.all_gather if world > 1 else None)
             features.append(mean if e.pooling == "mean" else cls)
         if rank != 0:
+            self.seconds += time.perf_counter() - t0
             return None
         metrics: dict[str, float] = {}
         for task, x in zip(tasks, features, strict=True):
@@ -111,6 +114,7 @@ class Probing(pl.Callback):
             metrics.update({f"probe/{task.name}/{k}": v for k, v in scores.items()})
         seconds = time.perf_counter() - t0
         self.seconds += seconds
+        self.probe_seconds = time.perf_counter() - t1
         step = trainer.global_step
         metrics["probe/tokens"] = float(self.batches.offset(step) * self.cfg.data.seq_len)
         metrics["probe/seconds"] = seconds

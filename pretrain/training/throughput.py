@@ -121,7 +121,8 @@ def peak_flops(device: torch.device, precision: str, configured: float = 0.0) ->
 
 
 class Throughput(pl.Callback):
-    """Logs `train/tokens_per_s` and `train/mfu` at logging steps; `summary()` gives the run's figures."""
+    """Logs `train/tokens_per_s` and `train/mfu` at logging steps; `summary()` gives the run's figures. The time
+    of probes between steps (training/probing.py, whose `seconds` it reads) is not training time: left out."""
 
     def __init__(self, seq_len: int, mask_probability: float, precision: str, configured_peak: float,
                  log_every_n_steps: int, last_layer_subset: bool = False):
@@ -134,6 +135,7 @@ class Throughput(pl.Callback):
         self.peak_source = ""
         self._tokens = 0  # this rank's real tokens since the window began
         self._window: tuple[float, int] | None = None  # (time, global step) at the window's start
+        self._paused = 0.0  # probing seconds (training/probing.py) up to the window's start: not training time
         self._start: float | None = None
         self.warmup_s: float | None = None  # from the start of fit to the end of the first step
         self._steady = [0.0, 0]  # seconds and tokens (all ranks) of every window after the first
@@ -158,15 +160,16 @@ class Throughput(pl.Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         now, step = time.perf_counter(), trainer.global_step
+        paused = sum(float(getattr(c, "seconds", 0.0)) for c in trainer.callbacks if hasattr(c, "probe_seconds"))
         if self._window is None:  # the first step: compilation, allocator and loader warm-up
             self.warmup_s = now - (self._start or now)
-            self._window, self._tokens = (now, step), 0
+            self._window, self._tokens, self._paused = (now, step), 0, paused
             return
         if step % self.log_every:
             return
-        seconds = now - self._window[0]
+        seconds = now - self._window[0] - (paused - self._paused)
         tokens = self._tokens * trainer.world_size  # ranks run equal shapes (by_tokens: equal budgets)
-        self._window, self._tokens = (now, step), 0
+        self._window, self._tokens, self._paused = (now, step), 0, paused
         if seconds <= 0:
             return
         self._steady[0] += seconds
