@@ -21,13 +21,13 @@ from typing import Any, Literal
 
 import yaml
 
+from .eval_config import EvalConfig  # noqa: F401 - callers import it here
 from .sources import Source, normalise_sources
 from .training_config import (  # noqa: F401 - parse_duration and the sections: callers import them here
     MAX_SEED,
     BatchConfig,
     CardConfig,
     CheckpointConfig,
-    EvalConfig,
     LoggerConfig,
     MaskingConfig,
     ModelConfig,

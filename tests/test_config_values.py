@@ -36,11 +36,12 @@ ACCEPTED: dict[tuple[str, str], str] = {
         "seed", "data_seed", "corpus.valid_fraction", "data.shard_index", "data.short_seq_prob", "model.dropout",
         "model.attention_dropout", "masking.mask_fraction", "masking.random_fraction", "optim.weight_decay",
         "optim.warmup_steps", "optim.decay_fraction", "optim.min_lr_ratio", "optim.max_rollbacks",
-        "batch.num_workers")},
+        "batch.num_workers", "eval.seed", "eval.heldout_seed")},
     **{(k, "zero"): "0 means off, all or automatic (its help says which)" for k in (
         "tokenizer.max_train_bytes", "data.num_proc", "data.short_seq_len", "masking.anneal_steps",
         "optim.decay_steps", "optim.timescale", "optim.grad_clip", "optim.spike_factor", "batch.start_size",
-        "batch.warmup_tokens", "trainer.limit_val_batches", "trainer.peak_flops", "checkpoint.keep_last")},
+        "batch.warmup_tokens", "trainer.limit_val_batches", "trainer.peak_flops", "checkpoint.keep_last",
+        "eval.pppl_blocks")},
     # 10**12 is a real quantity for these
     ("tokenizer.max_train_bytes", "huge"): "a cap of 1 TB of text: larger than the corpus means all of it",
     ("batch.warmup_tokens", "huge"): "tokens: RoBERTa trained on 2.2e12",

@@ -14,7 +14,7 @@ The public API (what training/probing.py and `make evaluate` import):
     embed(model, ids, ...)                 (mean, cls) features of a RobertaForMLM, frozen, in input order
     fit_logistic / probe_scores            the classifier and its validation metrics
     probe(model, tasks, ...)               {"probe/<task>/accuracy": ..., "probe/<task>/macro_f1": ...}
-`cfg` is the experiment's `eval` section (data_prep/training_config.py EvalConfig): the caps, the seed, the
+`cfg` is the experiment's `eval` section (data_prep/eval_config.py EvalConfig): the caps, the seed, the
 pooling, the solver's L2 and iterations.
 
 Features: the last layer's hidden states averaged over the text's real tokens (`mean`, the default), or the last
