@@ -103,35 +103,44 @@ def losses(run: Path, metric: str = "train/loss") -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def runs(shards, corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
-    """Started together: the FSDP reference, DDP's run, and an FSDP run killed (SIGKILL, both ranks) once its
-    step-4 checkpoint is in place, then resumed."""
+    """Started together: the FSDP reference, DDP's run, and an FSDP run and a DDP run each killed (SIGKILL, both
+    ranks) once its step-4 checkpoint is in place, then resumed."""
     tmp = tmp_path_factory.mktemp("fsdp")
     script = tmp / "planted.py"
     script.write_text(SCRIPT)
-    paths = {name: tmp / name for name in ("fsdp", "ddp", "killed")}
+    paths = {name: tmp / name for name in ("fsdp", "ddp", "killed", "killed-ddp")}
     prepared, _ = shards
     for run in paths.values():  # the tokenizer and shards the runs' config names, found up to date
         for part in ("tokenizer", "data"):
             shutil.copytree(prepared / part, run / part)
-    procs = {"fsdp": launch(script, "fit", paths["fsdp"], corpus_file, *FSDP),
-             "ddp": launch(script, "fit", paths["ddp"], corpus_file, *DDP),
-             "killed": launch(script, "fit", paths["killed"], corpus_file, *FSDP)}
-    killed = procs.pop("killed")
-    deadline = time.monotonic() + 240
-    while not (paths["killed"] / "checkpoints" / "step-0000004.ckpt").exists():
-        assert killed.poll() is None, "training ended early: " + killed.communicate()[0][-3000:]
+    args = {"fsdp": FSDP, "ddp": DDP, "killed": FSDP, "killed-ddp": DDP}
+    procs = {name: launch(script, "fit", paths[name], corpus_file, *args[name]) for name in paths}
+    deadline, pending = time.monotonic() + 240, ["killed", "killed-ddp"]
+    while pending:  # each killed as soon as its step-4 checkpoint is in place
+        for name in [n for n in pending if (paths[n] / "checkpoints" / "step-0000004.ckpt").exists()]:
+            pending.remove(name)
+            killed = procs.pop(name)
+            os.killpg(killed.pid, signal.SIGKILL)  # both ranks, at once
+            killed.communicate(timeout=60)
+            found = resumable_checkpoint(paths[name] / "checkpoints")  # last.ckpt, or step-4 if killed before it
+            assert found is not None and 4 <= found[1] < STEPS
+            procs[f"resumed-{name}"] = launch(script, "resume", paths[name], corpus_file, *args[name])
+        for name in pending:
+            assert procs[name].poll() is None, "training ended early: " + procs[name].communicate()[0][-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
         time.sleep(0.05)
-    os.killpg(killed.pid, signal.SIGKILL)  # both ranks, at once
-    killed.communicate(timeout=60)
-    found = resumable_checkpoint(paths["killed"] / "checkpoints")  # last.ckpt, or step-4 if killed before it
-    assert found is not None and 4 <= found[1] < STEPS
-    procs["resumed"] = launch(script, "resume", paths["killed"], corpus_file, *FSDP)
     outs = {name: finish(proc) for name, proc in procs.items()}
     return {"script": script, "paths": paths, "outs": outs}
 
 
-def test_fsdp_equals_ddp_shards_one_over_w_and_rolls_back_a_nan_on_one_rank(runs) -> None:
+def test_fsdp_equals_ddp_shards_one_over_w_and_rolls_back_a_nan_on_one_rank(runs, shards, corpus_file: Path,  # noqa: F811
+                                                                         tmp_path: Path) -> None:
+    """Also DDP's rollback law (it was test_elastic's own 2-rank run): a NaN on rank 1 alone, both ranks see it in
+    the step's summed loss, restore step 4 and skip step 6's data in the same process, and end where one process
+    told to skip that data ends."""
+    from pretrain.training import train
+    from pretrain.training.rollback import RollbackState
+
     fsdp, ddp = runs["paths"]["fsdp"], runs["paths"]["ddp"]
     for out in (runs["outs"]["fsdp"], runs["outs"]["ddp"]):  # a NaN on rank 1 only: both ranks roll back together, and finish
         assert "rollback 1/3: loss nan at step 6 (seen at step 6); resuming from step 4" in out, out[-3000:]
@@ -148,6 +157,9 @@ def test_fsdp_equals_ddp_shards_one_over_w_and_rolls_back_a_nan_on_one_rank(runs
     sharded, plain = state_of(last), state_of(ddp / "checkpoints" / "last.ckpt")
     assert_close(weights(ddp / "checkpoints" / "last.ckpt"), weights(last))
     assert rollbacks(sharded) == rollbacks(plain) and sharded["rollbacks"]["skipped_data"] == [[6, 1]]
+    told = train._fit_once(config(tmp_path / "told", corpus_file, *EVERY, CLIP), shards[1], None,
+                           RollbackState([[6, 1]], []), None, dict(QUIET))
+    assert_close({k: v.detach() for k, v in told.lightning_module.model.state_dict().items()}, weights(ddp / "checkpoints" / "last.ckpt"))
     # the decoder stays tied to the word embeddings under fully_shard: one tensor, saved under both names
     w = sharded["state_dict"]
     assert torch.equal(w["model.lm_head.decoder.weight"], w["model.embeddings.word.weight"])
@@ -163,11 +175,13 @@ def test_fsdp_equals_ddp_shards_one_over_w_and_rolls_back_a_nan_on_one_rank(runs
     assert all(r["params"] == total and r["optimizer"] == 2 * total for r in ranks["ddp"])
 
 
-def test_fsdp_sigkill_and_resume_is_bitwise_equal(runs) -> None:
-    """Killed once its step-4 checkpoint was in place, resumed from the newest complete one (the fixture)."""
-    assert f"done: {STEPS} of {STEPS} steps" in runs["outs"]["resumed"]
-    assert_close(weights(runs["paths"]["fsdp"] / "checkpoints" / "last.ckpt"),
-                 weights(runs["paths"]["killed"] / "checkpoints" / "last.ckpt"), exact=True)
+@pytest.mark.parametrize(("reference", "killed"), [("fsdp", "killed"), ("ddp", "killed-ddp")])
+def test_sigkill_and_resume_is_bitwise_equal(runs, reference: str, killed: str) -> None:
+    """Killed once its step-4 checkpoint was in place, resumed from the newest complete one (the fixture): FSDP2
+    and DDP (with dropout on: each rank's masks are a function of the step, test_elastic.py)."""
+    assert f"done: {STEPS} of {STEPS} steps" in runs["outs"][f"resumed-{killed}"]
+    assert_close(weights(runs["paths"][reference] / "checkpoints" / "last.ckpt"),
+                 weights(runs["paths"][killed] / "checkpoints" / "last.ckpt"), exact=True)
 
 
 def test_a_sharded_checkpoint_exports_on_one_process_without_a_process_group(runs, corpus_file: Path,  # noqa: F811
