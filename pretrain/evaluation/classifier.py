@@ -110,12 +110,7 @@ def shared_encoder(model: torch.nn.Module) -> RobertaForMLM | None:
     if (c.hidden_act != "gelu" or getattr(c, "position_embedding_type", "absolute") not in (None, "absolute")
             or c.is_decoder or not hasattr(model, "roberta")):
         return None
-    cfg = RobertaConfig(
-        vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings, pad_token_id=c.pad_token_id,
-        hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
-        intermediate_size=c.intermediate_size, dropout=c.hidden_dropout_prob,
-        attention_dropout=c.attention_probs_dropout_prob, layer_norm_eps=c.layer_norm_eps,
-        initializer_range=c.initializer_range)
+    cfg = RobertaConfig.from_hf_config(c.to_dict())
     with torch.device("meta"):  # no memory: every tensor is replaced by the classifier's below
         encoder = RobertaForMLM(cfg)
     encoder.lm_head = None

@@ -97,11 +97,7 @@ def _export_config(d: Path) -> RobertaConfig:
     if hf.get("model_type") != "roberta":
         raise EvaluateError(f"{d}: model_type {hf.get('model_type')!r} is another architecture than this "
                             "project's RoBERTa (model_type roberta)")
-    return RobertaConfig(vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
-                         pad_token_id=hf.get("pad_token_id", 1), hidden_size=hf["hidden_size"],
-                         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                         intermediate_size=hf["intermediate_size"], dropout=0.0, attention_dropout=0.0,
-                         layer_norm_eps=hf.get("layer_norm_eps", 1e-5))
+    return RobertaConfig.from_hf_config(hf, dropout=0.0, attention_dropout=0.0)
 
 
 def _export_model(d: Path) -> tuple[RobertaConfig, dict[str, torch.Tensor]]:

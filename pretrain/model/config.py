@@ -85,6 +85,19 @@ class RobertaConfig:
         """The longest sequence the position table covers."""
         return self.max_position_embeddings - self.pad_token_id - 1
 
+    @classmethod
+    def from_hf_config(cls, hf: dict, **overrides) -> RobertaConfig:
+        """The network a Hugging Face RoBERTa config (config.json, or `PretrainedConfig.to_dict()`) describes: the
+        inverse of `hf_config_kwargs`, with transformers' defaults for the keys it may leave out; `overrides`
+        replace fields (dropout 0 to score a model). KeyError when a size is missing."""
+        return cls(**{**dict(
+            vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
+            pad_token_id=hf.get("pad_token_id", 1), hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+            dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-5), initializer_range=hf.get("initializer_range", 0.02),
+        ), **overrides})
+
     def hf_config_kwargs(self) -> dict:
         """Keyword arguments for `transformers.RobertaConfig` describing the same network."""
         return {
