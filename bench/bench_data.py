@@ -68,7 +68,7 @@ def prep(cfg) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as out:
         record = build_split(cfg, Corpus(cfg.corpus, cfg.seed), "train", tokenizer_dir(cfg) / "tokenizer.json",
                              Path(out), "train", token_dtype(tok.get_vocab_size()), special_ids(tok),
-                             log=print)
+                             log=print, tok=tok)
         seconds = time.perf_counter() - start
         digests = {}  # not timed; streamed, so the peak memory stays the run's
         for name in ("train.tokens.bin", "train.offsets.bin"):

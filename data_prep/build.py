@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from .cli import naming
 from .config import ExperimentConfig, usable_cpus
 from .corpus import Corpus, Doc
-from .encode import encode_stream, load_encoder
+from .encode import Encoders, load_encoder
 from .encode_tiktoken import choose_encoder, sample_bytes
 from .manifest import SPLITS
 from .pack import PAIR_PACKINGS, Packer, PackStats
@@ -54,8 +55,10 @@ def num_workers(num_proc: int) -> int:
 
 
 def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_json: Path, out: Path,
-                name: str, dtype: Any, ids: dict[str, int], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Tokenize, pack and write one split of this slice; returns its record (also written as `{name}.json`)."""
+                name: str, dtype: Any, ids: dict[str, int], log: Callable[[str], None] = print,
+                tok: Tokenizer | None = None) -> dict[str, Any]:
+    """Tokenize, pack and write one split of this slice; returns its record (also written as `{name}.json`).
+    `tok`: the tokenizer of `tokenizer_json` when the caller has loaded it (else it is loaded here)."""
     from tqdm import tqdm
 
     d = cfg.data
@@ -64,31 +67,33 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
     explicit_valid = split == "valid" and bool(corpus.valid_sources)
     tally = SourceTally(len(corpus.valid_files) if explicit_valid else len(corpus.sources))
     docs = _slice(corpus.records(split, stats), d.shard_index, d.num_shards, counts, tally)  # type: ignore[arg-type]
-    # the split's first documents, encoded both ways before the run (encode_tiktoken.choose_encoder), then put back
-    sample = list(_first_bytes(docs, sample_bytes(_read_size(corpus, split))))
-    encoder, texts = choose_encoder(load_encoder(tokenizer_json), d.encoder, [doc.lines for doc in sample], dtype,
-                                    log)
-    docs = itertools.chain(sample, docs)
     by_source = split == "valid" and valid_by_source(cfg)
-    # one group, or one per source (documents arrive source by source): a packer per group
-    groups = itertools.groupby(docs, key=lambda doc: doc.source) if by_source else [(None, docs)]
     source_blocks = [0] * len(tally.counts)  # one per corpus.valid entry, or per train source
     packers: list[Packer] = []
-    worker_peaks: list[int] = []  # bytes, one per pool of tokenizer workers
     start = time.perf_counter()
+    # the workers start first: their start-up runs while this process loads the tokenizer and chooses the encoder
     # a failed write of a shard file names no file (ENOSPC, EFBIG): name the split's files
-    with naming(out / f"{name}.*"), ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(
-        total=_read_size(corpus, split), unit="B", unit_scale=True, desc=f"data: {split}", mininterval=1.0,
-        disable=None,
-    ) as bar:
+    with Encoders(num_workers(d.num_proc)) as encoders, naming(out / f"{name}.*"), \
+            ShardWriter(out, name, dtype, pairs=d.packing in PAIR_PACKINGS) as writer, tqdm(
+            total=_read_size(corpus, split), unit="B", unit_scale=True, desc=f"data: {split}", mininterval=1.0,
+            disable=None) as bar:
+        # the split's first documents, the sample the self-check encodes both ways (encode_tiktoken.choose_encoder),
+        # then put back
+        sample = list(_first_bytes(docs, sample_bytes(_read_size(corpus, split))))
+        if tok is None:
+            tok = load_encoder(tokenizer_json)
+        tok.encode_special_tokens = True  # "<mask>" in the corpus is text (encode.load_encoder)
+        encoders.start(choose_encoder(tok, d.encoder, [doc.lines for doc in sample], dtype, log, tokenizer_json))
+        docs = itertools.chain(sample, docs)
+        # one group, or one per source (documents arrive source by source): a packer per group
+        groups = itertools.groupby(docs, key=lambda doc: doc.source) if by_source else [(None, docs)]
         for k, group in groups:
             seed = hash_seed(cfg.prep_seed, d.shard_index, SPLITS.index(split), *([] if k is None else [k]))
             packer = Packer(d.seq_len, d.packing, ids["bos"], ids["eos"], dtype, seed=seed,
                             short_seq_prob=d.short_seq_prob)
             packers.append(packer)
             before = writer.num_blocks
-            for enc in encode_stream(tokenizer_json, (doc.lines for doc in group), dtype, num_workers(d.num_proc),
-                                     worker_peaks=worker_peaks, texts=texts):
+            for enc in encoders.stream(doc.lines for doc in group):
                 tally.tokens_of(enc.lengths)
                 blocks = packer.add(enc)
                 writer.write(blocks.tokens, blocks.lengths, blocks.nsp, blocks.b_start)
@@ -99,6 +104,8 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
             if k is not None:
                 assert not source_blocks[k], f"{split}: the documents of source {k} did not arrive together"
                 source_blocks[k] = writer.num_blocks - before
+        encoder = encoders.final().name
+        encoders.finish()  # the workers end and report their peak memory
         s = PackStats(**{f.name: sum(getattr(p.stats, f.name) for p in packers) for f in dataclasses.fields(PackStats)})
         if d.packing not in PAIR_PACKINGS:
             assert s.dropped_tokens == 0 and not s.copied_tokens, f"{split}: packing lost or copied tokens ({s})"
@@ -117,7 +124,7 @@ def build_split(cfg: ExperimentConfig, corpus: Corpus, split: str, tokenizer_jso
             "padding_fraction": round(s.padding_fraction(d.seq_len), 6),
             "seconds": round(seconds, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            "worker_peak_rss_mb": round(max(worker_peaks, default=0) / 2**20, 1),  # 0: encoded in this process
+            "worker_peak_rss_mb": round(encoders.peak_rss_bytes / 2**20, 1),  # 0: encoded in this process
             "sources": tally.counts,
             **({"source_blocks": source_blocks} if by_source else {}),
         })

@@ -28,18 +28,26 @@ or holds a "\n" of its own, is encoded sentence by sentence as before; so is eve
 pipeline is not exactly this one (`splittable`). `tests/test_encode_fast.py` compares both ways on nasty text.
 
 What turns texts into ids is a `TextsEncoder`: `tokenizers`' `encode_batch_fast` by default, or tiktoken's BPE
-core (encode_tiktoken.py), which gives the same ids 2-3x faster; `data.encoder` and a self-check choose.
+core (encode_tiktoken.py), which gives the same ids 2-3x faster; `data.encoder` and a self-check choose
+(`EncoderChoice`: the workers start with tiktoken while the self-check runs in the parent, and nothing they
+encoded is used before it has passed; if it fails, they are told to use `tokenizers` and encode those batches
+again). The worker processes start before the encoder is chosen (`Encoders`), so their start-up (imports) runs
+while the parent loads the tokenizer and chooses.
 
 Apart from pack.py, which cuts this stream into blocks; `Encoded` is what passes between the two.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -72,15 +80,24 @@ def load_encoder(tokenizer_json: str | Path) -> Tokenizer:
     return tok
 
 
+def tokenizers_texts_of(tokenizer_json: str) -> TextsEncoder:
+    """`tokenizers_texts` of the tokenizer saved at `tokenizer_json` (what a worker is sent: a path, not a tokenizer)."""
+    return tokenizers_texts(load_encoder(tokenizer_json))
+
+
 def encode_sentences(tok: Tokenizer, lines: list[str], first: list[bool], dtype: np.dtype) -> Encoded:
     """Encode a batch of sentences (see the module docstring); for one-off calls, `SentenceEncoder` for many."""
-    return SentenceEncoder(tok, dtype)(lines, first)
+    return SentenceEncoder.of(tok, dtype)(lines, first)
 
 
 def encode_sentences_one_by_one(tok: Tokenizer, lines: list[str], first: list[bool], dtype: np.dtype) -> Encoded:
     """The definition: each sentence encoded on its own, as the line or "\\n" + line (the reference of the tests)."""
+    return _one_by_one(tokenizers_texts(tok), lines, first, np.dtype(dtype))
+
+
+def _one_by_one(encode_texts: TextsEncoder, lines: list[str], first: list[bool], dtype: np.dtype) -> Encoded:
     texts = [line if f else "\n" + line for line, f in zip(lines, first, strict=True)]
-    ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    ids = encode_texts(texts)
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     tokens = np.fromiter(chain.from_iterable(ids), dtype, int(lengths.sum()))
     return Encoded(tokens, lengths, np.asarray(first, dtype=bool))
@@ -98,25 +115,35 @@ def splittable(tok: Tokenizer) -> bool:
             and all(t.special for t in tok.get_added_tokens_decoder().values()))
 
 
+def line_starts(tok: Tokenizer) -> np.ndarray | None:
+    """For a `splittable` tokenizer, which ids are tokens that start with a newline byte (the cuts between a
+    document's sentences); None for any other."""
+    if not splittable(tok):
+        return None
+    newline = tok.pre_tokenizer.pre_tokenize_str("\n")[0][0]  # "\n" in the byte-level alphabet
+    vocab = tok.get_vocab(with_added_tokens=True)
+    starts = np.zeros(max(vocab.values()) + 1, bool)
+    starts[[i for t, i in vocab.items() if t.startswith(newline)]] = True
+    return starts
+
+
 class SentenceEncoder:
-    """`encode_sentences` with what it needs prepared once: for a `splittable` tokenizer, which ids are tokens
-    that start with a newline byte (the cuts between sentences). `texts` makes the function that encodes texts
+    """`encode_sentences` with what it needs prepared once: `encode_texts` turns texts into ids, and
+    `starts_line` says which ids are tokens that start with a newline (`line_starts`; None: each sentence is
+    encoded on its own). `SentenceEncoder.of(tok, dtype, texts)` makes one for a tokenizer, with `texts(tok)`
     (`tokenizers_texts`, or encode_tiktoken.tiktoken_texts for a tokenizer it gives the same ids)."""
 
-    def __init__(self, tok: Tokenizer, dtype: np.dtype,
-                 texts: Callable[[Tokenizer], TextsEncoder] = tokenizers_texts):
-        self.tok, self.dtype = tok, np.dtype(dtype)
-        self.encode_texts = texts(tok)
-        self.starts_line: np.ndarray | None = None
-        if splittable(tok):
-            newline = tok.pre_tokenizer.pre_tokenize_str("\n")[0][0]  # "\n" in the byte-level alphabet
-            vocab = tok.get_vocab(with_added_tokens=True)
-            self.starts_line = np.zeros(max(vocab.values()) + 1, bool)
-            self.starts_line[[i for t, i in vocab.items() if t.startswith(newline)]] = True
+    def __init__(self, encode_texts: TextsEncoder, dtype: np.dtype, starts_line: np.ndarray | None):
+        self.encode_texts, self.dtype, self.starts_line = encode_texts, np.dtype(dtype), starts_line
+
+    @classmethod
+    def of(cls, tok: Tokenizer, dtype: np.dtype, texts: Callable[[Tokenizer], TextsEncoder] = tokenizers_texts,
+           ) -> SentenceEncoder:
+        return cls(texts(tok), dtype, line_starts(tok))
 
     def __call__(self, lines: list[str], first: list[bool]) -> Encoded:
         if self.starts_line is None or not lines:
-            return encode_sentences_one_by_one(self.tok, lines, first, self.dtype)
+            return _one_by_one(self.encode_texts, lines, first, self.dtype)
         # 1) runs of sentences of one document: its text, or (not provably cuttable) its sentences one by one
         heads = [i for i, f in enumerate(first) if f]
         bounds = ([] if heads[:1] == [0] else [0]) + heads + [len(lines)]
@@ -168,48 +195,139 @@ def sentence_batches(docs: Iterable[list[str]], size: int) -> Iterator[tuple[lis
         yield lines, first
 
 
-def _init_worker(tokenizer_json: str, dtype: str, texts: Callable[[Tokenizer], TextsEncoder],
-                 ) -> Callable[[tuple[list[str], list[bool]]], Encoded]:
+@dataclass(eq=False)
+class EncoderSpec:
+    """How to make a `SentenceEncoder`, picklable for the workers: the encoder's `name` ("tokenizers" or
+    "tiktoken"), `texts`, a function of no arguments that makes its `TextsEncoder` in the process that calls it
+    (loading the tokenizer, or building tiktoken's table), the token `dtype` and `starts_line` (`line_starts`)."""
+
+    name: str
+    texts: Callable[[], TextsEncoder]
+    dtype: str
+    starts_line: np.ndarray | None
+
+    def build(self) -> SentenceEncoder:
+        return SentenceEncoder(self.texts(), np.dtype(self.dtype), self.starts_line)
+
+
+def tokenizers_spec(tok: Tokenizer, dtype: np.dtype, tokenizer_json: str | Path | None = None,
+                    starts_line: np.ndarray | None = None) -> EncoderSpec:
+    """The `EncoderSpec` of `tokenizers` for `tok`, saved at `tokenizer_json` (workers load it from there; without
+    it, the spec serves this process only)."""
+    texts = (functools.partial(tokenizers_texts_of, str(tokenizer_json)) if tokenizer_json is not None
+             else functools.partial(tokenizers_texts, tok))
+    return EncoderSpec("tokenizers", texts, np.dtype(dtype).str, line_starts(tok) if starts_line is None else starts_line)
+
+
+class EncoderChoice:
+    """The encoder a split is written with. The work starts with `first`; `check`, when given, runs beside it in
+    a thread and returns the spec that stands (`first` itself, or its fallback) or raises; `final()` waits for it.
+    Nothing encoded with `first` may be used before `final()` has returned it (`Encoders.stream` keeps to this)."""
+
+    def __init__(self, first: EncoderSpec, check: Callable[[], EncoderSpec] | None = None):
+        self.first = first
+        self._verdict: Future | None = None
+        if check is not None:
+            executor = ThreadPoolExecutor(1, thread_name_prefix="encoder-self-check")
+            self._verdict = executor.submit(check)
+            executor.shutdown(wait=False)
+
+    def final(self) -> EncoderSpec:
+        return self.first if self._verdict is None else self._verdict.result()
+
+
+def _init_worker(spec: EncoderSpec) -> Callable[[tuple[list[str], list[bool]]], Encoded]:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    encode = SentenceEncoder(load_encoder(tokenizer_json), np.dtype(dtype), texts)
+    encode = spec.build()
     return lambda batch: encode(*batch)
 
 
-def encode_stream(
-    tokenizer_json: str | Path, docs: Iterable[list[str]], dtype: np.dtype, num_proc: int = 1,
-    batch_sentences: int = 4096, worker_peaks: list[int] | None = None,
-    texts: Callable[[Tokenizer], TextsEncoder] = tokenizers_texts,
-) -> Iterator[Encoded]:
-    """Encoded batches of `docs`, in order, with the text encoder `texts` makes (a module-level function: the
-    workers are handed it by name). num_proc > 1 uses that many worker processes with at most two
-    batches each in flight, so memory stays flat however long the stream (`Pool.imap` would read ahead
-    without bound); num_proc = 1 encodes here, with the tokenizer's own threads. With `worker_peaks`, the
-    largest worker's peak resident set (bytes) is appended to it once the stream is done."""
-    batches = sentence_batches(docs, batch_sentences)
-    if num_proc <= 1:
-        encode = SentenceEncoder(load_encoder(tokenizer_json), dtype, texts)
-        for lines, first in batches:
-            yield encode(lines, first)
-        return
-    # Our own pool (workers.py), not `multiprocessing.Pool` nor `ProcessPoolExecutor`: a Pool replaces a worker
-    # that dies (killed for memory, or failing as it starts) and its task never completes, and an executor can wait
-    # for ever on a result that a dying worker had half sent; here a dead worker ends the run at once.
-    with WorkerPool(num_proc, _init_worker, (str(tokenizer_json), np.dtype(dtype).str, texts)) as pool:
-        in_flight = 0
+class Encoders:
+    """Where a split's sentences are encoded: `num_proc` worker processes, or this process (num_proc <= 1). The
+    workers start here, before the encoder is chosen; `start(choice)` gives them the encoder, `stream(docs)`
+    encodes documents in order (call it once per group of documents; each call's results are all read before it
+    returns). Use as a context manager; `peak_rss_bytes` is the largest worker's peak once it is left."""
+
+    def __init__(self, num_proc: int):
+        # our own pool (workers.py), not `multiprocessing.Pool` nor `ProcessPoolExecutor`: a Pool replaces a worker
+        # that dies (killed for memory, or failing as it starts) and its task never completes, and an executor can
+        # wait for ever on a result that a dying worker had half sent; here a dead worker ends the run at once
+        self.pool = WorkerPool(num_proc, preload=("data_prep.encode_tiktoken", "tiktoken")) if num_proc > 1 else None
+        self.choice: EncoderChoice | None = None
+        self._encode: SentenceEncoder | None = None  # this process's, or None
+        self._settled = False  # whether the choice's final spec is known and what the workers run
+        self.peak_rss_bytes = 0
+
+    def start(self, choice: EncoderChoice) -> None:
+        self.choice = choice
+        if self.pool is not None:
+            self.pool.initialize(_init_worker, (choice.first,))
+
+    def final(self) -> EncoderSpec:
+        assert self.choice is not None, "start() first"
+        return self.choice.final()
+
+    def stream(self, docs: Iterable[list[str]], batch_sentences: int = 4096) -> Iterator[Encoded]:
+        """Encoded batches of `docs`, in order; with workers, at most two batches each in flight, so memory stays
+        flat however long the stream (`Pool.imap` would read ahead without bound)."""
+        assert self.choice is not None, "start() first"
+        batches = sentence_batches(docs, batch_sentences)
+        if self.pool is None:
+            if self._encode is None:  # nothing runs beside the self-check here: wait for it
+                self._encode = self.choice.final().build()
+            for lines, first in batches:
+                yield self._encode(lines, first)
+            return
+        pool, pending = self.pool, deque()  # the batches in flight, oldest first
         try:
             for batch in batches:
                 pool.submit(batch)
-                in_flight += 1
-                if in_flight >= 2 * num_proc:
-                    yield pool.result()
-                    in_flight -= 1
-            for _ in range(in_flight):
-                yield pool.result()
+                pending.append(batch)
+                if len(pending) >= 2 * pool.num_proc:
+                    yield self._result(pending)
+            while pending:
+                yield self._result(pending)
         except WorkerError as e:
             raise WorkerError(
                 f"data: a tokenizer worker process died (pid {e.pid}, exit code {e.exitcode}). It was killed (out of "
                 "memory: lower data.num_proc) "
                 "or failed as it started: a script that calls data preparation must do "
                 "so under `if __name__ == \"__main__\":`, since the workers import it again") from None
-    if worker_peaks is not None:  # the workers finished as the pool was left: their peaks are in
-        worker_peaks.append(pool.peak_rss_bytes)
+
+    def _result(self, pending: deque) -> Encoded:
+        assert self.pool is not None and self.choice is not None
+        if not self._settled:  # before the first result is used: the self-check's verdict
+            final = self.choice.final()
+            if final is not self.choice.first:  # its fallback: what the workers encoded so far is thrown away
+                for _ in range(self.pool.in_flight):
+                    self.pool.result()
+                self.pool.initialize(_init_worker, (final,))
+                for batch in pending:
+                    self.pool.submit(batch)
+            self._settled = True
+        pending.popleft()
+        return self.pool.result()
+
+    def finish(self) -> None:
+        """Let the workers finish and end (every stream read to its end), and note their peak memory."""
+        if self.pool is not None:
+            self.pool.close(finish=True)
+            self.peak_rss_bytes, self.pool = self.pool.peak_rss_bytes, None
+
+    def __enter__(self) -> Encoders:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and self.pool is not None:
+            self.pool.close(finish=False)  # nothing they do now is wanted
+            self.pool = None
+        self.finish()
+
+
+def encode_stream(tokenizer_json: str | Path, docs: Iterable[list[str]], dtype: np.dtype, num_proc: int = 1,
+                  batch_sentences: int = 4096) -> Iterator[Encoded]:
+    """Encoded batches of `docs`, in order, with `tokenizers` (`Encoders` with no choice to make)."""
+    tok = load_encoder(tokenizer_json)
+    with Encoders(num_proc) as encoders:
+        encoders.start(EncoderChoice(tokenizers_spec(tok, dtype, tokenizer_json)))
+        yield from encoders.stream(docs, batch_sentences)

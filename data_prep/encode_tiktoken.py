@@ -17,6 +17,10 @@ documents (issue 33) and kernel_docs' 5,428 gave the same ids; still, every `mak
 corpus both ways first (`choose_encoder`) and uses `tokenizers` if any id differs. bench/bench_data.py compares
 whole shards.
 
+The self-check runs in a thread of the parent while the workers already encode with tiktoken (encode.py's
+`EncoderChoice`): its cost, about 1% of the split's encoding with `tokenizers`, is off the critical path, and
+nothing the workers encoded is used before it has passed.
+
 Apart from encode.py, which cuts a document's tokens into sentences and runs the workers whatever encodes the
 text; this module only provides the text -> ids function it calls (`tiktoken_texts`) and the choice.
 """
@@ -26,12 +30,23 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .encode import SentenceEncoder, TextsEncoder, sentence_batches, splittable, tokenizers_texts
+from .encode import (
+    EncoderChoice,
+    EncoderSpec,
+    SentenceEncoder,
+    TextsEncoder,
+    sentence_batches,
+    splittable,
+    tokenizers_spec,
+    tokenizers_texts,
+    tokenizers_texts_of,
+)
 from .typed_config import ConfigError
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -51,11 +66,14 @@ def _model(tok: Tokenizer) -> dict[str, Any]:
     return json.loads(tok.to_str())["model"]
 
 
+NOT_ROBERTA_PIPELINE = "the tokenizer is not RoBERTa's byte-level BPE pipeline (normalizer, prefix space, dropout, ...)"
+
+
 def tiktoken_refusal(tok: Tokenizer, model: dict[str, Any] | None = None) -> str | None:
     """None when tiktoken's BPE gives `tok`'s ids (module docstring); else why not, in a few words. `model`: the
     "model" of `tok`'s JSON, when the caller has it."""
     if not splittable(tok):
-        return "the tokenizer is not RoBERTa's byte-level BPE pipeline (normalizer, prefix space, dropout, ...)"
+        return NOT_ROBERTA_PIPELINE
     model = model or _model(tok)
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("byte_fallback") \
             or model.get("ignore_merges"):
@@ -88,36 +106,55 @@ def tiktoken_refusal(tok: Tokenizer, model: dict[str, Any] | None = None) -> str
 def mergeable_ranks(tok: Tokenizer, model: dict[str, Any] | None = None) -> dict[bytes, int]:
     """tiktoken's table for `tok` (call `tiktoken_refusal` first): each token's bytes ranked by its id, so that
     tiktoken's ids are `tok`'s ids; added tokens left out (their text is text)."""
-    alphabet = byte_decoder()
     added = {t.content for t in tok.get_added_tokens_decoder().values()}
-    return {bytes(alphabet[c] for c in t): i for t, i in (model or _model(tok))["vocab"].items() if t not in added}
+    return _ranks((model or _model(tok))["vocab"], added)
 
 
-def tiktoken_encoding(tok: Tokenizer, ranks: dict[bytes, int] | None = None) -> Any:
+def _ranks(vocab: dict[str, int], added: set[str]) -> dict[bytes, int]:
+    to_latin1 = str.maketrans({c: chr(b) for c, b in byte_decoder().items()})  # then .encode("latin-1"): the bytes
+    return {t.translate(to_latin1).encode("latin-1"): i for t, i in vocab.items() if t not in added}
+
+
+def tiktoken_encoding(tok: Tokenizer | None, ranks: dict[bytes, int] | None = None) -> Any:
     """`tok` as a `tiktoken.Encoding` with `mergeable_ranks` (given, or made here), GPT-2's regex, no specials."""
     import tiktoken
 
     return tiktoken.Encoding(name="roberta-byte-level-bpe", pat_str=GPT2_PATTERN,
-                             mergeable_ranks=ranks or mergeable_ranks(tok), special_tokens={})
+                             mergeable_ranks=ranks or mergeable_ranks(tok), special_tokens={})  # type: ignore[arg-type]
 
 
-def tiktoken_texts(tok: Tokenizer, ranks: dict[bytes, int] | None = None) -> TextsEncoder:
-    """encode.py's text -> ids function with tiktoken: one call per text on this thread (tiktoken's own batch
-    helper starts a thread pool per call, slow on many small texts; parallelism comes from the worker processes),
-    ids straight into numpy (no Python list of ints). Workers get `ranks` made once by the parent (no JSON to
-    parse again), as `functools.partial(tiktoken_texts, ranks=...)`."""
-    encoding = tiktoken_encoding(tok, ranks)
-    return lambda texts: [encoding.encode_to_numpy(t, disallowed_special=()) for t in texts]
+def tiktoken_texts_of(ranks: dict[bytes, int]) -> TextsEncoder:
+    """encode.py's text -> ids function with tiktoken: `encode_ordinary`, one call per text on this thread
+    (tiktoken's own batch helper starts a thread pool per call, slow on many small texts; parallelism comes from
+    the worker processes). Not `encode_to_numpy`, which goes through the special-token path and took ~1.4x the
+    time of `encode_ordinary` plus the list's conversion to numpy (2026-12-06, kernel_docs, one core)."""
+    encoding = tiktoken_encoding(None, ranks)
+    return lambda texts: [encoding.encode_ordinary(t) for t in texts]
 
 
-def self_check(tok: Tokenizer, sample: Iterable[list[str]], dtype: np.dtype,
-               texts: Callable[[Tokenizer], TextsEncoder] = tiktoken_texts) -> str | None:
+def tiktoken_texts(tok: Tokenizer) -> TextsEncoder:
+    """`tiktoken_texts_of` for `tok` (call `tiktoken_refusal` first)."""
+    return tiktoken_texts_of(mergeable_ranks(tok))
+
+
+def tiktoken_texts_of_file(tokenizer_json: str) -> TextsEncoder:
+    """What a worker runs first: `tiktoken_texts_of` the tokenizer saved at `tokenizer_json`, its table made from
+    the file here, while the main process checks whether tiktoken qualifies (`choose_encoder`). A file it cannot
+    make a table of gets `tokenizers` (the same ids by definition); the check has then failed too, and nothing
+    encoded before the verdict is used."""
+    try:
+        with open(tokenizer_json, encoding="utf-8") as f:
+            data = json.load(f)
+        return tiktoken_texts_of(_ranks(data["model"]["vocab"], {t["content"] for t in data.get("added_tokens", [])}))
+    except Exception:  # noqa: BLE001 - the verdict will say why; this worker still gives correct ids meanwhile
+        return tokenizers_texts_of(tokenizer_json)
+
+
+def first_difference(ours: SentenceEncoder, reference: SentenceEncoder, sample: Iterable[list[str]]) -> str | None:
     """None when both encoders give the same sentences' ids for `sample`'s documents; else where they first differ."""
-    ours = SentenceEncoder(tok, dtype, texts)
-    reference = SentenceEncoder(tok, dtype)
     for lines, first in sentence_batches(sample, 4096):
         got, want = ours(lines, first), reference(lines, first)
-        if got.tokens.tolist() != want.tokens.tolist() or got.lengths.tolist() != want.lengths.tolist():
+        if not (np.array_equal(got.tokens, want.tokens) and np.array_equal(got.lengths, want.lengths)):
             ends = np.cumsum(want.lengths)
             at = next((i for i, (x, y) in enumerate(zip(got.tokens.tolist(), want.tokens.tolist(), strict=False))
                        if x != y), min(len(got.tokens), len(want.tokens)))
@@ -126,25 +163,48 @@ def self_check(tok: Tokenizer, sample: Iterable[list[str]], dtype: np.dtype,
     return None
 
 
+def self_check(tok: Tokenizer, sample: Iterable[list[str]], dtype: np.dtype,
+               texts: Callable[[Tokenizer], TextsEncoder] = tiktoken_texts) -> str | None:
+    """`first_difference` between `texts`' encoder and `tokenizers`' for `tok`."""
+    return first_difference(SentenceEncoder.of(tok, dtype, texts), SentenceEncoder.of(tok, dtype), sample)
+
+
 def choose_encoder(tok: Tokenizer, setting: str, sample: list[list[str]], dtype: np.dtype,
-                   log: Callable[[str], None] = print) -> tuple[str, Callable[[Tokenizer], TextsEncoder]]:
-    """Which encoder runs, "tiktoken" or "tokenizers", and encode.py's `texts` for it, for `data.encoder` =
-    `setting` (auto | tiktoken | tokenizers): tiktoken when `tok` qualifies and the sample's ids agree; with auto,
+                   log: Callable[[str], None] = print, tokenizer_json: str | Path | None = None) -> EncoderChoice:
+    """The encoder of a split for `data.encoder` = `setting` (auto | tiktoken | tokenizers): tiktoken when `tok`
+    qualifies (`tiktoken_refusal`) and the sample's ids agree (the self-check). Only the pipeline is looked at
+    here; the rest runs beside the work, in a thread (`EncoderChoice.final()` has its verdict). With auto,
     otherwise `tokenizers` and one line saying why; a forced tiktoken that cannot give the same ids is a
-    ConfigError."""
+    ConfigError (at once for another pipeline, else from `final()`, before anything is written).
+    `tokenizer_json`: where `tok` is saved, which workers load (without it, the choice serves this process)."""
+    reference = tokenizers_spec(tok, dtype, tokenizer_json)
     if setting == "tokenizers":
-        return "tokenizers", tokenizers_texts
-    model = _model(tok) if splittable(tok) else None
-    problem = tiktoken_refusal(tok, model)
-    texts = functools.partial(tiktoken_texts, ranks=mergeable_ranks(tok, model)) if problem is None else None
-    problem = problem or self_check(tok, sample, dtype, texts)  # type: ignore[arg-type]
-    if problem is None:
-        return "tiktoken", texts  # type: ignore[return-value]
-    if setting == "tiktoken":
-        raise ConfigError(f"data.encoder=tiktoken: {problem}, so its shards would differ; set data.encoder to auto "
-                          "or tokenizers")
-    log(f"data: encoding with tokenizers, not tiktoken: {problem}")
-    return "tokenizers", tokenizers_texts
+        return EncoderChoice(reference)
+
+    def refuse(problem: str) -> EncoderSpec:
+        if setting == "tiktoken":
+            raise ConfigError(f"data.encoder=tiktoken: {problem}, so its shards would differ; set data.encoder to "
+                              "auto or tokenizers")
+        log(f"data: encoding with tokenizers, not tiktoken: {problem}")
+        return reference
+
+    if not splittable(tok):
+        return EncoderChoice(refuse(NOT_ROBERTA_PIPELINE))
+    # the workers start with tiktoken (building its table from the file themselves) while the checks run here
+    candidate = EncoderSpec("tiktoken", functools.partial(tiktoken_texts_of_file, str(tokenizer_json))
+                            if tokenizer_json is not None else functools.partial(tiktoken_texts, tok),
+                            reference.dtype, reference.starts_line)
+
+    def check() -> EncoderSpec:
+        model = _model(tok)
+        problem = tiktoken_refusal(tok, model)
+        if problem is None:
+            ours = SentenceEncoder(tiktoken_texts_of(mergeable_ranks(tok, model)), np.dtype(dtype), reference.starts_line)
+            tokenizers_encoder = SentenceEncoder(tokenizers_texts(tok), np.dtype(dtype), reference.starts_line)
+            problem = first_difference(ours, tokenizers_encoder, sample)
+        return candidate if problem is None else refuse(problem)
+
+    return EncoderChoice(candidate, check)
 
 
 def sample_bytes(split_bytes: int | None) -> int:

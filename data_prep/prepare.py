@@ -153,7 +153,7 @@ def _prepare_data(cfg: ExperimentConfig, force: bool, log: Callable[[str], None]
             log(f"data: {split}: reusing the complete {out / names[split]}.* from an earlier run")
         else:
             record = build_split(cfg, corpus, split, tok_dir / "tokenizer.json", out, names[split], dtype,
-                                 ids, log)
+                                 ids, log, tok=tok)
         records[split] = record
 
     # 3) metadata, last and atomically

@@ -6,6 +6,13 @@ reach workers) leaves the executor reading the rest of that message for ever, an
 the pool, or exits (the interpreter joins the executor's thread), hangs with it. Seen: `python -m data_prep data`
 under SIGTERM to its process group.
 
+Workers start before they know their function: `WorkerPool(n, preload=...)` spawns them at once (each imports the
+modules named, in parallel with whatever the parent does next), and `initialize(init, args)` later sends each one
+`init` and its arguments through its task queue, whose feeder thread sends them: the parent never waits for a
+worker to start. (A spawned process reads its arguments only after it has imported the parent's main module, so
+big arguments given at `Process` creation held the parent for each worker's start-up in turn: 0.8 s for two.)
+`initialize` may come again once every result is read: the workers then apply the new function.
+
 Here each worker has a task queue and a result pipe of its own, and holds that pipe's only write end: a worker's
 death is end-of-file to the parent, at once, whatever it was doing. The parent sends task k to worker k mod n and
 reads result k from it, so results come in submission order. A worker ignores Ctrl-C (the parent acts on it and
@@ -14,6 +21,7 @@ stops the pool) and ends by itself when its parent is gone (SIGKILL gives the pa
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import signal
@@ -21,7 +29,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class WorkerError(RuntimeError):
@@ -54,14 +62,26 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux (bytes on macOS: rarer)
 
 
-def _worker_main(init: Callable[..., Callable[[Any], Any]], init_args: tuple, tasks: Any, results: Any,
-                 parent: int) -> None:
+class _Init(NamedTuple):
+    """A message that (re)makes a worker's function: `init(*args)`."""
+
+    init: Callable[..., Callable[[Any], Any]]
+    args: tuple
+
+
+def _worker_main(preload: tuple[str, ...], tasks: Any, results: Any, parent: int) -> None:
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C that came while it started (blocked) is discarded
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    function = init(*init_args)
+    for name in preload:
+        importlib.import_module(name)
+    function: Callable[[Any], Any] | None = None
     while (task := tasks.get()) is not None:
+        if isinstance(task, _Init):  # an exception here ends the worker: the parent sees it die
+            function = task.init(*task.args)
+            continue
+        assert function is not None, "a task before the pool was initialized"
         try:
             result = ("ok", function(task))
         except Exception:
@@ -72,11 +92,13 @@ def _worker_main(init: Callable[..., Callable[[Any], Any]], init_args: tuple, ta
 
 class WorkerPool:
     """`num_proc` spawned processes, each running `init(*init_args)` once for the function it then applies to its
-    tasks. `submit` and `result` alternate freely; results come in submission order. Use as a context manager:
-    leaving it normally lets the workers finish and end; leaving it by an exception (Ctrl-C, SIGTERM, an error)
-    kills them, since nothing they do then is wanted."""
+    tasks (given here, or later to `initialize`; `preload`: modules each worker imports as it starts). `submit`
+    and `result` alternate freely; results come in submission order. Use as a context manager: leaving it
+    normally lets the workers finish and end; leaving it by an exception (Ctrl-C, SIGTERM, an error) kills them,
+    since nothing they do then is wanted."""
 
-    def __init__(self, num_proc: int, init: Callable[..., Callable[[Any], Any]], init_args: tuple = ()) -> None:
+    def __init__(self, num_proc: int, init: Callable[..., Callable[[Any], Any]] | None = None, init_args: tuple = (),
+                 preload: tuple[str, ...] = ()) -> None:
         context = mp.get_context("spawn")  # not fork: the parent may hold tokenizer threads
         self._workers: list[tuple[Any, Any, Any]] = []  # (process, task queue, result reader)
         self.peak_rss_bytes = 0  # the largest worker's peak resident set, once the workers finished (`close`)
@@ -85,7 +107,7 @@ class WorkerPool:
             tasks = context.Queue()  # its feeder thread sends, so the parent never blocks on a full pipe
             tasks.cancel_join_thread()  # a dead worker's unread tasks must not hold up the parent's exit
             reader, writer = context.Pipe(duplex=False)
-            process = context.Process(target=_worker_main, args=(init, init_args, tasks, writer, os.getpid()),
+            process = context.Process(target=_worker_main, args=(tuple(preload), tasks, writer, os.getpid()),
                                       daemon=True)
             # started with Ctrl-C blocked until it ignores it: a Ctrl-C while the worker was still importing
             # printed a KeyboardInterrupt traceback from it (seen in the group-signal test on a loaded machine)
@@ -98,6 +120,23 @@ class WorkerPool:
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             writer.close()  # the worker's is the only write end left: its death is end-of-file here
             self._workers.append((process, tasks, reader))
+        if init is not None:
+            self.initialize(init, init_args)
+
+    def initialize(self, init: Callable[..., Callable[[Any], Any]], init_args: tuple = ()) -> None:
+        """Each worker's function from now on: `init(*init_args)`, run in the worker (before any task submitted
+        after this call; none may be in flight)."""
+        assert self._received == self._submitted, "results in flight"
+        for _, tasks, _ in self._workers:
+            tasks.put(_Init(init, init_args))
+
+    @property
+    def num_proc(self) -> int:
+        return len(self._workers)
+
+    @property
+    def in_flight(self) -> int:
+        return self._submitted - self._received
 
     def submit(self, task: Any) -> None:
         self._workers[self._submitted % len(self._workers)][1].put(task)

@@ -61,9 +61,9 @@ def trained_tokenizer() -> Tokenizer:
     return tok
 
 
-def assert_same(encode: SentenceEncoder, lines: list[str], first: list[bool]) -> None:
+def assert_same(tok: Tokenizer, encode: SentenceEncoder, lines: list[str], first: list[bool]) -> None:
     got = encode(lines, first)
-    want = encode_sentences_one_by_one(encode.tok, lines, first, encode.dtype)
+    want = encode_sentences_one_by_one(tok, lines, first, encode.dtype)
     assert got.tokens.tolist() == want.tokens.tolist(), (lines, first)
     assert got.lengths.tolist() == want.lengths.tolist(), (lines, first)
     assert got.first.tolist() == want.first.tolist()
@@ -71,26 +71,26 @@ def assert_same(encode: SentenceEncoder, lines: list[str], first: list[bool]) ->
 
 @pytest.mark.timeout(120)
 def test_whole_documents_cut_at_newlines_equal_sentence_by_sentence(tok) -> None:
-    encode = SentenceEncoder(tok, np.uint16)
+    encode = SentenceEncoder.of(tok, np.uint16)
     assert encode.starts_line is not None, "the project's tokenizer takes the one-call path"
     docs = NASTY + make_documents(50, seed=11)
     for size in (1, 2, 3, 5, 4096):  # documents cut across batches: runs that continue a document
         for lines, first in sentence_batches(docs, size):
-            assert_same(encode, lines, first)
+            assert_same(tok, encode, lines, first)
     # a batch that starts inside a document, and single lines of every kind
-    assert_same(encode, ["continued", "", "x"], [False, False, True])
+    assert_same(tok, encode, ["continued", "", "x"], [False, False, True])
     for line in [s for d in NASTY for s in d]:
-        assert_same(encode, [line], [True])
-        assert_same(encode, [line], [False])
-        assert_same(encode, ["before", line, "after"], [True, False, False])
+        assert_same(tok, encode, [line], [True])
+        assert_same(tok, encode, [line], [False])
+        assert_same(tok, encode, ["before", line, "after"], [True, False, False])
 
 
 @pytest.mark.timeout(120)
 def test_every_space_character_at_a_line_end_and_start(tok) -> None:
-    encode = SentenceEncoder(tok, np.uint32)
+    encode = SentenceEncoder.of(tok, np.uint32)
     for c in SPACES:
-        assert_same(encode, ["a" + c, c + "b", c, "x" + c + "y", c + c, "end" + c], [True] + [False] * 5)
-        assert_same(encode, [c, "z"], [False, False])
+        assert_same(tok, encode, ["a" + c, c + "b", c, "x" + c + "y", c + c, "end" + c], [True] + [False] * 5)
+        assert_same(tok, encode, [c, "z"], [False, False])
 
 
 def test_python_whitespace_holds_the_regex_whitespace(tok) -> None:
@@ -107,9 +107,9 @@ def test_other_pipelines_are_encoded_sentence_by_sentence(tok) -> None:
     other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     other.encode_special_tokens = True
     assert splittable(tok) and not splittable(other)
-    encode = SentenceEncoder(other, np.uint16)
+    encode = SentenceEncoder.of(other, np.uint16)
     assert encode.starts_line is None
-    assert_same(encode, ["a b", "c d"], [True, False])
+    assert_same(other, encode, ["a b", "c d"], [True, False])
 
 
 @pytest.mark.timeout(120)
@@ -117,7 +117,7 @@ def test_worker_processes_give_the_same_stream(tok, tmp_path) -> None:
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     docs = NASTY * 3 + make_documents(40, seed=5)
-    ref = SentenceEncoder(load_encoder(path), np.uint16)
+    ref = SentenceEncoder.of(load_encoder(path), np.uint16)
     want = [ref(lines, first) for lines, first in sentence_batches(docs, 7)]
     got = list(encode_stream(path, docs, np.uint16, num_proc=2, batch_sentences=7))
     assert [e.tokens.tolist() for e in got] == [e.tokens.tolist() for e in want]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from data_prep.config import load_config
-from data_prep.encode import SentenceEncoder, sentence_batches, tokenizers_texts
+from data_prep.encode import Encoders, SentenceEncoder, load_encoder, sentence_batches, tokenizers_texts
 from data_prep.encode_tiktoken import (
     byte_decoder,
     choose_encoder,
@@ -66,7 +66,7 @@ def test_same_ids_on_nasty_text(project_tok) -> None:
     for text, g, w in zip(texts, got, want, strict=True):
         assert g == w, text[:80]
     # and through the sentence encoder: documents cut at newlines, runs across batches
-    ours, reference = SentenceEncoder(project_tok, np.uint16, tiktoken_texts), SentenceEncoder(project_tok, np.uint16)
+    ours, reference = SentenceEncoder.of(project_tok, np.uint16, tiktoken_texts), SentenceEncoder.of(project_tok, np.uint16)
     for size in (1, 3, 4096):
         for lines, first in sentence_batches(docs, size):
             a, b = ours(lines, first), reference(lines, first)
@@ -116,7 +116,7 @@ def test_a_pipeline_that_is_not_robertas_takes_tokenizers(project_tok) -> None:
     other.encode_special_tokens = True
     said: list[str] = []
     assert "not RoBERTa's byte-level BPE" in tiktoken_refusal(other)
-    assert choose_encoder(other, "auto", [["a b"]], np.dtype(np.uint16), said.append)[0] == "tokenizers"
+    assert choose_encoder(other, "auto", [["a b"]], np.dtype(np.uint16), said.append).final().name == "tokenizers"
     assert len(said) == 1 and said[0].startswith("data: encoding with tokenizers, not tiktoken: ")
     with pytest.raises(ConfigError, match=r"^data\.encoder=tiktoken: .*set data\.encoder to auto or tokenizers$"):
         choose_encoder(other, "tiktoken", [["a b"]], np.dtype(np.uint16), said.append)
@@ -141,7 +141,7 @@ def test_merges_out_of_id_order_take_tokenizers() -> None:
                                                                          ["bc", "ab", "abc"]))
     assert "neither a byte nor a merge" in tiktoken_refusal(handmade([("a", "b")], ["ab", "xyz"]))
     said: list[str] = []
-    assert choose_encoder(swapped, "auto", [["abcd"]], np.dtype(np.uint16), said.append)[0] == "tokenizers"
+    assert choose_encoder(swapped, "auto", [["abcd"]], np.dtype(np.uint16), said.append).final().name == "tokenizers"
     assert len(said) == 1
 
 
@@ -155,12 +155,43 @@ def test_a_mismatch_the_static_checks_miss_falls_back_with_one_line() -> None:
     assert self_check(tok, [["no such letters"], ["ab", "bc"]], np.dtype(np.uint16)) is None
     said: list[str] = []
     sample = [["first line", "then abc here"]]
-    assert choose_encoder(tok, "auto", sample, np.dtype(np.uint16), said.append)[0] == "tokenizers"
+    assert choose_encoder(tok, "auto", sample, np.dtype(np.uint16), said.append).final().name == "tokenizers"
     assert said == ["data: encoding with tokenizers, not tiktoken: tiktoken and tokenizers give different ids for "
                     "the sample's line 'then abc here'"]
     with pytest.raises(ConfigError, match="data.encoder=tiktoken: tiktoken and tokenizers give different ids"):
-        choose_encoder(tok, "tiktoken", sample, np.dtype(np.uint16), said.append)
-    assert choose_encoder(tok, "tokenizers", sample, np.dtype(np.uint16), said.append)[0] == "tokenizers"
+        choose_encoder(tok, "tiktoken", sample, np.dtype(np.uint16), said.append).final()
+    assert choose_encoder(tok, "tokenizers", sample, np.dtype(np.uint16), said.append).final().name == "tokenizers"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("merges, extra, why", [
+    ([("b", "c"), ("a", "b"), ("ab", "c")], ["bc", "ab", "abc"],
+     "tiktoken and tokenizers give different ids for the sample's line 'then abc here'"),
+    ([("b", "c"), ("a", "b")], ["bc", "ab", "\u4e2d"], "a token is not written in the byte-level alphabet"),
+], ids=["self-check", "no-table"])
+def test_workers_that_began_with_tiktoken_fall_back_when_the_self_check_fails(tmp_path, merges, extra, why) -> None:
+    """The workers encode with tiktoken while the checks run; when one fails, what they encoded is thrown away and
+    they encode it again with `tokenizers`: the stream is `tokenizers`' own, and one line says why. (A worker
+    that cannot even make tiktoken's table, for a token outside the byte alphabet, encodes with `tokenizers`.)"""
+    tok = handmade(merges, extra)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    docs = [["then abc here"]] + [["abc", f"x ab bc abc {k}", "abcabc"] for k in range(40)]
+    said: list[str] = []
+    choice = choose_encoder(load_encoder(path), "auto", docs[:1], np.dtype(np.uint16), said.append, path)
+    assert choice.first.name == "tiktoken"
+    with Encoders(2) as encoders:
+        encoders.start(choice)
+        got = list(encoders.stream(docs, batch_sentences=5))
+        assert encoders.final().name == "tokenizers"
+    reference = SentenceEncoder.of(load_encoder(path), np.uint16)
+    want = [reference(lines, first) for lines, first in sentence_batches(docs, 5)]
+    assert [e.tokens.tolist() for e in got] == [e.tokens.tolist() for e in want]
+    assert [e.lengths.tolist() for e in got] == [e.lengths.tolist() for e in want]
+    if len(merges) == 3:
+        tiktoken_made = SentenceEncoder.of(load_encoder(path), np.uint16, tiktoken_texts)(*next(sentence_batches(docs, 5)))
+        assert tiktoken_made.tokens.tolist() != want[0].tokens.tolist()  # what the workers began with was wrong
+    assert said == [f"data: encoding with tokenizers, not tiktoken: {why}"]
 
 
 @pytest.mark.timeout(300)

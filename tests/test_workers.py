@@ -19,6 +19,21 @@ def _square_or_fail(offset: int):
     return apply
 
 
+def test_workers_start_before_their_function_and_take_a_new_one_between_streams() -> None:
+    """`initialize` after the start (the workers import `preload` meanwhile), and again once every result is read:
+    every task runs the function that was current when it was submitted."""
+    with WorkerPool(2, preload=("json",)) as pool:
+        pool.initialize(_square_or_fail, (1,))
+        for k in range(4):
+            pool.submit(k)
+        got = [pool.result()[1] for _ in range(4)]
+        pool.initialize(_square_or_fail, (100,))
+        for k in range(3):
+            pool.submit(k)
+        got += [pool.result()[1] for _ in range(3)]
+    assert got == [1, 2, 5, 10, 100, 101, 104]
+
+
 def test_results_come_in_submission_order_from_every_worker() -> None:
     with WorkerPool(3, _square_or_fail, (1,)) as pool:
         got = []
