@@ -210,13 +210,12 @@ class EncoderSpec:
         return SentenceEncoder(self.texts(), np.dtype(self.dtype), self.starts_line)
 
 
-def tokenizers_spec(tok: Tokenizer, dtype: np.dtype, tokenizer_json: str | Path | None = None,
-                    starts_line: np.ndarray | None = None) -> EncoderSpec:
+def tokenizers_spec(tok: Tokenizer, dtype: np.dtype, tokenizer_json: str | Path | None = None) -> EncoderSpec:
     """The `EncoderSpec` of `tokenizers` for `tok`, saved at `tokenizer_json` (workers load it from there; without
     it, the spec serves this process only)."""
     texts = (functools.partial(tokenizers_texts_of, str(tokenizer_json)) if tokenizer_json is not None
              else functools.partial(tokenizers_texts, tok))
-    return EncoderSpec("tokenizers", texts, np.dtype(dtype).str, line_starts(tok) if starts_line is None else starts_line)
+    return EncoderSpec("tokenizers", texts, np.dtype(dtype).str, line_starts(tok))
 
 
 class EncoderChoice:
@@ -309,19 +308,18 @@ class Encoders:
         return self.pool.result()
 
     def finish(self) -> None:
-        """Let the workers finish and end (every stream read to its end), and note their peak memory."""
+        """Let the workers finish and end (every stream read to its end), and note their peak memory. Again, or
+        after `__exit__`: nothing more."""
         if self.pool is not None:
             self.pool.close(finish=True)
-            self.peak_rss_bytes, self.pool = self.pool.peak_rss_bytes, None
+            self.peak_rss_bytes = self.pool.peak_rss_bytes
 
     def __enter__(self) -> Encoders:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None and self.pool is not None:
-            self.pool.close(finish=False)  # nothing they do now is wanted
-            self.pool = None
-        self.finish()
+        if self.pool is not None:
+            self.pool.close(finish=exc_type is None)  # by an exception: nothing they do now is wanted
 
 
 def encode_stream(tokenizer_json: str | Path, docs: Iterable[list[str]], dtype: np.dtype, num_proc: int = 1,
