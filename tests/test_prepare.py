@@ -307,6 +307,15 @@ def assert_group_ends(pgid: int, seconds: float) -> None:
         time.sleep(0.1)
 
 
+def ours(err: str) -> list[str]:
+    """stderr's lines less those of multiprocessing's resource tracker, a process of the stdlib that outlives data
+    prep in the signalled group (it ignores SIGTERM) and, once in a full CI run (2026-12-06, not reproduced in 24
+    runs alone), warned of a leaked queue semaphore after our last line."""
+    lines = err.strip().splitlines()
+    return [x for i, x in enumerate(lines) if "resource_tracker" not in x
+            and not (x.lstrip().startswith("warnings.warn(") and i and "resource_tracker" in lines[i - 1])]
+
+
 @pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
 def test_a_signal_to_the_whole_group_stops_data_prep_cleanly(tmp_path, repo_root, sig, code, line,
                                                               ctrl_c_reaches_children) -> None:
@@ -317,7 +326,7 @@ def test_a_signal_to_the_whole_group_stops_data_prep_cleanly(tmp_path, repo_root
     os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
-    assert err.strip().splitlines()[-1] == line and "Traceback" not in err, err
+    assert ours(err)[-1] == line and "Traceback" not in err, err
     assert not list(run.rglob("*.tmp*")) and not list(run.rglob("meta.json"))
     assert_group_ends(proc.pid, 10)
 
